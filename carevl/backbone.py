@@ -1,0 +1,219 @@
+"""The backbone shared by SFT and DPO: any Hugging Face image-text-to-text model and its processor.
+
+It freezes the vision encoder (and optionally the projector) through one small per-family table,
+adds optional LoRA adapters on the language model, and computes summed response log-probs without
+full-vocabulary logits at image and prompt positions. `export` writes a Hugging Face checkpoint
+(model + processor, LoRA merged on request) that transformers loads back.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from carevl.losses import response_token_logprobs, sequence_logprobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Parameter-name prefixes of one model family (transformers >= 5 module layout)."""
+
+    vision: tuple[str, ...]
+    projector: tuple[str, ...]
+    language: str
+
+
+FAMILIES = {
+    "qwen2_vl": Family(vision=("model.visual.",), projector=("model.visual.merger.",), language="model.language_model."),
+    "qwen2_5_vl": Family(vision=("model.visual.",), projector=("model.visual.merger.",), language="model.language_model."),
+    "llava_onevision": Family(
+        vision=("model.vision_tower.",),
+        projector=("model.multi_modal_projector.", "model.image_newline"),
+        language="model.language_model.",
+    ),
+    "mllama": Family(vision=("model.vision_model.",), projector=("model.multi_modal_projector.",), language="model.language_model."),
+}
+LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters on the language model's attention and MLP projections.
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        layers: names of the projection layers that get adapters.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    layers: tuple[str, ...] = LORA_LAYERS
+
+
+class Backbone(nn.Module):
+    """A vision-language model ready for judge training.
+
+    Args:
+        model: Hugging Face name or local path of an image-text-to-text checkpoint.
+        freeze_vision: keep the vision encoder frozen (the paper's setting).
+        freeze_projector: also freeze the vision-to-language projector.
+        lora: train LoRA adapters on the language model instead of all of its weights.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        dtype: weight dtype at load time: float32, bfloat16 or float16.
+        attn_implementation: "sdpa", "eager" or "flash_attention_2".
+        trust_remote_code: run code shipped with the checkpoint (off unless a config says so).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        freeze_vision: bool = True,
+        freeze_projector: bool = False,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.name = model
+        self.freeze_vision = freeze_vision
+        self.freeze_projector = freeze_projector
+        self.lora = lora
+        self.gradient_checkpointing = gradient_checkpointing
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
+        self.model: nn.Module | None = None
+        self.processor = None
+
+    # -- building -------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Load the model and processor, freeze, add adapters. Idempotent."""
+        if self.model is not None:
+            return
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        hf = AutoModelForImageTextToText.from_pretrained(
+            self.name,
+            dtype=DTYPES[self.dtype],
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+        )
+        self.processor = AutoProcessor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
+        hf.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode modules are in
+        family = self.family_of(hf)
+        self._freeze(hf, family)
+        if self.gradient_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.config.use_cache = False
+        if self.lora is not None:
+            hf = self._add_lora(hf, family)
+        self.model = hf
+        trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in hf.parameters())
+        log.info("loaded %s (%s): %.1fM of %.1fM parameters trainable", self.name, hf.config.model_type, trainable / 1e6, total / 1e6)
+
+    @staticmethod
+    def family_of(hf: nn.Module) -> Family:
+        model_type = hf.config.model_type
+        if model_type not in FAMILIES:
+            raise ValueError(f"model type {model_type!r} has no entry in the family table; known: {sorted(FAMILIES)}")
+        return FAMILIES[model_type]
+
+    def _freeze(self, hf: nn.Module, family: Family) -> None:
+        # Qwen2-VL's projector (the merger) lives inside its vision tower: it follows freeze_projector.
+        for name, param in hf.named_parameters():
+            is_projector = name.startswith(family.projector)
+            is_vision = name.startswith(family.vision) and not is_projector
+            if (is_vision and self.freeze_vision) or (is_projector and self.freeze_projector):
+                param.requires_grad_(False)
+
+    def _add_lora(self, hf: nn.Module, family: Family) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [
+            name
+            for name, module in hf.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(family.language) and name.rsplit(".", 1)[-1] in self.lora.layers
+        ]
+        if not targets:
+            raise ValueError(f"no LoRA target layers {self.lora.layers} under {family.language}")
+        config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout, target_modules=targets)
+        return get_peft_model(hf, config)
+
+    @property
+    def hf(self) -> nn.Module:
+        """The Hugging Face model (under the PEFT wrapper when LoRA is on; adapters are injected in it)."""
+        if self.model is None:
+            raise RuntimeError("call build() first")
+        return self.model.get_base_model() if self.lora is not None else self.model
+
+    def vision_parameters(self) -> dict[str, torch.Tensor]:
+        family = self.family_of(self.hf)
+        return {n: p for n, p in self.hf.named_parameters() if n.startswith(family.vision) and not n.startswith(family.projector)}
+
+    # -- computing ------------------------------------------------------------------------------
+
+    def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, H) last hidden states of the language model; no vocabulary projection."""
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "prompt_length")}
+        return self.hf.model(**model_inputs, use_cache=False).last_hidden_state
+
+    def response_logprobs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of response tokens (labels != -100) and the batch row of each."""
+        hidden = self.hidden_states(inputs)
+        return response_token_logprobs(hidden, inputs["labels"], self.hf.lm_head)
+
+    def sequence_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) log pi(response | image, prompt), summed over response tokens."""
+        logps, rows = self.response_logprobs(inputs)
+        return sequence_logprobs(logps, rows, inputs["labels"].shape[0])
+
+    @torch.no_grad()
+    def generate(self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 256, **kwargs) -> list[str]:
+        """Decoded continuations of left-padded prompt inputs."""
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "prompt_length")}
+        tokenizer = self.processor.tokenizer
+        out = self.hf.generate(
+            **model_inputs,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            use_cache=True,
+            **kwargs,
+        )
+        new_tokens = out[:, model_inputs["input_ids"].shape[1] :]
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def export(self, out_dir: str | Path, merge_lora: bool = True) -> Path:
+        """Write model and processor as a Hugging Face checkpoint.
+
+        With LoRA, `merge_lora` folds the adapters into a copy of the weights (the training model is
+        left untouched); otherwise only the adapters are written, next to the processor.
+        """
+        out = Path(out_dir)
+        model = self.model
+        if self.lora is not None and merge_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        was_training = model.training
+        model.save_pretrained(out)
+        self.processor.save_pretrained(out)
+        model.train(was_training)
+        log.info("exported %s to %s", self.name, out)
+        return out

@@ -1,0 +1,27 @@
+"""`carevl`: the Lightning command line (fit / validate / test / predict) for judge training.
+
+Models and data are chosen in YAML by `class_path`/`init_args`; `carevl fit --help` and
+`carevl fit --config X --print_config` show every option with its documentation.
+"""
+
+from __future__ import annotations
+
+from lightning import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    """Entry point of the `carevl` console script; tests call it in-process with `args`."""
+    return LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The shapes world: synthetic images whose content is known exactly.
+
+Each scene holds 1-3 copies of one shape in one colour, placed in one region of the image.
+Questions ask for one attribute (colour, shape, count or position); one answer states the true
+value, the other a wrong one. Judge critiques follow the recipe that makes a tiny model learn
+the task: say what the image shows, compare each answer with it, then give the verdict.
+
+The world is the embedded default of the demo and the tests, and the ground truth that the
+simulated curation stages are measured against.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+from carevl.prompts import verdict_line
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 190),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+# Region of each position as (x0, y0, x1, y1) fractions of the image.
+REGIONS = {
+    "left": (0.0, 0.0, 0.5, 1.0),
+    "right": (0.5, 0.0, 1.0, 1.0),
+    "top": (0.0, 0.0, 1.0, 0.5),
+    "bottom": (0.0, 0.5, 1.0, 1.0),
+}
+ATTRIBUTES = ("colour", "shape", "count", "position")
+
+BACKGROUND = (60, 60, 60)
+IMAGE_SIZE = 56  # a multiple of 28: Qwen2-VL sees a 4 x 4 patch grid, merged into 4 image tokens
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    count: int
+    position: str
+
+    def value(self, attribute: str) -> str:
+        return {
+            "colour": self.colour,
+            "shape": self.shape,
+            "count": COUNT_WORDS[self.count],
+            "position": self.position,
+        }[attribute]
+
+    def caption(self) -> str:
+        noun = self.shape if self.count == 1 else self.shape + "s"
+        return f"{COUNT_WORDS[self.count]} {self.colour} {noun} at the {self.position}"
+
+
+QUESTIONS = {
+    "colour": "What colour are the shapes?",
+    "shape": "What kind of shape is shown?",
+    "count": "How many shapes are there?",
+    "position": "Where are the shapes?",
+}
+ANSWERS = {
+    "colour": "The shapes are {}.",
+    "shape": "It is a {}.",
+    "count": "There are {}.",
+    "position": "They are at the {}.",
+}
+
+
+def attribute_values(attribute: str) -> list[str]:
+    return {
+        "colour": list(COLOURS),
+        "shape": list(SHAPES),
+        "count": list(COUNT_WORDS.values()),
+        "position": list(REGIONS),
+    }[attribute]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    return Scene(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice((1, 2, 3)), rng.choice(list(REGIONS)))
+
+
+def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw the scene; shapes do not overlap and stay inside their region."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = (v * size for v in REGIONS[scene.position])
+    radius = size * 0.13
+    # Three slots along the centre line of the region's long side (regions are half the image, so
+    # "left" and "top" shapes never share a place); copies take distinct slots, jittered a little.
+    tall = (y1 - y0) > (x1 - x0)
+    slots = []
+    for k in range(3):
+        along = (k + 0.5) / 3
+        cx = (x0 + x1) / 2 if tall else x0 + along * (x1 - x0)
+        cy = y0 + along * (y1 - y0) if tall else (y0 + y1) / 2
+        slots.append((cx, cy))
+    jitter = size * 0.02
+    centres = [
+        (cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter))
+        for cx, cy in rng.sample(slots, scene.count)
+    ]
+    fill = COLOURS[scene.colour]
+    for cx, cy in centres:
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        if scene.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif scene.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """One judge example: the scene, the question, the two answers and the better one."""
+
+    id: str
+    scene: Scene
+    attribute: str
+    question: str
+    responses: tuple[str, str]
+    values: tuple[str, str]
+    label: int
+    image: bytes
+
+    def critique(self) -> str:
+        parts = [f"The image shows {self.scene.caption()}."]
+        truth = self.scene.value(self.attribute)
+        for number, value in enumerate(self.values, start=1):
+            verdict = "correct" if value == truth else "wrong"
+            parts.append(f"Answer {number} says {value}, which is {verdict}.")
+        parts.append(verdict_line(self.label))
+        return " ".join(parts)
+
+
+def judge_items(n: int, seed: int, prefix: str = "shapes", attributes: tuple[str, ...] = ATTRIBUTES) -> list[JudgeItem]:
+    """n judge items drawn from a seeded generator: same seed, same items, same images."""
+    rng = random.Random(seed)
+    items = []
+    for index in range(n):
+        scene = random_scene(rng)
+        attribute = rng.choice(attributes)
+        truth = scene.value(attribute)
+        wrong = rng.choice([v for v in attribute_values(attribute) if v != truth])
+        label = rng.choice((1, 2))
+        values = (truth, wrong) if label == 1 else (wrong, truth)
+        template = ANSWERS[attribute]
+        items.append(
+            JudgeItem(
+                id=f"{prefix}-{seed}-{index:06d}",
+                scene=scene,
+                attribute=attribute,
+                question=QUESTIONS[attribute],
+                responses=(template.format(values[0]), template.format(values[1])),
+                values=values,
+                label=label,
+                image=png_bytes(render(scene, rng)),
+            )
+        )
+    return items
+
+
+CAPTION_PROMPT = "Describe the image."
+
+
+def caption_target(scene: Scene) -> str:
+    return f"The image shows {scene.caption()}."
+
+
+def write_world(out_dir: str, train: int = 2000, heldout: int = 200, captions: int = 2000, shard_size: int = 500, seed: int = 0) -> dict[str, int]:
+    """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, ``captions`` instruct samples.
+
+    Seeds differ per split, so held-out images never appear in training.
+    """
+    from pathlib import Path
+
+    from carevl.schema import InstructSample, SFTSample, ShardWriter
+
+    out = Path(out_dir)
+    for split, n, split_seed in (("train", train, seed), ("heldout", heldout, seed + 1)):
+        with ShardWriter(out / split, prefix=split, max_count=shard_size, kind="sft") as writer:
+            for item in judge_items(n, split_seed, prefix=f"shapes-{split}"):
+                writer.write(
+                    SFTSample(
+                        id=item.id,
+                        question=item.question,
+                        responses=list(item.responses),
+                        label=item.label,
+                        target=item.critique(),
+                        source="shapes-world",
+                        image=item.image,
+                        meta={"attribute": item.attribute, "scene": item.scene.__dict__},
+                    )
+                )
+    rng = random.Random(seed + 2)
+    with ShardWriter(out / "captions", prefix="captions", max_count=shard_size, kind="instruct") as writer:
+        for index in range(captions):
+            scene = random_scene(rng)
+            writer.write(
+                InstructSample(
+                    id=f"shapes-caption-{index:06d}",
+                    prompt=CAPTION_PROMPT,
+                    target=caption_target(scene),
+                    source="shapes-world",
+                    image=png_bytes(render(scene, rng)),
+                )
+            )
+    return {"train": train, "heldout": heldout, "captions": captions}

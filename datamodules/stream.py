@@ -1,0 +1,183 @@
+"""Reading shards into batches inside DataLoader workers.
+
+Training: shards are dealt round-robin to ranks, then to workers; every worker streams its shards
+endlessly (reshuffled each pass) and `EpochLoader` cuts exactly `batches` batches per epoch, the
+same number on every rank, so no collective ever waits on a rank that ran out of data.
+
+Validation: every rank reads every shard and keeps sample i when i % world_size == rank (and
+splits further by worker), so each sample is seen exactly once across the job.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from carevl import schema
+from carevl.encoding import TooLong
+
+log = logging.getLogger(__name__)
+
+
+class SamplePreparer:
+    """Decodes one raw WebDataset sample into model inputs; bad samples are logged, counted and skipped.
+
+    Args:
+        kind: shard sample kind (see `carevl.schema.SAMPLE_TYPES`).
+        render: maps a decoded sample to (chat messages, target, extras dict).
+        encode: maps (image, messages, target) to model inputs (an `Encoder.encode`).
+    """
+
+    def __init__(self, kind: str, render: Callable, encode: Callable):
+        self.kind = kind
+        self.render = render
+        self.encode = encode
+        self.skipped: Counter[str] = Counter()
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        key = raw.get("__key__", "?")
+        try:
+            sample = schema.decode(raw, self.kind)
+        except schema.SchemaError as error:
+            return self._skip("bad_record", key, error)
+        try:
+            image = Image.open(io.BytesIO(sample.image))
+            image.load()
+            image = image.convert("RGB")
+        except Exception as error:  # PIL raises many types for broken files
+            return self._skip("corrupt_image", key, error)
+        messages, target, extras = self.render(sample)
+        try:
+            features = self.encode(image, messages, target)
+        except TooLong as error:
+            return self._skip("too_long", key, error)
+        return {"features": features, "id": sample.id, "weight": float(sample.weight), **extras}
+
+    def _skip(self, reason: str, key: str, error: Exception) -> None:
+        self.skipped[reason] += 1
+        log.warning("skipping sample %s (%s): %s", key, reason, error)
+        return None
+
+    def unreadable(self, error: Exception) -> bool:
+        """webdataset handler for tar-level errors: count, log, continue."""
+        self.skipped["unreadable_shard_member"] += 1
+        log.warning("skipping unreadable shard data: %r", error)
+        return True
+
+    def take_skipped(self) -> dict[str, int]:
+        counts = dict(self.skipped)
+        self.skipped.clear()
+        return counts
+
+
+def read_samples(urls: list[str], preparer: SamplePreparer) -> Iterator[dict[str, Any]]:
+    raw = wds.tarfile_to_samples(handler=preparer.unreadable)({"url": url} for url in urls)
+    for sample in raw:
+        prepared = preparer(sample)
+        if prepared is not None:
+            yield prepared
+
+
+def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
+    """Reservoir-style shuffle through a buffer of `buffer` items."""
+    if buffer <= 1:
+        yield from items
+        return
+    pool = []
+    for item in items:
+        if len(pool) < buffer:
+            pool.append(item)
+            continue
+        index = rng.randrange(len(pool))
+        yield pool[index]
+        pool[index] = item
+    rng.shuffle(pool)
+    yield from pool
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class TrainStream(IterableDataset):
+    """Endless batches from this rank's shards, split by worker and reshuffled every pass."""
+
+    def __init__(self, urls: list[str], preparer: SamplePreparer, collate: Callable, batch_size: int, shuffle_buffer: int, seed: int, rank: int):
+        self.urls, self.preparer, self.collate = urls, preparer, collate
+        self.batch_size, self.shuffle_buffer, self.seed, self.rank = batch_size, shuffle_buffer, seed, rank
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        urls = self.urls[worker::workers]
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        pending: list[dict[str, Any]] = []
+        while True:
+            order = list(urls)
+            rng.shuffle(order)
+            usable = 0
+            for item in shuffled(read_samples(order, self.preparer), self.shuffle_buffer, rng):
+                usable += 1
+                pending.append(item)
+                if len(pending) == self.batch_size:
+                    yield self.collate(pending, self.preparer.take_skipped())
+                    pending = []
+            if usable == 0:
+                raise RuntimeError(f"no usable sample in shards {urls}: every sample was skipped")
+
+
+class ValStream(IterableDataset):
+    """One pass over every shard; this rank and worker keep their share of samples."""
+
+    def __init__(self, urls: list[str], preparer: SamplePreparer, collate: Callable, batch_size: int, rank: int, world_size: int):
+        self.urls, self.preparer, self.collate = urls, preparer, collate
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        readers = self.world_size * workers
+        me = self.rank + self.world_size * worker
+        raw = wds.tarfile_to_samples(handler=self.preparer.unreadable)({"url": url} for url in self.urls)
+        pending = []
+        for index, sample in enumerate(raw):
+            if index % readers != me:
+                continue
+            prepared = self.preparer(sample)
+            if prepared is not None:
+                pending.append(prepared)
+            if len(pending) == self.batch_size:
+                yield self.collate(pending, self.preparer.take_skipped())
+                pending = []
+        if pending:
+            yield self.collate(pending, self.preparer.take_skipped())
+
+
+class EpochLoader:
+    """Exactly `batches` batches per epoch from an endless `TrainStream`, decoded in `num_workers` workers."""
+
+    def __init__(self, stream: TrainStream, batches: int, num_workers: int):
+        self.stream, self.batches, self.num_workers = stream, batches, num_workers
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stream.epoch += 1  # set before the workers start, so each epoch reshuffles differently
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+        yield from islice(loader, self.batches)

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny local checkpoints and shapes-world shards, built once per test session."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> str:
+    from carevl.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2vl"), family="qwen2_vl", hidden=64, layers=2))
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    from carevl.shapes import write_world
+
+    out = tmp_path_factory.mktemp("world")
+    write_world(str(out), train=96, heldout=16, captions=32, shard_size=32, seed=0)
+    return out
+
+
+def image_of(item) -> "Image.Image":
+    from PIL import Image
+
+    return Image.open(io.BytesIO(item.image)).convert("RGB")

@@ -1,0 +1,127 @@
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from carevl import shapes
+from carevl.backbone import Backbone, LoraSettings
+from carevl.encoding import Encoder, collate, prompt_only
+from carevl.prompts import judge_prompt, user_turn, verdict_line
+from tests.conftest import image_of
+
+
+def encoded_items(backbone, n=3, seed=5):
+    encoder = Encoder(backbone.processor)
+    items = shapes.judge_items(n, seed=seed)
+    features = [encoder.encode(image_of(it), user_turn(judge_prompt(it.question, it.responses)), it.critique()) for it in items]
+    return encoder, items, features
+
+
+def test_vision_frozen_projector_trainable(tiny_qwen):
+    backbone = Backbone(tiny_qwen)
+    backbone.build()
+    params = dict(backbone.hf.named_parameters())
+    assert all(not p.requires_grad for n, p in backbone.vision_parameters().items())
+    assert backbone.vision_parameters(), "the family table found no vision parameters"
+    assert all(p.requires_grad for n, p in params.items() if n.startswith("model.visual.merger."))
+    assert all(p.requires_grad for n, p in params.items() if n.startswith("model.language_model."))
+    frozen_all = Backbone(tiny_qwen, freeze_projector=True)
+    frozen_all.build()
+    assert all(not p.requires_grad for n, p in frozen_all.hf.named_parameters() if n.startswith("model.visual."))
+
+
+def test_sequence_logprob_is_position_and_padding_invariant(tiny_qwen):
+    backbone = Backbone(tiny_qwen)
+    backbone.build()
+    backbone.eval()
+    encoder, _, features = encoded_items(backbone)
+    # Lengths differ so that shorter samples get padded inside a batch.
+    assert len({f["input_ids"].shape[1] for f in features}) > 1
+    strip = lambda f: {k: v for k, v in f.items() if k != "prompt_length"}  # noqa: E731
+    with torch.no_grad():
+        alone = torch.cat([backbone.sequence_logprobs(strip(f)) for f in features])
+        batched = backbone.sequence_logprobs(collate([strip(f) for f in features], encoder.pad_token_id))
+        reversed_batch = backbone.sequence_logprobs(collate([strip(f) for f in features[::-1]], encoder.pad_token_id))
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reversed_batch.flip(0), alone, atol=1e-5, rtol=0)
+    # The summed log-prob equals a full-logits computation done the slow way.
+    full = strip(features[0])
+    with torch.no_grad():
+        logits = backbone.hf(**{k: v for k, v in full.items() if k != "labels"}).logits[0, :-1]
+    targets = full["labels"][0, 1:]
+    mask = targets != -100
+    slow = torch.log_softmax(logits[mask].float(), -1).gather(-1, targets[mask][:, None]).sum()
+    torch.testing.assert_close(alone[0], slow, atol=1e-4, rtol=0)
+
+
+def test_labels_mask_prompt_and_image_tokens(tiny_qwen):
+    backbone = Backbone(tiny_qwen)
+    backbone.build()
+    encoder, items, features = encoded_items(backbone, n=1)
+    f = features[0]
+    n = int(f["prompt_length"][0])
+    image_token = backbone.hf.config.image_token_id
+    assert (f["input_ids"][0, :n] == image_token).sum() > 0
+    assert (f["labels"][0, :n] == -100).all() and (f["labels"][0, n:] != -100).all()
+    response = encoder.tokenizer.decode(f["labels"][0, n:])
+    assert response.startswith(items[0].critique()) and response.rstrip().endswith("<|im_end|>")
+    prompt = prompt_only(f)
+    assert prompt["input_ids"].shape[1] == n and "labels" not in prompt
+
+
+def test_export_round_trip_keeps_verdict_logprobs(tiny_qwen, tmp_path):
+    backbone = Backbone(tiny_qwen)
+    backbone.build()
+    backbone.eval()
+    encoder, items, features = encoded_items(backbone, n=2)
+    with torch.no_grad():  # perturb so the export is not just the input checkpoint
+        next(p for p in backbone.hf.model.language_model.parameters()).add_(0.01)
+    feats = []
+    for it in items:
+        for label in (1, 2):
+            feats.append(encoder.encode(image_of(it), user_turn(judge_prompt(it.question, it.responses)), verdict_line(label)))
+    batch = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in feats], encoder.pad_token_id)
+    with torch.no_grad():
+        before = backbone.sequence_logprobs(batch)
+    backbone.export(tmp_path / "export")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "export")
+    assert processor.apply_chat_template(user_turn("x"), add_generation_prompt=True, tokenize=False)
+    reloaded = Backbone(str(tmp_path / "export"))
+    reloaded.build()
+    reloaded.eval()
+    with torch.no_grad():
+        after = reloaded.sequence_logprobs(batch)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert torch.isfinite(logits).all()
+
+
+def test_lora_adapters_only_on_language_model_and_merge(tiny_qwen, tmp_path):
+    backbone = Backbone(tiny_qwen, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    backbone.build()
+    trainable = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)
+    backbone.eval()
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters do something
+        for n, p in backbone.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    encoder, _, features = encoded_items(backbone, n=2)
+    batch = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], encoder.pad_token_id)
+    with torch.no_grad():
+        before = backbone.sequence_logprobs(batch)
+    backbone.export(tmp_path / "merged", merge_lora=True)
+    assert any("lora_" in n for n, _ in backbone.model.named_parameters()), "export must not merge the training model"
+    merged = Backbone(str(tmp_path / "merged"))
+    merged.build()
+    merged.eval()
+    with torch.no_grad():
+        after = merged.sequence_logprobs(batch)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
+
+
+def test_unknown_family_is_a_clear_error(tiny_qwen):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen)
+    model.config.model_type = "mystery_vlm"
+    with pytest.raises(ValueError, match="family table"):
+        Backbone.family_of(model)

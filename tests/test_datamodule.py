@@ -1,0 +1,97 @@
+import io
+import json
+
+import pytest
+import torch
+
+from carevl import schema, shapes
+from carevl.encoding import IGNORE_INDEX
+from datamodules import JudgeDataModule
+
+
+def write_bad_shards(directory, n_good=20):
+    """Good samples plus one corrupt image, one record missing a field and one over-length sample."""
+    items = shapes.judge_items(n_good + 2, seed=3)
+    with schema.ShardWriter(directory, prefix="bad", max_count=8, kind="sft") as writer:
+        for index, it in enumerate(items):
+            sample = schema.SFTSample(
+                id=it.id, question=it.question, responses=list(it.responses), label=it.label,
+                target=it.critique(), source="test", image=it.image,
+            )
+            if index == 1:
+                sample.image = b"\x89PNG\r\n\x1a\n not really a png"
+            if index == 2:
+                sample.target = "word " * 600
+            writer.write(sample)
+            if index == 3:  # a record without 'target', written straight to the tar
+                raw = schema.encode(sample)
+                record = json.loads(raw["json"])
+                del record["target"]
+                raw.update(__key__="missing-target", json=json.dumps(record).encode())
+                writer._writer.write(raw)
+    return n_good
+
+
+def make_module(processor, directory, **kwargs):
+    module = JudgeDataModule(processor=processor, train=str(directory), val=str(directory), max_length=256, **kwargs)
+    module.setup("fit")
+    return module
+
+
+def test_bad_samples_are_skipped_and_counted(tiny_qwen, tmp_path):
+    write_bad_shards(tmp_path)
+    module = make_module(tiny_qwen, tmp_path, batch_size=4, num_workers=0)
+    skipped, ids = {}, []
+    for batch in module.val_dataloader():
+        for reason, count in batch["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+        ids += batch["ids"]
+    assert skipped == {"corrupt_image": 1, "too_long": 1, "bad_record": 1}
+    assert len(ids) == len(set(ids)) == 20
+
+
+def test_training_batches_are_masked_and_epoch_length_is_exact(tiny_qwen, world):
+    module = make_module(tiny_qwen, world / "train", batch_size=8, num_workers=2, shuffle_buffer=16)
+    loader = module.train_dataloader()
+    assert len(loader) == 96 // 8
+    batches = list(loader)
+    assert len(batches) == 12
+    batch = batches[0]
+    inputs = batch["inputs"]
+    assert inputs["input_ids"].shape == inputs["labels"].shape == inputs["attention_mask"].shape
+    assert ((inputs["labels"] != IGNORE_INDEX) <= inputs["attention_mask"].bool()).all(), "padding is never a target"
+    image_token = module.encoder.processor.image_token_id
+    assert not ((inputs["input_ids"] == image_token) & (inputs["labels"] != IGNORE_INDEX)).any()
+    assert inputs["pixel_values"].shape[0] == 8 * int(inputs["image_grid_thw"][0].prod())
+    seen = [i for b in batches for i in b["ids"]]
+    assert len(set(seen)) > 80  # one epoch covers (almost) every sample; the rest wraps around
+    second = [i for b in loader for i in b["ids"]]
+    assert second != seen, "each epoch reshuffles"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_rank_gets_the_same_number_of_batches(tiny_qwen, tmp_path, world_size):
+    # Uneven shards: 5 + 5 + 5 + 2 samples.
+    items = shapes.judge_items(17, seed=4)
+    with schema.ShardWriter(tmp_path, prefix="u", max_count=5, kind="sft") as writer:
+        for it in items:
+            writer.write(schema.SFTSample(id=it.id, question=it.question, responses=list(it.responses),
+                                          label=it.label, target=it.critique(), source="t", image=it.image))
+    counts, val_ids = [], []
+    for rank in range(world_size):
+        module = make_module(tiny_qwen, tmp_path, batch_size=2, num_workers=2)
+        module._rank = lambda rank=rank: (rank, world_size)
+        counts.append(sum(1 for _ in module.train_dataloader()))
+        val_ids += [i for b in module.val_dataloader() for i in b["ids"]]
+    assert counts == [17 // (world_size * 2)] * world_size
+    assert sorted(val_ids) == sorted(it.id for it in items), "validation sees every sample exactly once"
+
+
+def test_datamodule_errors_are_clear(tiny_qwen, tmp_path, world):
+    with pytest.raises(ValueError, match="kind"):
+        JudgeDataModule(processor=tiny_qwen, kind="nope")
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        make_module(tiny_qwen, tmp_path).train_dataloader()
+    module = make_module(tiny_qwen, world / "heldout", batch_size=64)
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        module.train_dataloader()

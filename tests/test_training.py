@@ -1,0 +1,77 @@
+"""The real CLI trains the tiny judge: frozen vision stays bit-identical, trainable weights move,
+bad samples are skipped and counted in the logs, and the loss falls on data with a known answer."""
+
+import csv
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForImageTextToText
+
+from carevl.cli import main
+from tests.test_datamodule import write_bad_shards
+
+
+def fit(tmp_path, model, train, val=None, **overrides):
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": overrides.pop("max_steps", 3), "precision": "32-true",
+            "enable_checkpointing": False, "enable_progress_bar": False, "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0, "limit_val_batches": overrides.pop("limit_val_batches", 1),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "run"}},
+        },
+        "model": {
+            "class_path": "carevl.sft.SFTJudge",
+            "init_args": {
+                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": model}},
+                "lr": overrides.pop("lr", 1e-3), "warmup_ratio": 0.0, "global_batch_size": None, "max_new_tokens": 8,
+            },
+        },
+        "data": {
+            "class_path": "datamodules.JudgeDataModule",
+            "init_args": {"train": str(train), "val": str(val) if val else None, "batch_size": 4, "num_workers": 1,
+                          "max_length": 256, **overrides},
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return main(["fit", "--config", str(path)])
+
+
+def metrics(tmp_path) -> list[dict]:
+    with open(next(Path(tmp_path).rglob("metrics.csv"))) as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_keeps_vision_frozen_and_moves_trainable_weights(tiny_qwen, world, tmp_path):
+    before = dict(AutoModelForImageTextToText.from_pretrained(tiny_qwen).named_parameters())
+    cli = fit(tmp_path, tiny_qwen, world / "train", world / "heldout")
+    backbone = cli.model.backbone
+    vision = backbone.vision_parameters()
+    assert vision
+    for name, param in vision.items():
+        assert torch.equal(param, before[name]), f"frozen vision weight {name} changed"
+    trainable = {n: p for n, p in backbone.hf.named_parameters() if p.requires_grad}
+    assert trainable.keys() == {n for n in before if n not in vision}
+    unchanged = [n for n, p in trainable.items() if torch.equal(p, before[n])]
+    assert not unchanged, f"trainable weights that did not change: {unchanged}"
+    rows = metrics(tmp_path)
+    assert any(r.get("val/verdict_accuracy") for r in rows) and any(r.get("train/tokens_per_s") for r in rows)
+
+
+def test_fit_completes_on_bad_shards_and_logs_skips(tiny_qwen, tmp_path):
+    write_bad_shards(tmp_path / "bad")
+    fit(tmp_path, tiny_qwen, tmp_path / "bad", max_steps=5)
+    last = {}
+    for row in metrics(tmp_path):
+        last.update({k: v for k, v in row.items() if v})
+    for reason in ("corrupt_image", "too_long", "bad_record"):
+        assert float(last[f"skipped/{reason}"]) >= 1, reason
+
+
+def test_loss_falls_on_the_shapes_world(tiny_qwen, world, tmp_path):
+    cli = fit(tmp_path, tiny_qwen, world / "train", world / "heldout", max_steps=40, limit_val_batches=1.0)
+    losses = [float(r["train/loss"]) for r in metrics(tmp_path) if r.get("train/loss")]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert cli.trainer.global_step == 40

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv and install carevl with its test dependencies. Idempotent; offline-friendly on the
+# project's CPU machines, where torch 2.14.1 and torchvision 0.29.1 install from local files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+source .venv/bin/activate
+if ! python -c "import torch, torchvision" 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+if ! python -c "import carevl, datamodules, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.carevl-installed ]; then
+  python -m pip install -q -e ".[dev]"
+  touch .venv/.carevl-installed
+fi
