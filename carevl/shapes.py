@@ -141,11 +141,14 @@ class JudgeItem:
     image: bytes
 
     def critique(self) -> str:
-        parts = [f"The image shows {self.scene.caption()}."]
+        """Restate the scene, quote each answer (its prompt line verbatim), set it beside the truth,
+        then the verdict. Quoting is a plain copy and the comparison is between neighbouring words,
+        which is what lets a tiny model learn the judgement in a few hundred steps."""
         truth = self.scene.value(self.attribute)
-        for number, value in enumerate(self.values, start=1):
+        parts = [f"The image shows {self.scene.caption()}."]
+        for number, (response, value) in enumerate(zip(self.responses, self.values), start=1):
             verdict = "correct" if value == truth else "wrong"
-            parts.append(f"Answer {number} says {value}, which is {verdict}.")
+            parts.append(f"Answer {number}: {response} Truth: {ANSWERS[self.attribute].format(truth)} So it is {verdict}.")
         parts.append(verdict_line(self.label))
         return " ".join(parts)
 

@@ -38,8 +38,9 @@ _CHAT_TEMPLATE = (
 )
 
 
-def chat_template(image_string: str) -> str:
-    return _CHAT_TEMPLATE.replace("@IMAGE@", image_string)
+def chat_template(image_string: str, prefix: str = "") -> str:
+    template = _CHAT_TEMPLATE.replace("@IMAGE@", image_string)
+    return "{{ '" + prefix + "' }}" + template if prefix else template
 
 
 def world_corpus(n_items: int = 400) -> list[str]:
@@ -131,8 +132,89 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [first, (half - first) // 2, half - first - (half - first) // 2]
 
 
+def _qwen2_text(tokenizer, hidden: int, layers: int) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        model_type="qwen2",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        bos_token_id=None,
+    )
+
+
+def _llava_onevision(tokenizer, hidden: int, layers: int):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tile = shapes.IMAGE_SIZE // 2  # SigLIP tiles of 28 px: 2 x 2 patches of 14 px each
+    config = LlavaOnevisionConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, image_size=tile, patch_size=14,
+        ),
+        text_config=_qwen2_text(tokenizer, hidden, layers),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=[[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]],
+        vision_feature_select_strategy="full",
+    )
+    image_processor = LlavaOnevisionImageProcessor(
+        size={"height": tile, "width": tile}, image_grid_pinpoints=config.image_grid_pinpoints
+    )
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": tile, "width": tile}),
+        num_image_tokens=(tile // 14) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=chat_template("<image>"),
+    )
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+def _mllama(tokenizer, hidden: int, layers: int):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
+
+    tile = shapes.IMAGE_SIZE  # one tile of 4 x 4 patches
+    config = MllamaConfig(
+        vision_config=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+            image_size=tile, patch_size=14, max_num_tiles=1, intermediate_layers_indices=[0],
+            vision_output_dim=128, supported_aspect_ratios=[[1, 1]],
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[layers - 1],
+            max_position_embeddings=2048, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|begin_of_text|>"),
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
+    )
+    image_processor = MllamaImageProcessor(size={"height": tile, "width": tile}, max_image_tiles=1)
+    # Mllama's processor wants the prompt to open with the BOS text, as Llama 3's template does.
+    tokenizer.bos_token = "<|begin_of_text|>"
+    template = chat_template("<|image|>", prefix="<|begin_of_text|>")
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    return MllamaForConditionalGeneration(config), processor
+
+
 FAMILIES = {
     "qwen2_vl": (_qwen2_vl, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]),
+    "llava_onevision": (_llava_onevision, ["<image>", "<video>"]),
+    "mllama": (_mllama, ["<|image|>", "<|begin_of_text|>"]),
 }
 
 

@@ -57,7 +57,7 @@ class JudgeDataModule(LightningDataModule):
         kind: sample kind in the shards: "sft" (judge samples) or "instruct" (prompt -> target).
         batch_size: samples per device per step (the micro batch).
         val_batch_size: samples per validation batch; defaults to `batch_size`.
-        num_workers: loader worker processes per rank (capped by the rank's shard count).
+        num_workers: loader worker processes per rank.
         shuffle_buffer: samples held for shuffling within a worker.
         max_length: samples with more tokens, image tokens included, are dropped (never truncated).
         seed: base seed of shard and sample shuffling.
@@ -121,11 +121,9 @@ class JudgeDataModule(LightningDataModule):
         batches = manifest["samples"] // (world * self.batch_size)
         if batches == 0:
             raise ValueError(f"{manifest['samples']} samples cannot fill one batch of {self.batch_size} on each of {world} processes")
-        mine = urls[rank::world]
-        workers = min(self.num_workers, len(mine))
         collate_fn = partial(collate_items, pad_token_id=self.encoder.pad_token_id, with_prompts=False)
-        stream = TrainStream(mine, self._preparer(), collate_fn, self.batch_size, self.shuffle_buffer, self.seed, rank)
-        return EpochLoader(stream, batches, workers)
+        stream = TrainStream(urls[rank::world], self._preparer(), collate_fn, self.batch_size, self.shuffle_buffer, self.seed, rank)
+        return EpochLoader(stream, batches, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dir is None:

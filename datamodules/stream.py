@@ -1,7 +1,9 @@
 """Reading shards into batches inside DataLoader workers.
 
-Training: shards are dealt round-robin to ranks, then to workers; every worker streams its shards
-endlessly (reshuffled each pass) and `EpochLoader` cuts exactly `batches` batches per epoch, the
+Training: shards are dealt round-robin to ranks. The workers of a rank read the rank's shards in
+the same (per-pass shuffled) order and each decodes only its share of the samples (index modulo
+the number of workers), so every sample of the rank is decoded once per pass whatever the shard
+sizes. Workers stream endlessly and `EpochLoader` cuts exactly `batches` batches per epoch, the
 same number on every rank, so no collective ever waits on a rank that ran out of data.
 
 Validation: every rank reads every shard and keeps sample i when i % world_size == rank (and
@@ -79,9 +81,12 @@ class SamplePreparer:
         return counts
 
 
-def read_samples(urls: list[str], preparer: SamplePreparer) -> Iterator[dict[str, Any]]:
+def read_samples(urls: list[str], preparer: SamplePreparer, share: int = 0, shares: int = 1) -> Iterator[dict[str, Any]]:
+    """Prepared samples of the shards, in order; only every `shares`-th sample from `share` on is decoded."""
     raw = wds.tarfile_to_samples(handler=preparer.unreadable)({"url": url} for url in urls)
-    for sample in raw:
+    for index, sample in enumerate(raw):
+        if index % shares != share:
+            continue
         prepared = preparer(sample)
         if prepared is not None:
             yield prepared
@@ -110,7 +115,7 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
-    """Endless batches from this rank's shards, split by worker and reshuffled every pass."""
+    """Endless batches from this rank's shards, split by sample between workers, reshuffled every pass."""
 
     def __init__(self, urls: list[str], preparer: SamplePreparer, collate: Callable, batch_size: int, shuffle_buffer: int, seed: int, rank: int):
         self.urls, self.preparer, self.collate = urls, preparer, collate
@@ -119,21 +124,21 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = _worker()
-        urls = self.urls[worker::workers]
+        order_rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}")  # the same in every worker
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         pending: list[dict[str, Any]] = []
         while True:
-            order = list(urls)
-            rng.shuffle(order)
+            order = list(self.urls)
+            order_rng.shuffle(order)
             usable = 0
-            for item in shuffled(read_samples(order, self.preparer), self.shuffle_buffer, rng):
+            for item in shuffled(read_samples(order, self.preparer, worker, workers), self.shuffle_buffer, rng):
                 usable += 1
                 pending.append(item)
                 if len(pending) == self.batch_size:
                     yield self.collate(pending, self.preparer.take_skipped())
                     pending = []
             if usable == 0:
-                raise RuntimeError(f"no usable sample in shards {urls}: every sample was skipped")
+                raise RuntimeError(f"no usable sample for worker {worker} in shards {order}: every sample was skipped")
 
 
 class ValStream(IterableDataset):
@@ -145,16 +150,10 @@ class ValStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = _worker()
-        readers = self.world_size * workers
-        me = self.rank + self.world_size * worker
-        raw = wds.tarfile_to_samples(handler=self.preparer.unreadable)({"url": url} for url in self.urls)
+        share = self.rank + self.world_size * worker
         pending = []
-        for index, sample in enumerate(raw):
-            if index % readers != me:
-                continue
-            prepared = self.preparer(sample)
-            if prepared is not None:
-                pending.append(prepared)
+        for prepared in read_samples(self.urls, self.preparer, share, self.world_size * workers):
+            pending.append(prepared)
             if len(pending) == self.batch_size:
                 yield self.collate(pending, self.preparer.take_skipped())
                 pending = []

@@ -34,3 +34,11 @@ def image_of(item) -> "Image.Image":
     from PIL import Image
 
     return Image.open(io.BytesIO(item.image)).convert("RGB")
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "llava_onevision", "mllama"])
+def tiny_any(request, tmp_path_factory) -> str:
+    """A tiny checkpoint of each family in the backbone's family table."""
+    from carevl.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp(f"tiny-{request.param}"), family=request.param, hidden=64, layers=2))

@@ -29,8 +29,17 @@ def test_vision_frozen_projector_trainable(tiny_qwen):
     assert all(not p.requires_grad for n, p in frozen_all.hf.named_parameters() if n.startswith("model.visual."))
 
 
-def test_sequence_logprob_is_position_and_padding_invariant(tiny_qwen):
-    backbone = Backbone(tiny_qwen)
+def test_every_family_freezes_vision_and_trains_the_rest(tiny_any):
+    backbone = Backbone(tiny_any)
+    backbone.build()
+    vision = backbone.vision_parameters()
+    assert vision and all(not p.requires_grad for p in vision.values())
+    others = [p for n, p in backbone.hf.named_parameters() if n not in vision]
+    assert others and all(p.requires_grad for p in others)
+
+
+def test_sequence_logprob_is_position_and_padding_invariant(tiny_any):
+    backbone = Backbone(tiny_any)
     backbone.build()
     backbone.eval()
     encoder, _, features = encoded_items(backbone)
@@ -46,7 +55,7 @@ def test_sequence_logprob_is_position_and_padding_invariant(tiny_qwen):
     # The summed log-prob equals a full-logits computation done the slow way.
     full = strip(features[0])
     with torch.no_grad():
-        logits = backbone.hf(**{k: v for k, v in full.items() if k != "labels"}).logits[0, :-1]
+        logits = backbone.hf(**{k: v for k, v in full.items() if k != "labels"}, use_cache=False).logits[0, :-1]
     targets = full["labels"][0, 1:]
     mask = targets != -100
     slow = torch.log_softmax(logits[mask].float(), -1).gather(-1, targets[mask][:, None]).sum()
@@ -125,3 +134,18 @@ def test_unknown_family_is_a_clear_error(tiny_qwen):
     model.config.model_type = "mystery_vlm"
     with pytest.raises(ValueError, match="family table"):
         Backbone.family_of(model)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_qwen):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        backbone = Backbone(tiny_qwen, gradient_checkpointing=checkpointing)
+        backbone.build()
+        encoder, _, features = encoded_items(backbone, n=2)
+        batch = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], encoder.pad_token_id)
+        backbone.sequence_logprobs(batch).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in backbone.hf.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)

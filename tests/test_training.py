@@ -12,7 +12,7 @@ from carevl.cli import main
 from tests.test_datamodule import write_bad_shards
 
 
-def fit(tmp_path, model, train, val=None, **overrides):
+def fit(tmp_path, model, train, val=None, trainer=None, **overrides):
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -20,6 +20,7 @@ def fit(tmp_path, model, train, val=None, **overrides):
             "enable_checkpointing": False, "enable_progress_bar": False, "log_every_n_steps": 1,
             "num_sanity_val_steps": 0, "limit_val_batches": overrides.pop("limit_val_batches", 1),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "run"}},
+            **(trainer or {}),
         },
         "model": {
             "class_path": "carevl.sft.SFTJudge",
@@ -46,7 +47,7 @@ def metrics(tmp_path) -> list[dict]:
 
 def test_fit_keeps_vision_frozen_and_moves_trainable_weights(tiny_qwen, world, tmp_path):
     before = dict(AutoModelForImageTextToText.from_pretrained(tiny_qwen).named_parameters())
-    cli = fit(tmp_path, tiny_qwen, world / "train", world / "heldout")
+    cli = fit(tmp_path, tiny_qwen, world / "train", world / "heldout", trainer={"limit_train_batches": 3})
     backbone = cli.model.backbone
     vision = backbone.vision_parameters()
     assert vision
@@ -71,7 +72,7 @@ def test_fit_completes_on_bad_shards_and_logs_skips(tiny_qwen, tmp_path):
 
 
 def test_loss_falls_on_the_shapes_world(tiny_qwen, world, tmp_path):
-    cli = fit(tmp_path, tiny_qwen, world / "train", world / "heldout", max_steps=40, limit_val_batches=1.0)
+    cli = fit(tmp_path, tiny_qwen, world / "train", world / "heldout", max_steps=40, lr=3e-3, limit_val_batches=1.0)
     losses = [float(r["train/loss"]) for r in metrics(tmp_path) if r.get("train/loss")]
     assert losses[-1] < 0.5 * losses[0], losses
     assert cli.trainer.global_step == 40
