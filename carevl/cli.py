@@ -10,8 +10,8 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Entry point of the `carevl` console script; tests call it in-process with `args`."""
+def run(args: list[str] | None = None) -> LightningCLI:
+    """Run the CLI in-process and return it (tests inspect `.model` and `.trainer`)."""
     return LightningCLI(
         LightningModule,
         LightningDataModule,
@@ -21,6 +21,11 @@ def main(args: list[str] | None = None) -> LightningCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the `carevl` console script. Returns None: the script exits with status 0."""
+    run(args)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ from __future__ import annotations
 import re
 
 JUDGE_TEMPLATE = (
-    "You judge two answers to a question about the image. "
-    "Check each answer against what the image really shows: an answer that is accurate, "
-    "helpful and names nothing that is not there is better.\n"
+    "Which answer to the question about the image is better?\n"
     "Question: {question}\n"
     "Answer 1: {answer1}\n"
     "Answer 2: {answer2}\n"
-    "Say what the image shows, compare each answer with it, then finish with the line "
+    "Say what the image shows, check each answer against it, and end with "
     '"Overall Judgment: Answer X is better." where X is 1 or 2.'
 )
 

@@ -187,8 +187,27 @@ def caption_target(scene: Scene) -> str:
     return f"The image shows {scene.caption()}."
 
 
+def quote_task(rng: random.Random) -> tuple[str, str]:
+    """A text skill of the base model: quote a labelled line and check it against a reference.
+
+    Real language models arrive able to copy text from their prompt; a tiny random one does not,
+    and learning to copy inside the long judge prompt takes far longer than the judgement itself.
+    """
+    attribute = rng.choice(ATTRIBUTES)
+    values = attribute_values(attribute)
+    template = ANSWERS[attribute]
+    answers = [template.format(rng.choice(values)) for _ in range(2)]
+    k = rng.choice((1, 2))
+    quoted = answers[k - 1]
+    reference = quoted if rng.random() < 0.5 else template.format(rng.choice([v for v in values if template.format(v) != quoted]))
+    prompt = f"Answer 1: {answers[0]}\nAnswer 2: {answers[1]}\nQuote answer {k}, then check it against: {reference}"
+    verdict = "correct" if quoted == reference else "wrong"
+    return prompt, f"Answer {k}: {quoted} Truth: {reference} So it is {verdict}."
+
+
 def write_world(out_dir: str, train: int = 2000, heldout: int = 200, captions: int = 2000, shard_size: int = 500, seed: int = 0) -> dict[str, int]:
-    """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, ``captions`` instruct samples.
+    """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, and ``pretrain``
+    instruct samples for the tiny base model (``captions`` captions plus as many quoting tasks).
 
     Seeds differ per split, so held-out images never appear in training.
     """
@@ -213,16 +232,17 @@ def write_world(out_dir: str, train: int = 2000, heldout: int = 200, captions: i
                     )
                 )
     rng = random.Random(seed + 2)
-    with ShardWriter(out / "captions", prefix="captions", max_count=shard_size, kind="instruct") as writer:
-        for index in range(captions):
+    with ShardWriter(out / "pretrain", prefix="pretrain", max_count=shard_size, kind="instruct") as writer:
+        for index in range(2 * captions):
             scene = random_scene(rng)
+            prompt, target = (CAPTION_PROMPT, caption_target(scene)) if index % 2 == 0 else quote_task(rng)
             writer.write(
                 InstructSample(
-                    id=f"shapes-caption-{index:06d}",
-                    prompt=CAPTION_PROMPT,
-                    target=caption_target(scene),
+                    id=f"shapes-pretrain-{index:06d}",
+                    prompt=prompt,
+                    target=target,
                     source="shapes-world",
                     image=png_bytes(render(scene, rng)),
                 )
             )
-    return {"train": train, "heldout": heldout, "captions": captions}
+    return {"train": train, "heldout": heldout, "pretrain": 2 * captions}

@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import AutoModelForImageTextToText
 
-from carevl.cli import main
+from carevl.cli import main, run
 from tests.test_datamodule import write_bad_shards
 
 
@@ -37,7 +37,7 @@ def fit(tmp_path, model, train, val=None, trainer=None, **overrides):
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    return main(["fit", "--config", str(path)])
+    return run(["fit", "--config", str(path)])
 
 
 def metrics(tmp_path) -> list[dict]:

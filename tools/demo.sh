@@ -11,9 +11,9 @@ rm -rf "$out"
 start=$(date +%s)
 
 python -m carevl.tiny --out $out/tiny                                    # random weights, local tokenizer
-python tools/shapes_world.py --out $out/world --captions 4000             # judge train/held-out + captions
+python tools/shapes_world.py --out $out/world --captions 3000             # judge train/held-out + base pretraining
 python -m carevl.vision_pretrain --model $out/tiny --out $out/tiny-vision # stand-in for a pretrained encoder
-carevl fit --config configs/demo/pretrain.yaml                            # captions -> runs/demo/base
+carevl fit --config configs/demo/pretrain.yaml                            # captions + quoting -> runs/demo/base
 carevl validate --config configs/demo/sft.yaml \
   --model.init_args.backbone.init_args.model=$out/base --trainer.logger.init_args.name=base
 carevl fit --config configs/demo/sft.yaml                                 # SFT judge -> runs/demo/sft

@@ -1,4 +1,4 @@
-"""Write the shapes world's shards: judge SFT train and held-out sets, and captions for pretraining."""
+"""Write the shapes world's shards: judge SFT train and held-out sets, and the tiny base model's pretraining set."""
 
 import argparse
 
@@ -7,10 +7,10 @@ from carevl.shapes import write_world
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="output directory (train/, heldout/, captions/ go under it)")
+    parser.add_argument("--out", required=True, help="output directory (train/, heldout/, pretrain/ go under it)")
     parser.add_argument("--train", type=int, default=2000, help="judge training samples")
     parser.add_argument("--heldout", type=int, default=200, help="held-out judge samples")
-    parser.add_argument("--captions", type=int, default=2000, help="caption samples for base-model pretraining")
+    parser.add_argument("--captions", type=int, default=2000, help="caption samples (and as many quoting tasks) for base-model pretraining")
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
