@@ -205,7 +205,22 @@ def quote_task(rng: random.Random) -> tuple[str, str]:
     return prompt, f"Answer {k}: {quoted} Truth: {reference} So it is {verdict}."
 
 
-def write_world(out_dir: str, train: int = 2000, heldout: int = 200, captions: int = 2000, shard_size: int = 500, seed: int = 0) -> dict[str, int]:
+# Attributes the demo's judge questions ask about. Positions are drawn and captioned, but a tiny
+# language model learns to read *where* the content is (which image token holds it) too slowly for
+# a CPU demo: after 750 caption steps it names the right position 57% of the time, against 98-100%
+# for colour, shape and count.
+JUDGE_ATTRIBUTES = ("colour", "shape", "count")
+
+
+def write_world(
+    out_dir: str,
+    train: int = 2000,
+    heldout: int = 200,
+    captions: int = 2000,
+    shard_size: int = 500,
+    seed: int = 0,
+    attributes: tuple[str, ...] = JUDGE_ATTRIBUTES,
+) -> dict[str, int]:
     """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, and ``pretrain``
     instruct samples for the tiny base model (``captions`` captions plus as many quoting tasks).
 
@@ -218,7 +233,7 @@ def write_world(out_dir: str, train: int = 2000, heldout: int = 200, captions: i
     out = Path(out_dir)
     for split, n, split_seed in (("train", train, seed), ("heldout", heldout, seed + 1)):
         with ShardWriter(out / split, prefix=split, max_count=shard_size, kind="sft") as writer:
-            for item in judge_items(n, split_seed, prefix=f"shapes-{split}"):
+            for item in judge_items(n, split_seed, prefix=f"shapes-{split}", attributes=attributes):
                 writer.write(
                     SFTSample(
                         id=item.id,
