@@ -1,4 +1,4 @@
-"""The README's main job, stage by stage, with the shipped demo configs (slow: about 8 minutes)."""
+"""The README's main job, stage by stage, with the shipped demo configs (slow: about 15 minutes on 2 cores)."""
 
 import csv
 
@@ -25,7 +25,7 @@ def test_demo_judge_learns_the_shapes_world(tmp_path, monkeypatch):
     configs = Path(__file__).resolve().parents[1] / "configs" / "demo"
     monkeypatch.chdir(tmp_path)  # the demo configs name paths under runs/demo
     build_tiny_model("runs/demo/tiny")
-    write_world("runs/demo/world", captions=4000)
+    write_world("runs/demo/world", captions=3000)
     pretrain_vision("runs/demo/tiny", "runs/demo/tiny-vision")
     main(["fit", "--config", str(configs / "pretrain.yaml"), "--trainer.enable_progress_bar=false"])
     main(["validate", "--config", str(configs / "sft.yaml"), "--model.init_args.backbone.init_args.model=runs/demo/base",
