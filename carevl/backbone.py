@@ -8,6 +8,7 @@ full-vocabulary logits at image and prompt positions. `export` writes a Hugging 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from carevl.encoding import TOKEN_KEYS
 from carevl.losses import response_token_logprobs, sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ FAMILIES = {
     ),
     "mllama": Family(vision=("model.vision_model.",), projector=("model.multi_modal_projector.",), language="model.language_model."),
 }
+SHARED_VISION = ("qwen2_vl", "qwen2_5_vl")
 LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -178,6 +181,53 @@ class Backbone(nn.Module):
         """Per-token log-probs of response tokens (labels != -100) and the batch row of each."""
         hidden = self.hidden_states(inputs)
         return response_token_logprobs(hidden, inputs["labels"], self.hf.lm_head)
+
+    @property
+    def shares_vision(self) -> bool:
+        """Whether image features can be computed once and handed to the model for many sequences
+        (families whose model accepts `mm_encoder_outputs`: Qwen2-VL and Qwen2.5-VL)."""
+        return self.hf.config.model_type in SHARED_VISION
+
+    def image_features(self, inputs: dict[str, torch.Tensor], model: nn.Module | None = None) -> list[torch.Tensor] | None:
+        """Per-image features of a group batch's unique images (Qwen2-VL family), else None.
+
+        Computed without a graph when the whole vision tower, projector included, is frozen.
+        `model` computes them with another model of the same architecture (the reference)."""
+        if not self.shares_vision or "pixel_values" not in inputs:
+            return None
+        hf = self.hf if model is None else model
+        frozen = not any(p.requires_grad for p in hf.model.visual.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            out = hf.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        return list(out.pooler_output)
+
+    def group_logprobs(self, batch: dict, features: list[torch.Tensor] | None = None, model: nn.Module | None = None) -> torch.Tensor:
+        """(S,) summed response log-probs of every sequence of a preference-group batch.
+
+        Image inputs hold one entry per group; `batch["image_index"]` maps sequences to them. With
+        `features` (from `image_features`) the vision tower is not run again; otherwise each
+        sequence gets its group's image inputs. `model` scores with another model of the same
+        architecture (the frozen reference) instead of this one.
+        """
+        hf = self.hf if model is None else model
+        inputs, index = batch["inputs"], batch["image_index"]
+        model_inputs = {k: v for k, v in inputs.items() if k in TOKEN_KEYS and k != "labels"}
+        images = {k: v for k, v in inputs.items() if k not in TOKEN_KEYS}
+        if features is not None:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            model_inputs["image_grid_thw"] = images["image_grid_thw"][index]
+            model_inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[features[i] for i in index.tolist()])}
+        elif "image_grid_thw" in images:  # Qwen2-VL family without shared features: patches are flattened per image
+            sizes = (images["image_grid_thw"].prod(dim=1)).tolist()
+            per_image = torch.split(images["pixel_values"], sizes)
+            model_inputs["pixel_values"] = torch.cat([per_image[i] for i in index.tolist()])
+            model_inputs["image_grid_thw"] = images["image_grid_thw"][index]
+        else:  # one entry per image along the first dimension (LLaVA-OneVision, Mllama)
+            model_inputs.update({k: v[index] for k, v in images.items()})
+        hidden = hf.model(**model_inputs, use_cache=False).last_hidden_state
+        logps, rows = response_token_logprobs(hidden, inputs["labels"], hf.lm_head)
+        return sequence_logprobs(logps, rows, inputs["labels"].shape[0])
 
     def sequence_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) log pi(response | image, prompt), summed over response tokens."""

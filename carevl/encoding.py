@@ -54,25 +54,36 @@ class Encoder:
         With a target: `labels` holds the response token ids at response positions and -100 elsewhere,
         and `prompt_length` says where the response starts. Without one: the prompt alone.
         """
+        if target is None:
+            return self.encode_prompt(image, messages)[1]
+        return self.encode_many(image, messages, [target])[0]
+
+    def encode_prompt(self, image: Any, messages: list[dict]) -> tuple[str, dict[str, torch.Tensor]]:
+        """(prompt text, prompt inputs): the image goes through the processor here, once."""
         prompt = self.prompt_text(messages)
         images = [image] if image is not None else None
         features = dict(self.processor(text=[prompt], images=images, return_tensors="pt", add_special_tokens=False))
-        prompt_length = features["input_ids"].shape[1]
-        if target is None:
-            if prompt_length > self.max_length:
-                raise TooLong(f"prompt has {prompt_length} tokens > max_length {self.max_length}")
-            return features
-        response = self.tokenizer(self.response_text(messages, prompt, target), add_special_tokens=False, return_tensors="pt")
-        response_ids = response["input_ids"]
-        length = prompt_length + response_ids.shape[1]
+        length = features["input_ids"].shape[1]
         if length > self.max_length:
-            raise TooLong(f"{length} tokens > max_length {self.max_length}")
-        for key in TOKEN_KEYS:
-            if key in features:
-                features[key] = _extend(key, features[key], response_ids)
-        features["labels"] = torch.cat([torch.full((1, prompt_length), IGNORE_INDEX), response_ids], dim=1)
-        features["prompt_length"] = torch.tensor([prompt_length])
-        return features
+            raise TooLong(f"prompt has {length} tokens > max_length {self.max_length}")
+        return prompt, features
+
+    def encode_many(self, image: Any, messages: list[dict], targets: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Inputs of one prompt followed by each target, processing the image and prompt once; the
+        non-token inputs (pixel values, grids) are shared, not copied, between the results."""
+        prompt, features = self.encode_prompt(image, messages)
+        prompt_length = features["input_ids"].shape[1]
+        encoded = []
+        for target in targets:
+            response_ids = self.tokenizer(self.response_text(messages, prompt, target), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            length = prompt_length + response_ids.shape[1]
+            if length > self.max_length:
+                raise TooLong(f"{length} tokens > max_length {self.max_length}")
+            item = {key: _extend(key, value, response_ids) if key in TOKEN_KEYS else value for key, value in features.items()}
+            item["labels"] = torch.cat([torch.full((1, prompt_length), IGNORE_INDEX), response_ids], dim=1)
+            item["prompt_length"] = torch.tensor([prompt_length])
+            encoded.append(item)
+        return encoded
 
 
 def _extend(key: str, value: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
@@ -107,7 +118,7 @@ def collate(features: list[dict[str, torch.Tensor]], pad_token_id: int, padding_
     that differ between samples.
     """
     left = padding_side == "left"
-    length = max(f["input_ids"].shape[1] for f in features)
+    length = max(f["input_ids"].shape[1] for f in features) if "input_ids" in features[0] else 0
     batch = {}
     for key in features[0]:
         values = [f[key] for f in features]

@@ -47,3 +47,51 @@ def sft_loss(logps: torch.Tensor, weights: torch.Tensor | None = None, rows: tor
         return -logps.mean()
     token_weights = weights[rows].to(logps.dtype)
     return -(logps * token_weights).sum() / token_weights.sum().clamp_min(1e-8)
+
+
+def dpo_group_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    group: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO over groups of one chosen against many rejected responses.
+
+    For each rejected response j of group g: loss_j = -log sigmoid(beta * (mu_g - nu_j)), with
+    mu_g = log pi(chosen_g) - log pi_ref(chosen_g) and nu_j = log pi(rejected_j) - log pi_ref(rejected_j)
+    (summed response log-probs). The loss is the mean over all pairs of the batch.
+
+    Args:
+        policy_chosen, reference_chosen: (G,) log-probs of each group's chosen response.
+        policy_rejected, reference_rejected: (R,) log-probs of every rejected response.
+        group: (R,) the group (index into the chosen tensors) of each rejected response.
+        beta: the DPO temperature.
+    Returns:
+        the loss and detached statistics: per-pair losses, reward accuracy (pairs whose chosen
+        reward is higher), the share of groups whose chosen beats all its rejected, mean margin,
+        mean chosen and rejected rewards (beta x log-ratio) and log-probs.
+    """
+    if policy_rejected.shape != reference_rejected.shape or policy_rejected.shape != group.shape:
+        raise ValueError("rejected log-probs, reference log-probs and group indices must have the same shape")
+    if policy_chosen.shape != reference_chosen.shape:
+        raise ValueError("chosen log-probs and reference log-probs must have the same shape")
+    chosen_rewards = beta * (policy_chosen - reference_chosen)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    margins = chosen_rewards[group] - rejected_rewards
+    losses = -F.logsigmoid(margins)
+    with torch.no_grad():
+        wins = (margins > 0).float()
+        worst = torch.ones_like(chosen_rewards).scatter_reduce(0, group, wins, reduce="amin", include_self=True)
+        stats = {
+            "pair_losses": losses.detach(),
+            "reward_accuracy": wins.mean(),
+            "chosen_beats_all": worst[torch.unique(group)].mean(),
+            "margin": margins.mean(),
+            "chosen_reward": chosen_rewards.mean(),
+            "rejected_reward": rejected_rewards.mean(),
+            "chosen_logp": policy_chosen.detach().mean(),
+            "rejected_logp": policy_rejected.detach().mean(),
+        }
+    return losses.mean(), stats

@@ -38,3 +38,166 @@ class VerdictAccuracy(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.correct.float() / self.total.clamp_min(1)
+
+
+# -- benchmark scoring ----------------------------------------------------------------------------
+
+UNPARSEABLE_POLICIES = ("wrong", "exclude", "random")
+
+
+def resolve(prediction: int | str | None, key: str, policy: str, choices: tuple) -> int | str | None:
+    """The prediction a metric scores for one record, given the policy for unparseable outputs.
+
+    "wrong" keeps None (never matches a label); "exclude" also keeps None, and the caller drops the
+    record; "random" replaces None by a choice fixed by the record key, identical in every process.
+    """
+    if policy not in UNPARSEABLE_POLICIES:
+        raise ValueError(f"unparseable policy must be one of {UNPARSEABLE_POLICIES}, got {policy!r}")
+    if prediction is not None or policy != "random":
+        return prediction
+    import hashlib
+
+    return choices[hashlib.sha256(key.encode()).digest()[0] % len(choices)]
+
+
+def grouped_counts(
+    predictions: list,
+    labels: list,
+    groups: list[str],
+    keys: list[str],
+    names: tuple[str, ...],
+    policy: str,
+    choices: tuple,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(correct, counted, unparseable) per group, as float tensors indexed like `names`."""
+    if not len(predictions) == len(labels) == len(groups) == len(keys):
+        raise ValueError("predictions, labels, groups and keys must have the same length")
+    correct, counted, unparseable = (torch.zeros(len(names)) for _ in range(3))
+    for prediction, label, group, key in zip(predictions, labels, groups, keys):
+        if group not in names:
+            raise ValueError(f"unknown group {group!r}; expected one of {names}")
+        g = names.index(group)
+        unparseable[g] += prediction is None
+        scored = resolve(prediction, key, policy, choices)
+        if scored is None and policy == "exclude":
+            continue
+        counted[g] += 1
+        correct[g] += scored is not None and scored == label
+    return correct, counted, unparseable
+
+
+class VLRewardBenchAccuracy(Metric):
+    """VL-RewardBench accuracy per category (general, hallucination, reasoning), overall (correct /
+    all records) and macro (mean of the category accuracies), in percent.
+
+    Args:
+        unparseable: "wrong" (default: an output without a verdict is a wrong answer), "exclude"
+            (left out of every denominator), or "random" (a pick fixed by the record key).
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, unparseable: str = "wrong", **kwargs):
+        super().__init__(**kwargs)
+        from carevl.benchmarks import VLRB_CATEGORIES
+
+        resolve(None, "", unparseable, (1, 2))  # validates the policy name
+        self.policy = unparseable
+        self.names = VLRB_CATEGORIES
+        for state in ("correct", "counted", "unparseable"):
+            self.add_state(state, default=torch.zeros(len(self.names)), dist_reduce_fx="sum")
+
+    def update(self, predictions: list, labels: list, categories: list[str], keys: list[str]) -> None:
+        correct, counted, unparseable = grouped_counts(predictions, labels, categories, keys, self.names, self.policy, (1, 2))
+        self.correct += correct
+        self.counted += counted
+        self.unparseable += unparseable
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        per_category = 100 * self.correct / self.counted.clamp_min(1)
+        present = self.counted > 0
+        result = {name: per_category[i] for i, name in enumerate(self.names)}
+        result["overall"] = 100 * self.correct.sum() / self.counted.sum().clamp_min(1)
+        result["macro"] = per_category[present].mean() if present.any() else torch.tensor(0.0)
+        result["unparseable"] = self.unparseable.sum()
+        return result
+
+
+class MLLMJudgePairAccuracy(Metric):
+    """MLLM-as-a-Judge pair comparison: accuracy per subset and the unweighted mean over subsets,
+    "w. Tie" (three-way, every record) and "w.o. Tie" (records whose human label is not a tie; a
+    predicted tie counts wrong). Fractions in [0, 1], as the benchmark reports them.
+
+    Args:
+        unparseable: "wrong" (default), "exclude" or "random" (A, B or C fixed by the record key).
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, unparseable: str = "wrong", **kwargs):
+        super().__init__(**kwargs)
+        from carevl.benchmarks import MLLM_JUDGE_SUBSETS
+
+        resolve(None, "", unparseable, (1, 2))
+        self.policy = unparseable
+        self.names = MLLM_JUDGE_SUBSETS
+        for state in ("tie_correct", "tie_counted", "notie_correct", "notie_counted", "unparseable"):
+            self.add_state(state, default=torch.zeros(len(self.names)), dist_reduce_fx="sum")
+
+    def update(self, predictions: list, labels: list, subsets: list[str], keys: list[str]) -> None:
+        choices = (1, 2, "tie")
+        correct, counted, unparseable = grouped_counts(predictions, labels, subsets, keys, self.names, self.policy, choices)
+        self.tie_correct += correct
+        self.tie_counted += counted
+        self.unparseable += unparseable
+        decided = [i for i, label in enumerate(labels) if label != "tie"]
+        correct, counted, _ = grouped_counts(
+            *([xs[i] for i in decided] for xs in (predictions, labels, subsets, keys)), self.names, self.policy, choices
+        )
+        self.notie_correct += correct
+        self.notie_counted += counted
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        result = {}
+        for prefix, correct, counted in (("w_tie", self.tie_correct, self.tie_counted), ("wo_tie", self.notie_correct, self.notie_counted)):
+            accuracy = correct / counted.clamp_min(1)
+            present = counted > 0
+            result[f"pair_{prefix}"] = accuracy[present].mean() if present.any() else torch.tensor(0.0)
+            for i, name in enumerate(self.names):
+                if present[i]:
+                    result[f"{prefix}/{name}"] = accuracy[i]
+        result["unparseable"] = self.unparseable.sum()
+        return result
+
+
+class PositionConsistency(Metric):
+    """For judges shown each record in both orders: how often the same response wins in both
+    (position consistency) and how often a parsed verdict names the first position (0.5 means
+    no position bias). `update` takes the verdict on the stored order and on the swapped order,
+    each in the positions the judge saw."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for state in ("pairs", "consistent", "parsed", "first"):
+            self.add_state(state, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, stored: list, swapped: list) -> None:
+        if len(stored) != len(swapped):
+            raise ValueError("stored and swapped verdict lists differ in length")
+        flip = {1: 2, 2: 1, "tie": "tie"}
+        for a, b in zip(stored, swapped):
+            self.pairs += 1
+            self.consistent += a is not None and b is not None and a == flip.get(b)
+            for verdict in (a, b):
+                self.parsed += verdict is not None
+                self.first += verdict == 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {
+            "position_consistency": self.consistent / self.pairs.clamp_min(1),
+            "first_position_rate": self.first / self.parsed.clamp_min(1),
+        }

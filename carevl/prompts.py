@@ -1,12 +1,14 @@
-"""The pairwise judge prompt and its verdict parser.
+"""The judge prompts and their verdict parsers.
 
 Training targets and evaluation both render prompts from this module, so a judge is always
-asked the same way it was trained. The verdict line follows VL-RewardBench:
-``Overall Judgment: Answer X is better.``
+asked the same way it was trained. The pairwise verdict line follows VL-RewardBench:
+``Overall Judgment: Answer X is better.``; the tie-capable MLLM-as-a-Judge prompt asks for
+``[[A]]``, ``[[B]]`` or ``[[C]]`` (a tie). Parsers return 1, 2, "tie" or None and never raise.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 JUDGE_TEMPLATE = (
@@ -55,3 +57,64 @@ def parse_verdict(text: object) -> int | None:
         return None
     choice = int(match.group(1)) if match.group(1).isdigit() and len(match.group(1)) < 4 else None
     return choice if choice in (1, 2) else None
+
+
+PAIR_TEMPLATE = (
+    "Compare two answers to the question about the image and decide which is better, or whether "
+    "they are equally good.\n"
+    "Question: {question}\n"
+    "Answer A: {answer1}\n"
+    "Answer B: {answer2}\n"
+    "Weigh how well each answer follows the question, how accurate it is about the image, and how "
+    "helpful it is. Reply as JSON with an \"Analysis\" and a \"Judgement\", the judgement being "
+    "[[A]] if A is better, [[B]] if B is better, or [[C]] for a tie."
+)
+_PAIR_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+_PAIR_CHOICES = {"A": 1, "B": 2, "C": "tie"}
+
+
+def pair_prompt(question: str, responses: list[str] | tuple[str, str]) -> str:
+    """The user turn of the MLLM-as-a-Judge pair comparison (tie allowed)."""
+    if len(responses) != 2:
+        raise ValueError(f"a pair prompt needs exactly two responses, got {len(responses)}")
+    return PAIR_TEMPLATE.format(question=question.strip(), answer1=responses[0].strip(), answer2=responses[1].strip())
+
+
+def pair_verdict_line(label: int | str) -> str:
+    letters = {1: "A", 2: "B", "tie": "C"}
+    if label not in letters:
+        raise ValueError(f"label must be 1, 2 or 'tie', got {label!r}")
+    return f'{{"Judgement": "[[{letters[label]}]]"}}'
+
+
+def parse_pair_verdict(text: object) -> int | str | None:
+    """1, 2 or "tie" for an output holding [[A]], [[B]] or [[C]]; None when unparseable. Never raises.
+
+    A JSON object's "Judgement" (any case) is read first; otherwise the last bracketed letter of the
+    text wins, as the decision comes after the analysis.
+    """
+    if not isinstance(text, str):
+        return None
+    judgement = _json_judgement(text)
+    for candidate in (judgement, text):
+        if candidate:
+            found = _PAIR_VERDICT.findall(candidate)
+            if found:
+                return _PAIR_CHOICES[found[-1]]
+    return None
+
+
+def _json_judgement(text: str) -> str | None:
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None
+    try:
+        record = json.loads(text[start : end + 1])
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    for key, value in record.items():
+        if str(key).lower() in ("judgement", "judgment") and isinstance(value, str):
+            return value
+    return None

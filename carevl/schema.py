@@ -24,6 +24,19 @@ class SchemaError(ValueError):
     """A sample that does not follow the shard contract; readers count and skip it."""
 
 
+def check_pair(sample_id: str, responses: Any, label: Any, labels: tuple = (1, 2)) -> None:
+    """The two answers and the label every judge-facing sample carries."""
+    if not isinstance(responses, list) or len(responses) != 2 or not all(isinstance(r, str) for r in responses):
+        raise SchemaError(f"{sample_id}: 'responses' must be a list of two strings")
+    if label not in labels:
+        raise SchemaError(f"{sample_id}: 'label' must be one of {labels}, got {label!r}")
+
+
+def check_text(sample_id: str, name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise SchemaError(f"{sample_id}: '{name}' must be a non-empty string")
+
+
 @dataclass
 class SFTSample:
     """A judge SFT example: the target is a critique ending in the verdict line."""
@@ -43,12 +56,8 @@ class SFTSample:
     _required = ("id", "question", "responses", "label", "target", "source")
 
     def validate(self) -> None:
-        if not isinstance(self.responses, list) or len(self.responses) != 2 or not all(isinstance(r, str) for r in self.responses):
-            raise SchemaError(f"{self.id}: 'responses' must be a list of two strings")
-        if self.label not in (1, 2):
-            raise SchemaError(f"{self.id}: 'label' must be 1 or 2, got {self.label!r}")
-        if not isinstance(self.target, str) or not self.target.strip():
-            raise SchemaError(f"{self.id}: 'target' must be a non-empty string")
+        check_pair(self.id, self.responses, self.label)
+        check_text(self.id, "target", self.target)
 
 
 @dataclass
@@ -69,11 +78,64 @@ class InstructSample:
     _required = ("id", "prompt", "target", "source")
 
     def validate(self) -> None:
-        if not isinstance(self.target, str) or not self.target.strip():
-            raise SchemaError(f"{self.id}: 'target' must be a non-empty string")
+        check_text(self.id, "target", self.target)
 
 
-SAMPLE_TYPES = {cls.kind: cls for cls in (SFTSample, InstructSample)}
+@dataclass
+class BenchmarkSample:
+    """A benchmark record: two responses in the benchmark's own order and the human label
+    (1, 2, or "tie"). Evaluation decides the order the judge sees them in."""
+
+    id: str
+    benchmark: str
+    category: str
+    question: str
+    responses: list[str]
+    label: int | str
+    image: bytes = field(repr=False)
+    image_ext: str = "png"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    kind = "benchmark"
+    _required = ("id", "benchmark", "category", "question", "responses", "label")
+
+    def validate(self) -> None:
+        check_pair(self.id, self.responses, self.label, labels=(1, 2, "tie"))
+
+
+@dataclass
+class PreferenceGroupSample:
+    """A DPO group: one chosen critique against one or more rejected critiques of the same judge
+    prompt (image, question, two answers), e.g. from Best-to-Worse. `label` is the answer the
+    critiques should prefer; scores are the evaluator's, when known."""
+
+    id: str
+    question: str
+    responses: list[str]
+    label: int
+    chosen: str
+    rejected: list[str]
+    image: bytes = field(repr=False)
+    image_ext: str = "png"
+    chosen_score: float | None = None
+    rejected_scores: list[float] | None = None
+    strategy: str = "best_to_worse"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    kind = "preference_group"
+    _required = ("id", "question", "responses", "label", "chosen", "rejected")
+
+    def validate(self) -> None:
+        check_pair(self.id, self.responses, self.label)
+        check_text(self.id, "chosen", self.chosen)
+        if not isinstance(self.rejected, list) or not self.rejected or not all(isinstance(r, str) and r.strip() for r in self.rejected):
+            raise SchemaError(f"{self.id}: 'rejected' must be a non-empty list of non-empty strings")
+        if self.rejected_scores is not None and len(self.rejected_scores) != len(self.rejected):
+            raise SchemaError(f"{self.id}: {len(self.rejected_scores)} rejected scores for {len(self.rejected)} rejected critiques")
+
+
+Sample = SFTSample | InstructSample | BenchmarkSample | PreferenceGroupSample
+SAMPLE_TYPES = {cls.kind: cls for cls in (SFTSample, InstructSample, BenchmarkSample, PreferenceGroupSample)}
 _KEY = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -85,7 +147,7 @@ def sample_key(sample_id: str) -> str:
     return key
 
 
-def encode(sample: SFTSample | InstructSample) -> dict[str, Any]:
+def encode(sample: Sample) -> dict[str, Any]:
     """The WebDataset dict of a sample: __key__, json bytes and the image bytes under its extension."""
     sample.validate()
     ext = sample.image_ext.lower().lstrip(".")
@@ -95,7 +157,7 @@ def encode(sample: SFTSample | InstructSample) -> dict[str, Any]:
     return {"__key__": sample_key(sample.id), "json": json.dumps(record).encode(), ext: sample.image}
 
 
-def decode(raw: dict[str, Any], kind: str) -> SFTSample | InstructSample:
+def decode(raw: dict[str, Any], kind: str) -> Sample:
     """A sample from a raw WebDataset dict (bytes values); raises SchemaError when the contract is broken."""
     cls = SAMPLE_TYPES[kind]
     key = raw.get("__key__", "?")
@@ -136,7 +198,7 @@ class ShardWriter:
         self._writer = wds.ShardWriter(str(self.directory / f"{prefix}-%06d.tar"), maxcount=max_count, verbose=0)
         self._count = 0
 
-    def write(self, sample: SFTSample | InstructSample) -> None:
+    def write(self, sample: Sample) -> None:
         if sample.kind != self.kind:
             raise SchemaError(f"writer for {self.kind!r} samples got a {sample.kind!r} sample")
         self._writer.write(encode(sample))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from carevl import benchmarks
 from carevl.backbone import Backbone
+from carevl.evaluation import MODES, BenchmarkEvaluation, markdown_table, score_verdicts, write_predictions, write_results
 from carevl.losses import sft_loss
 from carevl.metrics import VerdictAccuracy
 from carevl.prompts import parse_verdict
@@ -26,7 +29,9 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 class JudgeModule(LightningModule):
     """What SFT and DPO share: the backbone, AdamW with warmup + cosine, throughput and skip logging,
-    and validation by generation (the judge writes its critique; the verdict is parsed from it).
+    validation by generation (the judge writes its critique; the verdict is parsed from it) on judge
+    samples, and benchmark evaluation (VL-RewardBench, MLLM-as-a-Judge) on benchmark shards, in
+    validation during training and in `carevl test`.
 
     Args:
         backbone: the vision-language model to train.
@@ -36,8 +41,18 @@ class JudgeModule(LightningModule):
         min_lr_ratio: final learning rate as a fraction of `lr`.
         global_batch_size: the intended samples per optimizer step; a warning names the mismatch when
             batch size x devices x nodes x accumulate_grad_batches differs. None skips the check.
-        val_generate: generate critiques on validation batches and log verdict accuracy.
+        val_generate: generate critiques on validation batches of judge samples and log verdict accuracy.
         max_new_tokens: generation budget of a critique.
+        eval_mode: how benchmark batches (validation or `carevl test`) get verdicts: "generate"
+            (the critique is written, then parsed: the reference) or "score" (the verdict line most
+            likely right after the prompt: a fast proxy).
+        eval_runs: generation runs whose benchmark metrics are averaged (the paper uses 5, sampled).
+        eval_sample: sample critiques (temperature, top_p) instead of greedy decoding.
+        eval_temperature: sampling temperature.
+        eval_top_p: nucleus sampling mass.
+        unparseable: benchmark policy for outputs without a verdict: "wrong", "exclude" or "random".
+        results_dir: where benchmark results (results.md, results.json) and per-record predictions
+            (JSONL) are written; defaults to the logger's directory.
     """
 
     def __init__(
@@ -50,12 +65,22 @@ class JudgeModule(LightningModule):
         global_batch_size: int | None = 64,
         val_generate: bool = True,
         max_new_tokens: int = 256,
+        eval_mode: str = "generate",
+        eval_runs: int = 1,
+        eval_sample: bool = False,
+        eval_temperature: float = 1.0,
+        eval_top_p: float = 1.0,
+        unparseable: str = "wrong",
+        results_dir: str | None = None,
     ):
         super().__init__()
+        if eval_mode not in MODES:
+            raise ValueError(f"eval_mode must be one of {MODES}, got {eval_mode!r}")
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.val_loss = MeanMetric()
         self.val_accuracy = VerdictAccuracy()
+        self.benchmark_eval = BenchmarkEvaluation(eval_runs, unparseable)
         self.skipped: dict[str, int] = {}
         self._last_batch_end: float | None = None
 
@@ -103,13 +128,47 @@ class JudgeModule(LightningModule):
         self._last_batch_end = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
 
-    # -- validation by generation ---------------------------------------------------------------
+    # -- validation and test -----------------------------------------------------------------------
+
+    @property
+    def needs_verdict_candidates(self) -> bool:
+        """Read by the datamodule: benchmark batches then carry one input per candidate verdict line."""
+        return self.hparams.eval_mode == "score"
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.count_skips(batch)
+        if "benchmarks" in batch:
+            self.evaluate_benchmark(batch)
+            return
+        self.validation_loss(batch)
+        self.validate_verdicts(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.count_skips(batch)
+        if "benchmarks" not in batch:
+            raise ValueError("carevl test evaluates benchmark shards (kind 'benchmark'); see tools/convert_*.py")
+        self.evaluate_benchmark(batch)
+
+    def validation_loss(self, batch: dict) -> None:
+        """The training objective on a validation batch of judge samples (each method its own)."""
 
     def validate_verdicts(self, batch: dict) -> None:
         if not self.hparams.val_generate or "prompt_inputs" not in batch:
             return
         texts = self.backbone.generate(batch["prompt_inputs"], max_new_tokens=self.hparams.max_new_tokens, do_sample=False)
         self.val_accuracy.update([parse_verdict(t) for t in texts], batch["verdict_labels"])
+
+    def evaluate_benchmark(self, batch: dict) -> None:
+        hp = self.hparams
+        if hp.eval_mode == "score":
+            verdicts, logps = score_verdicts(self.backbone, batch)
+            self.benchmark_eval.update(0, batch, verdicts, logps.tolist())
+            return
+        sampling = {"do_sample": True, "temperature": hp.eval_temperature, "top_p": hp.eval_top_p} if hp.eval_sample else {"do_sample": False}
+        for run in range(hp.eval_runs):
+            texts = self.backbone.generate(batch["prompt_inputs"], max_new_tokens=hp.max_new_tokens, **sampling)
+            verdicts = [benchmarks.parse(name, text) for name, text in zip(batch["benchmarks"], texts)]
+            self.benchmark_eval.update(run, batch, verdicts, texts)
 
     def on_validation_epoch_end(self) -> None:
         self.log_skips()
@@ -120,6 +179,31 @@ class JudgeModule(LightningModule):
             self.log("val/verdict_accuracy", self.val_accuracy.compute(), prog_bar=True)
             self.log("val/unparseable", self.val_accuracy.unparseable.float())
             self.val_accuracy.reset()
+        self.report_benchmarks("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_skips()
+        self.report_benchmarks("test")
+
+    def report_benchmarks(self, stage: str) -> None:
+        """Log the benchmark metrics, write predictions (per rank) and the results tables (rank 0)."""
+        if not any(group[0].update_called for group in self.benchmark_eval.metrics.values()):
+            return
+        results = self.benchmark_eval.compute()  # synchronised across processes
+        for name, values in results.items():
+            for key, value in values.items():
+                self.log(f"{stage}/{name}/{key}", value, rank_zero_only=True)
+        out = Path(self.hparams.results_dir or self.trainer.log_dir or "runs/eval")
+        step = f"{stage}-step{self.global_step}" if stage == "val" else stage
+        write_predictions(out / f"predictions-{step}-rank{self.global_rank}.jsonl", self.benchmark_eval.predictions)
+        if self.trainer.is_global_zero:
+            settings = {k: self.hparams[k] for k in ("eval_mode", "eval_runs", "eval_sample", "eval_temperature", "eval_top_p", "unparseable", "max_new_tokens")}
+            datamodule = getattr(self.trainer, "datamodule", None)
+            settings["order"] = getattr(datamodule, "order", None)
+            write_results(out / step, results, self.backbone.name, settings)
+            for name, values in results.items():
+                print(markdown_table(name, values, self.backbone.name))
+        self.benchmark_eval.reset()
 
 
 class SFTJudge(JudgeModule):
@@ -138,8 +222,17 @@ class SFTJudge(JudgeModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=len(batch["ids"]))
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.count_skips(batch)
+    def validation_loss(self, batch: dict) -> None:
         logps, rows = self.backbone.response_logprobs(batch["inputs"])
         self.val_loss.update(sft_loss(logps, batch.get("weights"), rows), weight=logps.numel())
-        self.validate_verdicts(batch)
+
+
+class JudgeEvaluator(JudgeModule):
+    """A judge checkpoint evaluated, never trained: `carevl test --config configs/eval/<benchmark>.yaml`.
+
+    Takes the evaluation arguments of `JudgeModule` (eval_mode, eval_runs, eval_sample, ...); the
+    optimisation arguments are unused.
+    """
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        raise RuntimeError("JudgeEvaluator does not train: use `carevl test` or `carevl validate`")

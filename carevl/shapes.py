@@ -140,17 +140,34 @@ class JudgeItem:
     label: int
     image: bytes
 
+    def fields(self) -> dict:
+        """The shard fields every sample kind built from this item shares."""
+        return {
+            "id": self.id,
+            "question": self.question,
+            "responses": list(self.responses),
+            "label": self.label,
+            "image": self.image,
+            "meta": {"attribute": self.attribute, "scene": self.scene.__dict__},
+        }
+
     def critique(self) -> str:
-        """Restate the scene, quote each answer (its prompt line verbatim), set it beside the truth,
-        then the verdict. Quoting is a plain copy and the comparison is between neighbouring words,
-        which is what lets a tiny model learn the judgement in a few hundred steps."""
+        """Say what the image shows, quote each answer's value, name the answer whose value the image
+        has, then give the verdict.
+
+        The decisive step is a recall, not a comparison: after "The image has purple, as Answer" the
+        judge copies the number quoted next to "purple" a sentence earlier. A tiny model learns that
+        lookup in minutes; asked instead to write "correct" or "wrong" after each quoted value, the
+        same model stayed at chance on the first decision after 1,250 steps.
+        """
         truth = self.scene.value(self.attribute)
-        parts = [f"The image shows {self.scene.caption()}."]
-        for number, (response, value) in enumerate(zip(self.responses, self.values), start=1):
-            verdict = "correct" if value == truth else "wrong"
-            parts.append(f"Answer {number}: {response} Truth: {ANSWERS[self.attribute].format(truth)} So it is {verdict}.")
-        parts.append(verdict_line(self.label))
-        return " ".join(parts)
+        return " ".join([f"The image shows {self.scene.caption()}.", recall_critique(self.values, truth, "image"), verdict_line(self.label)])
+
+
+def recall_critique(values: tuple[str, ...] | list[str], truth: str, source: str) -> str:
+    """Quote each answer's value, then name the (first) answer whose value `source` has."""
+    quotes = " ".join(f"Answer {number} says {value}." for number, value in enumerate(values, start=1))
+    return f"{quotes} The {source} has {truth}, as Answer {list(values).index(truth) + 1} says."
 
 
 def judge_items(n: int, seed: int, prefix: str = "shapes", attributes: tuple[str, ...] = ATTRIBUTES) -> list[JudgeItem]:
@@ -188,21 +205,18 @@ def caption_target(scene: Scene) -> str:
 
 
 def quote_task(rng: random.Random) -> tuple[str, str]:
-    """A text skill of the base model: quote a labelled line and check it against a reference.
+    """A text skill of the base model: quote the value of each answer line, then say which answer
+    gives a reference value.
 
-    Real language models arrive able to copy text from their prompt; a tiny random one does not,
-    and learning to copy inside the long judge prompt takes far longer than the judgement itself.
+    Real language models arrive able to copy and look up words of their prompt; a tiny random one
+    does not, and learning that inside the long judge prompt takes far longer than the judgement.
     """
     attribute = rng.choice(ATTRIBUTES)
-    values = attribute_values(attribute)
+    picked = rng.sample(attribute_values(attribute), 2)
+    truth = rng.choice(picked)
     template = ANSWERS[attribute]
-    answers = [template.format(rng.choice(values)) for _ in range(2)]
-    k = rng.choice((1, 2))
-    quoted = answers[k - 1]
-    reference = quoted if rng.random() < 0.5 else template.format(rng.choice([v for v in values if template.format(v) != quoted]))
-    prompt = f"Answer 1: {answers[0]}\nAnswer 2: {answers[1]}\nQuote answer {k}, then check it against: {reference}"
-    verdict = "correct" if quoted == reference else "wrong"
-    return prompt, f"Answer {k}: {quoted} Truth: {reference} So it is {verdict}."
+    prompt = f"Answer 1: {template.format(picked[0])}\nAnswer 2: {template.format(picked[1])}\nWhich answer says {truth}?"
+    return prompt, recall_critique(picked, truth, "reference")
 
 
 # Attributes the demo's judge questions ask about. Positions are drawn and captioned, but a tiny
@@ -234,18 +248,7 @@ def write_world(
     for split, n, split_seed in (("train", train, seed), ("heldout", heldout, seed + 1)):
         with ShardWriter(out / split, prefix=split, max_count=shard_size, kind="sft") as writer:
             for item in judge_items(n, split_seed, prefix=f"shapes-{split}", attributes=attributes):
-                writer.write(
-                    SFTSample(
-                        id=item.id,
-                        question=item.question,
-                        responses=list(item.responses),
-                        label=item.label,
-                        target=item.critique(),
-                        source="shapes-world",
-                        image=item.image,
-                        meta={"attribute": item.attribute, "scene": item.scene.__dict__},
-                    )
-                )
+                writer.write(SFTSample(**item.fields(), target=item.critique(), source="shapes-world"))
     rng = random.Random(seed + 2)
     with ShardWriter(out / "pretrain", prefix="pretrain", max_count=shard_size, kind="instruct") as writer:
         for index in range(2 * captions):
@@ -261,3 +264,70 @@ def write_world(
                 )
             )
     return {"train": train, "heldout": heldout, "pretrain": 2 * captions}
+
+
+# The shapes world in the benchmarks' formats, so `carevl test` runs on the demo judge. The
+# categories are a stated mapping, not the benchmarks' own: colour questions stand for
+# VL-RewardBench "general", shape for "hallucination" (object recognition), count for "reasoning";
+# every MLLM-as-a-Judge record stands for the "coco" subset, and a third of them are ties (two
+# answers that are both wrong).
+BENCHMARK_CATEGORIES = {"colour": "general", "shape": "hallucination", "count": "reasoning", "position": "general"}
+
+
+def write_benchmarks(out_dir: str, n: int = 120, seed: int = 7, attributes: tuple[str, ...] = JUDGE_ATTRIBUTES) -> dict[str, int]:
+    """Write `vlrewardbench/` and `mllm_judge/` benchmark shards of fresh shapes-world items."""
+    from pathlib import Path
+
+    from carevl.benchmarks import MLLM_JUDGE, VLREWARDBENCH
+    from carevl.schema import BenchmarkSample, ShardWriter
+
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    with ShardWriter(out / VLREWARDBENCH, prefix="benchmark", kind="benchmark") as vlrb, ShardWriter(
+        out / MLLM_JUDGE, prefix="benchmark", kind="benchmark"
+    ) as mllm:
+        for item in judge_items(n, seed, prefix="shapes-bench", attributes=attributes):
+            fields = item.fields()
+            vlrb.write(BenchmarkSample(**fields, benchmark=VLREWARDBENCH, category=BENCHMARK_CATEGORIES[item.attribute]))
+            if rng.random() < 1 / 3:
+                truth = item.scene.value(item.attribute)
+                wrong = [v for v in attribute_values(item.attribute) if v != truth]
+                fields.update(responses=[ANSWERS[item.attribute].format(v) for v in rng.sample(wrong, 2)], label="tie")
+            mllm.write(BenchmarkSample(**fields, benchmark=MLLM_JUDGE, category="coco"))
+    return {VLREWARDBENCH: n, MLLM_JUDGE: n}
+
+
+def worse_critiques(item: JudgeItem) -> list[str]:
+    """Simulated worse critiques of a judge item, each with a known flaw: the recall names the other
+    answer; the scene is misread; the quotes are swapped; the analysis is right but the verdict is
+    not. They stand in for sampled critiques that an evaluator scored lower (Best-to-Worse)."""
+    truth = item.scene.value(item.attribute)
+    other = 3 - item.label
+    caption = f"The image shows {item.scene.caption()}."
+    wrong_value = item.values[other - 1]
+    misread = with_value(item.scene, item.attribute, wrong_value)
+    recall = recall_critique(item.values, truth, "image")
+    return [
+        " ".join([caption, recall.replace(f"as Answer {item.label} says", f"as Answer {other} says"), verdict_line(other)]),
+        " ".join([f"The image shows {misread.caption()}.", recall_critique(item.values, wrong_value, "image"), verdict_line(other)]),
+        " ".join([caption, recall_critique(item.values[::-1], truth, "image"), verdict_line(other)]),
+        " ".join([caption, recall, verdict_line(other)]),
+    ]
+
+
+def with_value(scene: Scene, attribute: str, value: str) -> Scene:
+    """The scene with one attribute set to `value` (as `Scene.value` words it)."""
+    field = {"count": {word: n for n, word in COUNT_WORDS.items()}[value]} if attribute == "count" else {attribute: value}
+    return Scene(**{**scene.__dict__, **field})
+
+
+def write_preference_groups(out_dir: str, n: int = 400, seed: int = 11, attributes: tuple[str, ...] = JUDGE_ATTRIBUTES, shard_size: int = 200) -> int:
+    """Preference-group shards of the shapes world: the correct critique against 1-4 simulated worse ones."""
+    from carevl.schema import PreferenceGroupSample, ShardWriter
+
+    rng = random.Random(seed)
+    with ShardWriter(out_dir, prefix="groups", max_count=shard_size, kind="preference_group") as writer:
+        for item in judge_items(n, seed, prefix="shapes-groups", attributes=attributes):
+            rejected = worse_critiques(item)[: rng.randint(1, 4)]
+            writer.write(PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=rejected, strategy="simulated"))
+    return n

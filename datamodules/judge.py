@@ -10,19 +10,25 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from carevl import schema
+from carevl import benchmarks, schema
 from carevl.encoding import Encoder, collate, prompt_only
 from carevl.prompts import judge_prompt, user_turn
+from datamodules.benchmark import build_views, collate_views
+from datamodules.preference import build_group, collate_groups, load_reference_logps
 from datamodules.stream import EpochLoader, SamplePreparer, TrainStream, ValStream
 
 log = logging.getLogger(__name__)
+TRAIN_KINDS = ("sft", "instruct", "preference_group")
 
 
-def render_sample(sample: schema.SFTSample | schema.InstructSample) -> tuple[list[dict], str, dict[str, Any]]:
-    """Chat messages, target and extras of a decoded sample. Prompts come from `carevl.prompts` only."""
+def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSample, image: Any) -> list[dict[str, Any]]:
+    """The one training item of a decoded sample. Prompts come from `carevl.prompts` only."""
     if isinstance(sample, schema.SFTSample):
-        return user_turn(judge_prompt(sample.question, sample.responses)), sample.target, {"verdict_label": sample.label}
-    return user_turn(sample.prompt), sample.target, {"verdict_label": None}
+        messages, label = user_turn(judge_prompt(sample.question, sample.responses)), sample.label
+    else:
+        messages, label = user_turn(sample.prompt), None
+    features = encoder.encode(image, messages, sample.target)
+    return [{"features": features, "id": sample.id, "weight": float(sample.weight), "verdict_label": label}]
 
 
 def collate_items(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, with_prompts: bool) -> dict[str, Any]:
@@ -53,8 +59,16 @@ class JudgeDataModule(LightningDataModule):
     Args:
         processor: name or path of the model's processor; defaults to the backbone's model.
         train: directory of training shards (with the manifest written by `carevl.schema.ShardWriter`).
-        val: directory of validation shards (e.g. the shapes world's held-out set).
-        kind: sample kind in the shards: "sft" (judge samples) or "instruct" (prompt -> target).
+        val: directory of validation shards: judge samples (e.g. the shapes world's held-out set,
+            scored by verdict accuracy) or benchmark samples (scored by the benchmark's metrics).
+        test: directory of benchmark shards for `carevl test`.
+        kind: training sample kind: "sft" (judge samples), "instruct" (prompt -> target), or
+            "preference_group" (DPO groups; batch_size then counts groups, and reference log-probs
+            written by `python -m carevl.reference` beside the shards travel with the batches).
+        order: how benchmark answers are ordered for the judge: "odd_length" (swap when the summed
+            length of both is odd, as VLMEvalKit and lmms-eval), "random" (a coin fixed by id and
+            `seed`), "both" (each record in both orders: position consistency is reported), or
+            "as_stored" (VL-RewardBench then lists the preferred answer first 1,245 times in 1,250).
         batch_size: samples per device per step (the micro batch).
         val_batch_size: samples per validation batch; defaults to `batch_size`.
         num_workers: loader worker processes per rank.
@@ -69,7 +83,9 @@ class JudgeDataModule(LightningDataModule):
         processor: str | None = None,
         train: str | None = None,
         val: str | None = None,
+        test: str | None = None,
         kind: str = "sft",
+        order: str = "odd_length",
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -79,10 +95,11 @@ class JudgeDataModule(LightningDataModule):
         trust_remote_code: bool = False,
     ):
         super().__init__()
-        if kind not in schema.SAMPLE_TYPES:
-            raise ValueError(f"kind must be one of {sorted(schema.SAMPLE_TYPES)}, got {kind!r}")
+        if kind not in TRAIN_KINDS:
+            raise ValueError(f"kind must be one of {TRAIN_KINDS}, got {kind!r}")
+        benchmarks.views("", ["", ""], order)  # validates the order name
         self.processor_name = processor
-        self.train_dir, self.val_dir, self.kind = train, val, kind
+        self.train_dir, self.val_dir, self.test_dir, self.kind, self.order = train, val, test, kind, order
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
@@ -108,7 +125,14 @@ class JudgeDataModule(LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def _preparer(self) -> SamplePreparer:
-        return SamplePreparer(self.kind, render_sample, self.encoder.encode)
+        return SamplePreparer(self.kind, partial(build_item, self.encoder))
+
+    def _train_pieces(self, directory: str) -> tuple[SamplePreparer, Any]:
+        pad = self.encoder.pad_token_id
+        if self.kind == "preference_group":
+            reference = load_reference_logps(directory)
+            return SamplePreparer(self.kind, partial(build_group, self.encoder, reference)), partial(collate_groups, pad_token_id=pad)
+        return self._preparer(), partial(collate_items, pad_token_id=pad, with_prompts=False)
 
     def train_dataloader(self) -> EpochLoader:
         if self.train_dir is None:
@@ -121,15 +145,33 @@ class JudgeDataModule(LightningDataModule):
         batches = manifest["samples"] // (world * self.batch_size)
         if batches == 0:
             raise ValueError(f"{manifest['samples']} samples cannot fill one batch of {self.batch_size} on each of {world} processes")
-        collate_fn = partial(collate_items, pad_token_id=self.encoder.pad_token_id, with_prompts=False)
-        stream = TrainStream(urls[rank::world], self._preparer(), collate_fn, self.batch_size, self.shuffle_buffer, self.seed, rank)
+        preparer, collate_fn = self._train_pieces(self.train_dir)
+        stream = TrainStream(urls[rank::world], preparer, collate_fn, self.batch_size, self.shuffle_buffer, self.seed, rank)
         return EpochLoader(stream, batches, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_dir is None:
+        return self._eval_loader(self.val_dir)
+
+    def test_dataloader(self) -> DataLoader | list:
+        if self.test_dir is None:
+            raise ValueError("no test shards: set data.test to a benchmark shard directory")
+        return self._eval_loader(self.test_dir)
+
+    def _eval_loader(self, directory: str | None) -> DataLoader | list:
+        """Judge samples (verdict accuracy) or benchmark records (benchmark metrics), by the manifest's kind."""
+        if directory is None:
             return []
-        manifest = schema.read_manifest(self.val_dir)
+        manifest = schema.read_manifest(directory)
         rank, world = self._rank()
-        collate_fn = partial(collate_items, pad_token_id=self.encoder.pad_token_id, with_prompts=True)
-        stream = ValStream(manifest["urls"], self._preparer(), collate_fn, self.val_batch_size, rank, world)
+        pad = self.encoder.pad_token_id
+        if manifest["kind"] == "benchmark":
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            candidates = bool(getattr(module, "needs_verdict_candidates", False))
+            build = partial(build_views, self.encoder, self.order, self.seed, candidates)
+            preparer, collate_fn = SamplePreparer("benchmark", build), partial(collate_views, pad_token_id=pad)
+        elif manifest["kind"] == "sft":
+            preparer, collate_fn = self._preparer(), partial(collate_items, pad_token_id=pad, with_prompts=True)
+        else:
+            raise ValueError(f"{directory} holds {manifest['kind']!r} samples; evaluation reads 'sft' or 'benchmark' shards")
+        stream = ValStream(manifest["urls"], preparer, collate_fn, self.val_batch_size, rank, world)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)

@@ -31,21 +31,20 @@ log = logging.getLogger(__name__)
 
 
 class SamplePreparer:
-    """Decodes one raw WebDataset sample into model inputs; bad samples are logged, counted and skipped.
+    """Decodes one raw WebDataset sample into model-ready items; bad samples are logged, counted and skipped.
 
     Args:
         kind: shard sample kind (see `carevl.schema.SAMPLE_TYPES`).
-        render: maps a decoded sample to (chat messages, target, extras dict).
-        encode: maps (image, messages, target) to model inputs (an `Encoder.encode`).
+        build: maps (decoded sample, RGB image) to a list of items (usually one; an evaluation
+            showing both answer orders makes two); raises `TooLong` for an over-length sample.
     """
 
-    def __init__(self, kind: str, render: Callable, encode: Callable):
+    def __init__(self, kind: str, build: Callable):
         self.kind = kind
-        self.render = render
-        self.encode = encode
+        self.build = build
         self.skipped: Counter[str] = Counter()
 
-    def __call__(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+    def __call__(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
         key = raw.get("__key__", "?")
         try:
             sample = schema.decode(raw, self.kind)
@@ -57,17 +56,15 @@ class SamplePreparer:
             image = image.convert("RGB")
         except Exception as error:  # PIL raises many types for broken files
             return self._skip("corrupt_image", key, error)
-        messages, target, extras = self.render(sample)
         try:
-            features = self.encode(image, messages, target)
+            return self.build(sample, image)
         except TooLong as error:
             return self._skip("too_long", key, error)
-        return {"features": features, "id": sample.id, "weight": float(sample.weight), **extras}
 
-    def _skip(self, reason: str, key: str, error: Exception) -> None:
+    def _skip(self, reason: str, key: str, error: Exception) -> list:
         self.skipped[reason] += 1
         log.warning("skipping sample %s (%s): %s", key, reason, error)
-        return None
+        return []
 
     def unreadable(self, error: Exception) -> bool:
         """webdataset handler for tar-level errors: count, log, continue."""
@@ -87,9 +84,7 @@ def read_samples(urls: list[str], preparer: SamplePreparer, share: int = 0, shar
     for index, sample in enumerate(raw):
         if index % shares != share:
             continue
-        prepared = preparer(sample)
-        if prepared is not None:
-            yield prepared
+        yield from preparer(sample)
 
 
 def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:

@@ -44,3 +44,39 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(10, 100, 10, 0.0) == pytest.approx(1.0)
     assert warmup_cosine(55, 100, 10, 0.0) == pytest.approx(0.5)
     assert warmup_cosine(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def test_dpo_group_loss_matches_hand_computation():
+    from carevl.losses import dpo_group_loss
+
+    beta = 0.1
+    # Two groups: group 0 has one chosen and two rejected; group 1 one chosen and one rejected.
+    policy_chosen, reference_chosen = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -19.0])
+    policy_rejected, reference_rejected = torch.tensor([-15.0, -9.0, -25.0]), torch.tensor([-14.0, -10.0, -24.0])
+    group = torch.tensor([0, 0, 1])
+    loss, stats = dpo_group_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, group, beta)
+    # mu = (2, -1); nu = (-1, 1, -1). Margins beta*(mu_g - nu_j): 0.3, 0.1, 0.0.
+    margins = [0.3, 0.1, 0.0]
+    expected = [math.log1p(math.exp(-m)) for m in margins]
+    assert torch.allclose(stats["pair_losses"], torch.tensor(expected), atol=1e-6)
+    assert loss.item() == pytest.approx(sum(expected) / 3, abs=1e-6)
+    assert stats["reward_accuracy"].item() == pytest.approx(2 / 3)
+    assert stats["chosen_beats_all"].item() == pytest.approx(0.5)  # group 1's margin is 0: not a win
+    assert stats["margin"].item() == pytest.approx(sum(margins) / 3)
+    assert stats["chosen_reward"].item() == pytest.approx(beta * (2 - 1) / 2)
+
+
+def test_dpo_group_loss_equals_pairs_one_by_one():
+    from carevl.losses import dpo_group_loss
+
+    generator = torch.Generator().manual_seed(0)
+    chosen, ref_chosen = torch.randn(3, generator=generator) * 5, torch.randn(3, generator=generator) * 5
+    rejected, ref_rejected = torch.randn(7, generator=generator) * 5, torch.randn(7, generator=generator) * 5
+    group = torch.tensor([0, 0, 0, 1, 2, 2, 2])
+    _, stats = dpo_group_loss(chosen, rejected, ref_chosen, ref_rejected, group, beta=0.01)
+    for j in range(7):
+        g = group[j]
+        single, _ = dpo_group_loss(chosen[g : g + 1], rejected[j : j + 1], ref_chosen[g : g + 1], ref_rejected[j : j + 1], torch.tensor([0]), beta=0.01)
+        assert abs(single.item() - stats["pair_losses"][j].item()) < 1e-6
+    with pytest.raises(ValueError, match="same shape"):
+        dpo_group_loss(chosen, rejected, ref_chosen, ref_rejected, group[:3], beta=0.01)

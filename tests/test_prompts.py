@@ -1,6 +1,6 @@
 import pytest
 
-from carevl.prompts import judge_prompt, parse_verdict, user_turn, verdict_line
+from carevl.prompts import judge_prompt, pair_prompt, pair_verdict_line, parse_pair_verdict, parse_verdict, user_turn, verdict_line
 
 
 @pytest.mark.parametrize(
@@ -38,3 +38,46 @@ def test_judge_prompt_holds_question_and_answers():
     with pytest.raises(ValueError):
         judge_prompt("q", ["only one"])
     assert user_turn("hi")[0]["content"][0] == {"type": "image"}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # Realistic judge outputs in the VL-RewardBench format.
+        ("Answer 1 misreads the chart.\n\n**Overall Judgment:** **Answer 2** is better.", 2),
+        ("Both are close. Answer 1 is better at grammar, but\nTherefore, Answer 2 is better.", 2),
+        ("Answer 2 is better on detail. Overall Judgment: Answer 1 is better.", 1),
+        ('{"analysis": "A1 invents a dog.", "judgment": "Overall Judgment: Answer 2 is better."}', 2),
+        ("Overall Judgment: Answer 1 is better. On reflection, Answer 2 is better.", 2),  # greedy: last mention
+        ("Overall Judgment: Both answers are equally good; it is a tie.", None),
+        ("Overall Judgment: neither answer is better.", None),
+        ("I cannot judge this image.", None),
+    ],
+)
+def test_parse_verdict_on_realistic_outputs(text, expected):
+    assert parse_verdict(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"Analysis": "A names the right colour.", "Judgement": "[[A]]"}', 1),
+        ('```json\n{"analysis": "B is precise [[A]] is not", "judgement": "[[B]]"}\n```', 2),
+        ("Both are equally vague. [[C]]", "tie"),
+        ("A is wrong ([[A]] rejected); final: [[ B ]]", 2),
+        ('{"Analysis": "no decision", "Judgement": "undecided"}', None),
+        ("Answer A is better.", None),
+        ("[[D]]", None),
+        ("{broken json [[A]]", 1),
+        (None, None),
+    ],
+)
+def test_parse_pair_verdict(text, expected):
+    assert parse_pair_verdict(text) == expected
+
+
+def test_pair_prompt_and_verdict_lines():
+    text = pair_prompt("Q?", ["first", "second"])
+    assert "Answer A: first\n" in text and "Answer B: second\n" in text and "[[C]]" in text
+    for label in (1, 2, "tie"):
+        assert parse_pair_verdict(pair_verdict_line(label)) == label

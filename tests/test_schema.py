@@ -26,7 +26,7 @@ def test_encode_decode_round_trip():
         (lambda r: r.pop("png"), "no image"),
         (lambda r: r.update(json=b"{not json"), "unreadable json"),
         (lambda r: r.update(json=json.dumps({"id": "x", "question": "q"}).encode()), "missing field"),
-        (lambda r: r.update(json=json.dumps({**json.loads(r["json"]), "label": 3}).encode()), "'label' must be 1 or 2"),
+        (lambda r: r.update(json=json.dumps({**json.loads(r["json"]), "label": 3}).encode()), "'label' must be one of \(1, 2\)"),
         (lambda r: r.update(json=json.dumps({**json.loads(r["json"]), "responses": ["one"]}).encode()), "two strings"),
     ],
 )
@@ -48,3 +48,14 @@ def test_writer_manifest_counts_and_readback(tmp_path):
     assert [s["samples"] for s in manifest["shards"]] == [3, 3, 1]
     ids = [schema.decode(raw, "sft").id for raw in wds.WebDataset(manifest["urls"], shardshuffle=False)]
     assert ids == [f"s{i}" for i in range(7)]
+
+
+def test_preference_group_round_trip_and_errors():
+    from carevl.schema import PreferenceGroupSample, SchemaError, decode, encode
+
+    group = PreferenceGroupSample(id="g-1", question="q", responses=["a", "b"], label=2, chosen="best. Overall Judgment: Answer 2 is better.",
+                                  rejected=["worse", "worst"], image=b"img", chosen_score=90.0, rejected_scores=[60.0, 10.0])
+    assert decode(encode(group), "preference_group") == group
+    for bad in ({"rejected": []}, {"rejected_scores": [1.0]}, {"label": "tie"}):
+        with pytest.raises(SchemaError):
+            encode(PreferenceGroupSample(**{**group.__dict__, **bad}))

@@ -12,7 +12,7 @@ from carevl.cli import main, run
 from tests.test_datamodule import write_bad_shards
 
 
-def fit(tmp_path, model, train, val=None, trainer=None, **overrides):
+def fit(tmp_path, model, train, val=None, trainer=None, module="carevl.sft.SFTJudge", module_args=None, **overrides):
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -23,10 +23,11 @@ def fit(tmp_path, model, train, val=None, trainer=None, **overrides):
             **(trainer or {}),
         },
         "model": {
-            "class_path": "carevl.sft.SFTJudge",
+            "class_path": module,
             "init_args": {
-                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": model}},
+                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": model, **overrides.pop("backbone", {})}},
                 "lr": overrides.pop("lr", 1e-3), "warmup_ratio": 0.0, "global_batch_size": None, "max_new_tokens": 8,
+                **(module_args or {}),
             },
         },
         "data": {

@@ -1,0 +1,109 @@
+"""DPO of a judge on preference groups (one chosen critique against one or more rejected ones),
+against a frozen reference.
+
+Each group's image is encoded once per step (Qwen2-VL family: the features are handed to every
+sequence of the group and to the reference pass) and all critiques of a batch are scored in one
+forward. The reference comes in three modes:
+
+- ``copy``: a frozen copy of the starting model (eval mode, no gradients, never optimised; held
+  outside the module's parameters, so it is neither trained nor saved in checkpoints);
+- ``lora_disabled``: the trained model itself with its LoRA adapters switched off (LoRA only);
+- ``precomputed``: log-probs computed once by ``python -m carevl.reference`` and stored beside the
+  shards; training loads no reference weights at all.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from carevl.backbone import Backbone
+from carevl.encoding import IGNORE_INDEX
+from carevl.losses import dpo_group_loss
+from carevl.sft import JudgeModule
+
+REFERENCE_MODES = ("copy", "lora_disabled", "precomputed")
+
+
+class DPOJudge(JudgeModule):
+    """DPO on Best-to-Worse groups. Paper defaults: beta 0.01, lr 1e-6, global batch 64 groups, 2 epochs.
+
+    Args:
+        backbone: the SFT judge to train.
+        reference: "copy", "lora_disabled" or "precomputed" (see the module docstring).
+        beta: DPO temperature.
+        nll_weight: weight of an added token-mean NLL term on the chosen critiques (0 turns it off).
+        lr: peak learning rate.
+        **kwargs: the other `JudgeModule` arguments (schedule, validation, evaluation).
+    """
+
+    def __init__(self, backbone: Backbone, reference: str = "copy", beta: float = 0.01, nll_weight: float = 0.0, lr: float = 1e-6, **kwargs):
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
+        super().__init__(backbone, lr=lr, **kwargs)
+        self.save_hyperparameters(ignore=["backbone"])
+        object.__setattr__(self, "_reference", None)  # not a submodule: never optimised, never checkpointed
+
+    def configure_model(self) -> None:
+        self.backbone.build()
+        mode = self.hparams.reference
+        if mode == "lora_disabled" and self.backbone.lora is None:
+            raise ValueError("reference 'lora_disabled' needs LoRA on the backbone (backbone.init_args.lora)")
+        if mode == "copy" and self._reference is None:
+            reference = copy.deepcopy(self.backbone.hf).eval()
+            reference.requires_grad_(False)
+            object.__setattr__(self, "_reference", reference)
+
+    @property
+    def reference_model(self) -> torch.nn.Module | None:
+        return self._reference
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self._reference is not None:
+            self._reference.to(self.device)
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def reference_logprobs(self, batch: dict, features: list[torch.Tensor] | None) -> torch.Tensor:
+        mode = self.hparams.reference
+        if mode == "precomputed":
+            if "reference_logps" not in batch:
+                raise ValueError("reference 'precomputed' needs reference-logps.json beside the shards: run python -m carevl.reference")
+            return batch["reference_logps"].to(self.device)
+        with torch.no_grad():
+            if mode == "lora_disabled":
+                with self.backbone.model.disable_adapter():
+                    return self.backbone.group_logprobs(batch, features)
+            # The copy's vision tower equals the policy's only while it is frozen, projector included.
+            shared = features if not any(p.requires_grad for p in self.backbone.hf.model.visual.parameters()) else None
+            if shared is None and features is not None:
+                shared = self.backbone.image_features(batch["inputs"], model=self._reference)
+            return self.backbone.group_logprobs(batch, shared, model=self._reference)
+
+    def group_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        features = self.backbone.image_features(batch["inputs"])
+        policy = self.backbone.group_logprobs(batch, features)
+        reference = self.reference_logprobs(batch, features)
+        chosen, rejected = batch["chosen_index"], batch["rejected_index"]
+        loss, stats = dpo_group_loss(policy[chosen], policy[rejected], reference[chosen], reference[rejected], batch["rejected_group"], self.hparams.beta)
+        if self.hparams.nll_weight:
+            tokens = (batch["inputs"]["labels"][chosen] != IGNORE_INDEX).sum(dim=1).clamp_min(1)
+            nll = -(policy[chosen] / tokens).mean()
+            stats["nll"] = nll.detach()
+            loss = loss + self.hparams.nll_weight * nll
+        return loss, stats
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.count_skips(batch)
+        self.log_skips()
+        loss, stats = self.group_step(batch)
+        groups = len(batch["ids"])
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=groups)
+        for name, value in stats.items():
+            if name != "pair_losses":
+                self.log(f"train/{name}", value, on_step=True, batch_size=groups, prog_bar=name == "reward_accuracy")
+        return loss

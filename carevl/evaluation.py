@@ -1,0 +1,180 @@
+"""Benchmark evaluation of a judge: verdicts by generation or by scoring, metrics per run, tables.
+
+Two verdict modes:
+- ``generate`` (the reference): the judge writes its critique, the verdict is parsed from it;
+  greedy or sampled, N runs whose metrics are averaged (the paper averages 5).
+- ``score`` (a fast proxy for judges that answer first): the verdict whose line is most likely
+  right after the prompt; one forward over every candidate line, no generation.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from carevl import benchmarks
+from carevl.metrics import MLLMJudgePairAccuracy, PositionConsistency, VLRewardBenchAccuracy
+
+MODES = ("generate", "score")
+
+VLRB_COLUMNS = {
+    "general": "General",
+    "hallucination": "Hallucination",
+    "reasoning": "Reasoning",
+    "overall": "Overall Accuracy",
+    "macro": "Macro Average Accuracy",
+}
+MLLM_COLUMNS = {"pair_w_tie": "Pair w. Tie", "pair_wo_tie": "Pair w.o. Tie"}
+CONSISTENCY_COLUMNS = {"position_consistency": "Position consistency", "first_position_rate": "First-position rate"}
+
+
+def score_verdicts(backbone: Any, batch: dict) -> tuple[list, torch.Tensor]:
+    """Verdicts of a benchmark batch by likelihood: for each view, the candidate verdict line with
+    the highest summed log-prob right after the prompt. Returns (verdicts, (B, K) log-probs)."""
+    if "candidate_inputs" not in batch:
+        raise ValueError("score mode needs candidate inputs: the datamodule builds them when the module's eval_mode is 'score'")
+    k = batch["num_candidates"]
+    logps = backbone.sequence_logprobs(batch["candidate_inputs"]).view(-1, k)
+    choices = [[v for v, _ in benchmarks.verdict_choices(b)] for b in batch["benchmarks"]]
+    best = logps.argmax(dim=1).tolist()
+    return [options[i] for options, i in zip(choices, best)], logps
+
+
+class BenchmarkEvaluation(nn.Module):
+    """Metrics of benchmark verdicts: one metric set per run and per benchmark, position consistency
+    for views shown in both orders, and the per-record predictions.
+
+    Args:
+        runs: independent verdict runs whose metrics are averaged.
+        unparseable: policy for outputs without a verdict ("wrong", "exclude", "random").
+    """
+
+    def __init__(self, runs: int = 1, unparseable: str = "wrong"):
+        super().__init__()
+        if runs < 1:
+            raise ValueError(f"runs must be at least 1, got {runs}")
+        self.runs = runs
+        self.metrics = nn.ModuleDict(
+            {
+                benchmarks.VLREWARDBENCH: nn.ModuleList(VLRewardBenchAccuracy(unparseable) for _ in range(runs)),
+                benchmarks.MLLM_JUDGE: nn.ModuleList(MLLMJudgePairAccuracy(unparseable) for _ in range(runs)),
+            }
+        )
+        self.consistency = nn.ModuleDict({name: nn.ModuleList(PositionConsistency() for _ in range(runs)) for name in benchmarks.BENCHMARKS})
+        self.predictions: list[dict[str, Any]] = []
+        self._waiting: dict[tuple, Any] = {}
+
+    def update(self, run: int, batch: dict, verdicts: list, outputs: list) -> None:
+        """Add one run's verdicts on a batch; `outputs` (texts or candidate log-probs) go to the predictions."""
+        name = batch["benchmarks"][0]
+        labels, ids = batch["labels"], batch["ids"]
+        keys = [f"{i}:{int(s)}:{run}" for i, s in zip(ids, batch["swapped"])]
+        self.metrics[name][run].update(verdicts, labels, batch["categories"], keys)
+        for record_id, swap, verdict in zip(ids, batch["swapped"], verdicts):
+            other = self._waiting.pop((name, run, record_id, not swap), _MISSING)
+            if other is _MISSING:
+                self._waiting[(name, run, record_id, swap)] = verdict
+            else:
+                stored, flipped = (other, verdict) if swap else (verdict, other)
+                self.consistency[name][run].update([stored], [flipped])
+        for i, record_id in enumerate(ids):
+            self.predictions.append(
+                {
+                    "id": record_id,
+                    "benchmark": name,
+                    "category": batch["categories"][i],
+                    "swapped": batch["swapped"][i],
+                    "label": labels[i],
+                    "run": run,
+                    "verdict": verdicts[i],
+                    "correct": verdicts[i] is not None and verdicts[i] == labels[i],
+                    "output": outputs[i],
+                }
+            )
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """Per benchmark evaluated: each metric's mean over runs (and `<metric>_std` when runs > 1)."""
+        results = {}
+        for name, per_run in self.metrics.items():
+            if not per_run[0].update_called:
+                continue
+            values = [{k: float(v) for k, v in metric.compute().items()} for metric in per_run]
+            consistency = self.consistency[name]
+            if consistency[0].update_called:
+                for run_values, metric in zip(values, consistency):
+                    run_values.update({k: float(v) for k, v in metric.compute().items()})
+            results[name] = _mean_over_runs(values)
+        return results
+
+    def reset(self) -> None:
+        for group in (*self.metrics.values(), *self.consistency.values()):
+            for metric in group:
+                metric.reset()
+        self.predictions.clear()
+        self._waiting.clear()
+
+
+_MISSING = object()
+
+
+def _mean_over_runs(values: list[dict[str, float]]) -> dict[str, float]:
+    result = {}
+    for key in values[0]:
+        series = [v[key] for v in values if key in v]
+        result[key] = statistics.fmean(series)
+        if len(series) > 1:
+            result[f"{key}_std"] = statistics.stdev(series)
+    return result
+
+
+def markdown_table(name: str, results: dict[str, float], judge: str) -> str:
+    """The paper's columns for one benchmark (VL-RewardBench in %, MLLM-as-a-Judge as fractions)."""
+    columns = dict(VLRB_COLUMNS if name == benchmarks.VLREWARDBENCH else MLLM_COLUMNS)
+    columns.update({k: v for k, v in CONSISTENCY_COLUMNS.items() if k in results})
+    columns["unparseable"] = "Unparseable"
+    digits = 2 if name == benchmarks.VLREWARDBENCH else 3
+
+    def cell(key: str) -> str:
+        if key == "unparseable":
+            return f"{results[key]:.0f}"
+        std = results.get(f"{key}_std")
+        return f"{results[key]:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    lines = [
+        f"### {name}",
+        "",
+        "| Judge | " + " | ".join(columns.values()) + " |",
+        "|---" * (len(columns) + 1) + "|",
+        f"| {judge} | " + " | ".join(cell(k) for k in columns) + " |",
+    ]
+    subsets = [k for k in results if k.startswith("w_tie/")]
+    if subsets:
+        lines += ["", "| Subset | Pair w. Tie | Pair w.o. Tie |", "|---|---|---|"]
+        for key in subsets:
+            subset = key.split("/", 1)[1]
+            wo = results.get(f"wo_tie/{subset}")
+            lines.append(f"| {subset} | {results[key]:.3f} | {'' if wo is None else f'{wo:.3f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str | Path, results: dict[str, dict[str, float]], judge: str, settings: dict[str, Any]) -> Path:
+    """results.json (metrics and the settings that produced them) and results.md (the tables)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"judge": judge, "settings": settings, "results": results}, indent=1))
+    tables = [markdown_table(name, values, judge) for name, values in results.items()]
+    (out / "results.md").write_text("\n".join(tables))
+    return out
+
+
+def write_predictions(path: str | Path, predictions: list[dict[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for record in predictions:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,71 @@
+"""Preference-group batches for DPO: whole groups, each image and prompt processed once.
+
+A batch of G groups holds S = sum over groups of (1 + rejected) sequences, chosen first in each
+group. Token inputs have one row per sequence; image inputs have one entry per *group* and
+`image_index` maps every sequence to its group's image, so the model can encode each image once
+and share its features between the chosen, every rejected and the reference pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carevl import schema
+from carevl.encoding import TOKEN_KEYS, Encoder, collate
+from carevl.prompts import judge_prompt, user_turn
+
+
+REFERENCE_FILE = "reference-logps.json"
+
+
+def load_reference_logps(directory: str | Path) -> dict[str, list[float]] | None:
+    """Precomputed reference log-probs of a shard directory ({group id: [chosen, rejected...]}), if any."""
+    path = Path(directory) / REFERENCE_FILE
+    return json.loads(path.read_text())["logps"] if path.exists() else None
+
+
+def build_group(encoder: Encoder, reference: dict[str, list[float]] | None, sample: schema.PreferenceGroupSample, image: Any) -> list[dict[str, Any]]:
+    """One item per group: the chosen and every rejected critique after one shared prompt."""
+    messages = user_turn(judge_prompt(sample.question, sample.responses))
+    encodings = encoder.encode_many(image, messages, [sample.chosen, *sample.rejected])
+    item = {"id": sample.id, "encodings": encodings, "verdict_label": sample.label}
+    if reference is not None:
+        if sample.id not in reference:
+            raise schema.SchemaError(f"{sample.id}: no precomputed reference log-probs (rerun the precompute command)")
+        if len(reference[sample.id]) != len(encodings):
+            raise schema.SchemaError(f"{sample.id}: {len(reference[sample.id])} reference log-probs for {len(encodings)} critiques")
+        item["reference_logps"] = reference[sample.id]
+    return [item]
+
+
+def collate_groups(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int) -> dict[str, Any]:
+    """A DPO batch: per-sequence token inputs, per-group image inputs, and the group structure."""
+    token_rows, image_rows, image_index, chosen, rejected, rejected_group = [], [], [], [], [], []
+    for g, item in enumerate(items):
+        first = item["encodings"][0]
+        image_rows.append({k: v for k, v in first.items() if k not in TOKEN_KEYS and k != "prompt_length"})
+        chosen.append(len(token_rows))
+        for j, encoding in enumerate(item["encodings"]):
+            if j > 0:
+                rejected.append(len(token_rows))
+                rejected_group.append(g)
+            token_rows.append({k: v for k, v in encoding.items() if k in TOKEN_KEYS})
+            image_index.append(g)
+    inputs = collate(token_rows, pad_token_id)
+    inputs.update(collate(image_rows, pad_token_id) if image_rows[0] else {})
+    batch = {
+        "inputs": inputs,
+        "image_index": torch.tensor(image_index),
+        "chosen_index": torch.tensor(chosen),
+        "rejected_index": torch.tensor(rejected),
+        "rejected_group": torch.tensor(rejected_group),
+        "ids": [item["id"] for item in items],
+        "skipped": skipped,
+    }
+    if all("reference_logps" in item for item in items):
+        batch["reference_logps"] = torch.tensor([v for item in items for v in item["reference_logps"]], dtype=torch.float32)
+    return batch

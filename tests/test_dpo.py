@@ -1,0 +1,186 @@
+"""DPO on preference groups: the frozen reference stays bit-identical while the policy moves, the
+three reference modes agree, and the logged statistics are there."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from carevl.backbone import Backbone, LoraSettings
+from carevl.dpo import DPOJudge
+from carevl.reference import precompute_reference
+from datamodules import JudgeDataModule
+from tests.test_training import fit, metrics
+
+
+@pytest.fixture(scope="module")
+def groups_dir(tmp_path_factory):
+    from carevl.shapes import write_preference_groups
+
+    out = tmp_path_factory.mktemp("groups")
+    write_preference_groups(str(out), n=24, shard_size=12)
+    return out
+
+
+def dpo_fit(tmp_path, model, groups, max_steps=3, module_args=None, **overrides):
+    return fit(tmp_path, model, groups, module="carevl.dpo.DPOJudge", module_args={"beta": 0.1, **(module_args or {})},
+               kind="preference_group", batch_size=2, max_steps=max_steps, **overrides)
+
+
+def first_batch(model, groups):
+    data = JudgeDataModule(processor=model, train=str(groups), kind="preference_group", batch_size=3, num_workers=0)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def test_copy_reference_stays_frozen_while_the_policy_moves(tiny_qwen, groups_dir, tmp_path):
+    before = {n: p.clone() for n, p in AutoModelForImageTextToText.from_pretrained(tiny_qwen).named_parameters()}
+    cli = dpo_fit(tmp_path, tiny_qwen, groups_dir)
+    module = cli.model
+    reference = dict(module.reference_model.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in reference.items()), "the reference weights changed"
+    assert not any(p.requires_grad for p in reference.values()) and not module.reference_model.training
+    assert not any("reference" in key for key in module.state_dict()), "the reference must not be checkpointed"
+    policy = {n: p for n, p in module.backbone.hf.named_parameters()}
+    vision = module.backbone.vision_parameters()
+    assert all(torch.equal(policy[n], before[n]) for n in vision)
+    moved = [n for n, p in policy.items() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(moved) == sum(p.requires_grad for p in policy.values())
+    logged = set().union(*({k for k, v in row.items() if v} for row in metrics(tmp_path)))
+    for name in ("loss", "reward_accuracy", "chosen_beats_all", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp"):
+        assert f"train/{name}" in logged, name
+
+
+def test_precomputed_reference_equals_the_frozen_copy(tiny_qwen, groups_dir):
+    precompute_reference(tiny_qwen, groups_dir, batch_size=5)
+    batch = first_batch(tiny_qwen, groups_dir)
+    assert "reference_logps" in batch
+    module = DPOJudge(Backbone(model=tiny_qwen), reference="copy")
+    module.configure_model()
+    features = module.backbone.image_features(batch["inputs"])
+    copy = module.reference_logprobs(batch, features)
+    assert torch.allclose(copy, batch["reference_logps"], atol=1e-4), (copy - batch["reference_logps"]).abs().max()
+    precomputed = DPOJudge(Backbone(model=tiny_qwen), reference="precomputed")
+    precomputed.configure_model()
+    assert precomputed.reference_model is None
+    assert torch.equal(precomputed.reference_logprobs(batch, None), batch["reference_logps"])
+
+
+def test_lora_disabled_reference_equals_the_starting_model(tiny_qwen, groups_dir):
+    batch = first_batch(tiny_qwen, groups_dir)
+    lora = DPOJudge(Backbone(model=tiny_qwen, lora=LoraSettings(r=4, alpha=8, dropout=0.0)), reference="lora_disabled")
+    lora.configure_model()
+    with torch.no_grad():  # move the adapters away from their no-op start, so disabling them matters
+        for name, param in lora.backbone.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+    copy = DPOJudge(Backbone(model=tiny_qwen), reference="copy")
+    copy.configure_model()
+    copy.eval(), lora.eval()
+    reference = lora.reference_logprobs(batch, None)
+    assert torch.allclose(reference, copy.reference_logprobs(batch, None), atol=1e-4)
+    with torch.no_grad():
+        assert not torch.allclose(lora.backbone.group_logprobs(batch), reference, atol=1e-3)
+
+
+def test_bad_reference_settings_are_clear_errors(tiny_qwen, groups_dir):
+    with pytest.raises(ValueError, match="reference must be one of"):
+        DPOJudge(Backbone(model=tiny_qwen), reference="ema")
+    with pytest.raises(ValueError, match="needs LoRA"):
+        DPOJudge(Backbone(model=tiny_qwen), reference="lora_disabled").configure_model()
+    module = DPOJudge(Backbone(model=tiny_qwen), reference="precomputed")
+    with pytest.raises(ValueError, match="python -m carevl.reference"):
+        module.reference_logprobs({"inputs": {}}, None)
+
+
+def test_loss_equals_trl_sigmoid_dpo_on_the_same_pairs_and_model(tiny_qwen, tmp_path):
+    """Four (chosen, rejected) pairs through TRL's DPOTrainer and through carevl's group path."""
+    trl = pytest.importorskip("trl")
+    import io
+
+    from datasets import Dataset
+    from PIL import Image
+
+    from carevl.encoding import Encoder
+    from carevl.losses import dpo_group_loss
+    from carevl.prompts import judge_prompt
+    from carevl.schema import PreferenceGroupSample
+    from carevl.shapes import judge_items, worse_critiques
+    from datamodules.preference import build_group, collate_groups
+
+    beta = 0.1
+    items = judge_items(4, seed=3)
+    rejected = [worse_critiques(item)[0] for item in items]
+    policy = Backbone(model=tiny_qwen)
+    policy.build()
+    with torch.no_grad():  # make the policy differ from the reference
+        generator = torch.Generator().manual_seed(0)
+        for param in policy.hf.model.language_model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    policy.eval()
+    reference = AutoModelForImageTextToText.from_pretrained(tiny_qwen).eval()
+
+    encoder = Encoder(policy.processor)
+    groups = [
+        build_group(encoder, None, PreferenceGroupSample(id=item.id, question=item.question, responses=list(item.responses), label=item.label,
+                                                         chosen=item.critique(), rejected=[bad], image=item.image),
+                    Image.open(io.BytesIO(item.image)).convert("RGB"))[0]
+        for item, bad in zip(items, rejected)
+    ]
+    batch = collate_groups(groups, {}, encoder.pad_token_id)
+    with torch.no_grad():
+        ours = policy.group_logprobs(batch)
+        ref = policy.group_logprobs(batch, model=reference)
+    c, r = batch["chosen_index"], batch["rejected_index"]
+    loss, _ = dpo_group_loss(ours[c], ours[r], ref[c], ref[r], batch["rejected_group"], beta)
+
+    rows = [
+        {"images": [Image.open(io.BytesIO(item.image)).convert("RGB")],
+         "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": judge_prompt(item.question, item.responses)}]}],
+         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": item.critique()}]}],
+         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": bad}]}]}
+        for item, bad in zip(items, rejected)
+    ]
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=beta, loss_type=["sigmoid"], report_to="none",
+                         use_cpu=True, max_length=None, bf16=False)
+    trainer = trl.DPOTrainer(model=policy.hf, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=policy.processor)
+    trl_batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, trl_batch)
+    assert abs(loss.item() - 0.6931) > 1e-3, "policy and reference must differ for the comparison to mean anything"
+    assert abs(loss.item() - trl_loss.item()) < 1e-4, (loss.item(), trl_loss.item())
+
+
+def test_group_pair_losses_equal_the_pairs_computed_one_by_one(tiny_qwen):
+    """One chosen against three rejected in one group gives the losses of the three pairs apart."""
+    from carevl.encoding import Encoder
+    from carevl.losses import dpo_group_loss
+    from carevl.schema import PreferenceGroupSample
+    from carevl.shapes import judge_items, worse_critiques
+    from datamodules.preference import build_group, collate_groups
+    from tests.conftest import image_of
+
+    item = judge_items(1, seed=9)[0]
+    worse = worse_critiques(item)[:3]
+    module = DPOJudge(Backbone(model=tiny_qwen), reference="copy", beta=0.1)
+    module.configure_model()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for param in module.backbone.hf.model.language_model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    module.eval()
+    encoder = Encoder(module.backbone.processor)
+
+    def losses(groups):
+        built = [build_group(encoder, None, PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=r), image_of(item))[0] for r in groups]
+        batch = collate_groups(built, {}, encoder.pad_token_id)
+        with torch.no_grad():
+            features = module.backbone.image_features(batch["inputs"])
+            policy = module.backbone.group_logprobs(batch, features)
+            reference = module.reference_logprobs(batch, features)
+        c, r = batch["chosen_index"], batch["rejected_index"]
+        return dpo_group_loss(policy[c], policy[r], reference[c], reference[r], batch["rejected_group"], 0.1)[1]["pair_losses"]
+
+    grouped = losses([worse])
+    one_by_one = torch.cat([losses([[text]]) for text in worse])
+    assert grouped.shape == (3,) and torch.allclose(grouped, one_by_one, atol=1e-5), (grouped, one_by_one)
+    assert grouped.std() > 0  # the three pairs really differ

@@ -1,0 +1,97 @@
+"""`carevl test` and validation on benchmark shards: tables, per-record predictions, both verdict
+modes, both answer orders, and benchmark metrics logged during SFT."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from carevl import benchmarks
+from carevl.cli import run
+from carevl.metrics import MLLMJudgePairAccuracy, VLRewardBenchAccuracy
+from tests.test_training import fit, metrics
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    from carevl.shapes import write_benchmarks
+
+    out = tmp_path_factory.mktemp("bench")
+    write_benchmarks(str(out), n=24, seed=3)
+    return out
+
+
+def evaluate(tmp_path, model, shards, order="odd_length", **module):
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False, "enable_progress_bar": False},
+        "model": {
+            "class_path": "carevl.sft.JudgeEvaluator",
+            "init_args": {
+                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": model}},
+                "max_new_tokens": 8,
+                "results_dir": str(tmp_path / "results"),
+                **module,
+            },
+        },
+        "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"test": str(shards), "order": order, "val_batch_size": 5, "num_workers": 1}},
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run(["test", "--config", str(path)])
+    out = tmp_path / "results"
+    predictions = [json.loads(line) for line in (out / "predictions-test-rank0.jsonl").read_text().splitlines()]
+    return json.loads((out / "test" / "results.json").read_text()), (out / "test" / "results.md").read_text(), predictions
+
+
+def rescore(predictions, metric):
+    """The benchmark metric recomputed from the per-record predictions file."""
+    metric.update([p["verdict"] for p in predictions], [p["label"] for p in predictions], [p["category"] for p in predictions],
+                  [f"{p['id']}:{int(p['swapped'])}:{p['run']}" for p in predictions])
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+def test_score_mode_table_matches_its_predictions(tiny_qwen, bench, tmp_path):
+    results, table, predictions = evaluate(tmp_path, tiny_qwen, bench / benchmarks.VLREWARDBENCH, eval_mode="score")
+    scores = results["results"][benchmarks.VLREWARDBENCH]
+    assert len(predictions) == 24 and all(p["verdict"] in (1, 2) for p in predictions)
+    assert all(len(p["output"]) == 2 for p in predictions)  # the two candidate verdicts' log-probs
+    assert all(p["verdict"] == 1 + int(p["output"][1] > p["output"][0]) for p in predictions)
+    assert scores == pytest.approx(rescore(predictions, VLRewardBenchAccuracy()))
+    assert scores["unparseable"] == 0
+    assert "| Judge | General | Hallucination | Reasoning | Overall Accuracy | Macro Average Accuracy |" in table
+    # Odd-length order: the labels the judge saw are those of the rule, not the stored ones.
+    stored = {p["id"]: p for p in predictions}
+    assert any(p["swapped"] for p in stored.values()) and any(not p["swapped"] for p in stored.values())
+
+
+def test_generate_mode_with_runs_and_both_orders(tiny_qwen, bench, tmp_path):
+    results, table, predictions = evaluate(
+        tmp_path, tiny_qwen, bench / benchmarks.MLLM_JUDGE, order="both", eval_runs=2, eval_sample=True, unparseable="random"
+    )
+    scores = results["results"][benchmarks.MLLM_JUDGE]
+    assert len(predictions) == 24 * 2 * 2  # records x orders x runs
+    assert {p["run"] for p in predictions} == {0, 1} and all(isinstance(p["output"], str) for p in predictions)
+    # A random tiny model writes no verdict: the random policy fills in a fixed pick per record.
+    assert scores["unparseable"] == 48
+    for run in (0, 1):
+        rescored = rescore([p for p in predictions if p["run"] == run], MLLMJudgePairAccuracy(unparseable="random"))
+        assert set(rescored) <= set(scores)
+    assert "pair_w_tie_std" in scores and "position_consistency" in scores
+    assert "Pair w. Tie" in table and "| coco |" in table and "Position consistency" in table
+    assert results["settings"]["order"] == "both" and results["settings"]["eval_runs"] == 2
+
+
+def test_test_without_benchmark_shards_is_a_clear_error(tiny_qwen, world, tmp_path):
+    with pytest.raises(ValueError, match="benchmark"):
+        evaluate(tmp_path, tiny_qwen, world / "heldout")
+
+
+def test_sft_validation_logs_benchmark_metrics(tiny_qwen, world, bench, tmp_path):
+    fit(tmp_path, tiny_qwen, world / "train", bench / benchmarks.VLREWARDBENCH, trainer={"limit_train_batches": 2},
+        max_steps=2, limit_val_batches=2, val_batch_size=6)
+    logged = [row for row in metrics(tmp_path) if row.get("val/vlrewardbench/overall")]
+    assert logged, "no VL-RewardBench metrics in the validation logs"
+    assert 0.0 <= float(logged[-1]["val/vlrewardbench/overall"]) <= 100.0
+    assert list(Path(tmp_path).rglob("predictions-val-step*-rank0.jsonl"))

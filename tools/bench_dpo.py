@@ -1,0 +1,182 @@
+"""DPO speed: TRL's DPOTrainer against carevl on the same tiny Qwen2-VL, data and machine.
+
+Three runs, one after the other, each in its own process (so peak memory is its own):
+  trl     TRL's DPOTrainer on the groups expanded into (chosen, rejected) pairs
+  pairs   carevl on the same pairs (groups of one rejected)
+  groups  carevl on the groups (one chosen against `--rejected` rejected, image and prompt shared)
+Each run trains one epoch over the same pairs with the same number of pairs per optimizer step,
+a frozen-copy reference, fp32 on CPU (bf16 on GPU), and reports the epoch's wall time and peak
+memory. Then the ratios are printed.
+
+    python tools/bench_dpo.py --groups 24 --rejected 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def n_worse(item, n: int) -> list[str]:
+    """n distinct worse critiques of a shapes-world item (the simulated ones, then misread scenes)."""
+    from carevl import shapes
+
+    critiques = shapes.worse_critiques(item)
+    values = [v for v in shapes.attribute_values(item.attribute) if v != item.scene.value(item.attribute)]
+    for value in values * 3:
+        if len(critiques) >= n:
+            break
+        scene = shapes.with_value(item.scene, item.attribute, value)
+        text = f"The image shows {scene.caption()}. " + shapes.recall_critique(item.values, item.scene.value(item.attribute), "image")
+        for label in (1, 2):
+            candidate = f"{text} {shapes.verdict_line(label)}"
+            if candidate not in critiques and candidate != item.critique() and len(critiques) < n:
+                critiques.append(candidate)
+    return critiques[:n]
+
+
+def write_data(out: Path, groups: int, rejected: int, seed: int = 0) -> None:
+    from carevl.schema import PreferenceGroupSample, ShardWriter
+    from carevl.shapes import judge_items
+
+    items = judge_items(groups, seed)
+    with ShardWriter(out / "groups", prefix="groups", max_count=10_000, kind="preference_group") as grouped, ShardWriter(
+        out / "pairs", prefix="pairs", max_count=10_000, kind="preference_group"
+    ) as paired:
+        for item in items:
+            worse = n_worse(item, rejected)
+            common = {"question": item.question, "responses": list(item.responses), "label": item.label, "chosen": item.critique(), "image": item.image}
+            grouped.write(PreferenceGroupSample(id=item.id, rejected=worse, **common))
+            for j, text in enumerate(worse):
+                paired.write(PreferenceGroupSample(id=f"{item.id}-{j}", rejected=[text], **common))
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_trl(model_dir: str, data: Path, pairs_per_step: int) -> float:
+    import torch
+    import webdataset as wds
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import DPOConfig, DPOTrainer
+
+    from carevl import schema
+    from carevl.prompts import judge_prompt
+
+    rows = []
+    for url in schema.read_manifest(data / "pairs")["urls"]:
+        for raw in wds.WebDataset(url, shardshuffle=False):
+            s = schema.decode(raw, "preference_group")
+            rows.append(
+                {
+                    "images": [Image.open(io.BytesIO(s.image)).convert("RGB")],
+                    "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": judge_prompt(s.question, s.responses)}]}],
+                    "chosen": [{"role": "assistant", "content": [{"type": "text", "text": s.chosen}]}],
+                    "rejected": [{"role": "assistant", "content": [{"type": "text", "text": s.rejected[0]}]}],
+                }
+            )
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    for name, param in model.named_parameters():  # the same frozen vision encoder as carevl's
+        if name.startswith("model.visual.") and not name.startswith("model.visual.merger."):
+            param.requires_grad_(False)
+    gpu = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs_per_step, num_train_epochs=1, beta=0.1, learning_rate=1e-5,
+        loss_type=["sigmoid"], report_to="none", use_cpu=not gpu, bf16=gpu, max_length=None, save_strategy="no",
+        logging_steps=10**6, dataloader_num_workers=1, lr_scheduler_type="constant", shuffle_dataset=False,
+    )
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=Dataset.from_list(rows), processing_class=AutoProcessor.from_pretrained(model_dir))
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def run_carevl(model_dir: str, shards: Path, groups_per_step: int) -> float:
+    import torch
+    from lightning import Trainer
+
+    from carevl.backbone import Backbone
+    from carevl.dpo import DPOJudge
+    from datamodules import JudgeDataModule
+
+    gpu = torch.cuda.is_available()
+    module = DPOJudge(Backbone(model=model_dir), reference="copy", beta=0.1, lr=1e-5, warmup_ratio=0.0, global_batch_size=None)
+    data = JudgeDataModule(processor=model_dir, train=str(shards), kind="preference_group", batch_size=groups_per_step, num_workers=1, shuffle_buffer=1)
+    trainer = Trainer(
+        accelerator="gpu" if gpu else "cpu", devices=1, max_epochs=1, precision="bf16-mixed" if gpu else "32-true", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    return time.perf_counter() - start
+
+
+def child(mode: str, model_dir: str, data: Path, rejected: int, pairs_per_step: int) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    if mode == "trl":
+        seconds = run_trl(model_dir, data, pairs_per_step)
+    elif mode == "pairs":
+        seconds = run_carevl(model_dir, data / "pairs", pairs_per_step)
+    else:
+        seconds = run_carevl(model_dir, data / "groups", max(1, pairs_per_step // rejected))
+    print(json.dumps({"mode": mode, "epoch_s": seconds, "peak_mb": peak_memory_mb()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", type=int, default=24, help="groups of the epoch")
+    parser.add_argument("--rejected", type=int, default=9, help="rejected critiques per group (pairs = groups x rejected)")
+    parser.add_argument("--pairs-per-step", type=int, default=9, help="pairs per optimizer step (a multiple of --rejected)")
+    parser.add_argument("--model", help="a Qwen2-VL checkpoint; default: a tiny random one built here")
+    parser.add_argument("--modes", default="trl,pairs,groups")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.model, Path(args.data), args.rejected, args.pairs_per_step)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    if args.model is None:
+        from carevl.tiny import build_tiny_model
+
+        args.model = str(build_tiny_model(work / "model"))
+    write_data(work / "data", args.groups, args.rejected)
+    results = {}
+    for mode in args.modes.split(","):
+        command = [sys.executable, __file__, "--child", mode, "--model", args.model, "--data", str(work / "data"),
+                   "--rejected", str(args.rejected), "--pairs-per-step", str(args.pairs_per_step)]
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{mode} failed:\n{out.stderr[-4000:]}")
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{mode:7s} epoch {results[mode]['epoch_s']:8.2f} s   peak memory {results[mode]['peak_mb']:8.0f} MB", flush=True)
+    pairs = args.groups * args.rejected
+    print(f"\n{pairs} pairs ({args.groups} groups x {args.rejected} rejected), {args.pairs_per_step} pairs per step")
+    if "trl" in results and "pairs" in results:
+        print(f"carevl pairs vs TRL: {results['trl']['epoch_s'] / results['pairs']['epoch_s']:.2f}x faster per epoch")
+    if "pairs" in results and "groups" in results:
+        print(f"carevl groups vs carevl pairs: {results['pairs']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
+    if "trl" in results and "groups" in results:
+        print(f"carevl groups vs TRL: {results['trl']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
+
+
+if __name__ == "__main__":
+    main()
