@@ -25,7 +25,8 @@ def bench(tmp_path_factory) -> Path:
 def evaluate(tmp_path, model, shards, order="odd_length", **module):
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False, "enable_progress_bar": False},
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path)},
         "model": {
             "class_path": "carevl.sft.JudgeEvaluator",
             "init_args": {
