@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torchmetrics import MeanMetric
 
 from carevl.backbone import Backbone
 from carevl.encoding import IGNORE_INDEX
@@ -24,6 +25,7 @@ from carevl.losses import dpo_group_loss
 from carevl.sft import JudgeModule
 
 REFERENCE_MODES = ("copy", "lora_disabled", "precomputed")
+VALIDATION_STATS = ("loss", "reward_accuracy", "chosen_beats_all", "margin")
 
 
 class DPOJudge(JudgeModule):
@@ -31,7 +33,9 @@ class DPOJudge(JudgeModule):
 
     Args:
         backbone: the SFT judge to train.
-        reference: "copy", "lora_disabled" or "precomputed" (see the module docstring).
+        reference: "copy" (a frozen copy of the starting model), "lora_disabled" (this model with
+            its LoRA adapters off) or "precomputed" (log-probs written beside the shards by
+            `python -m carevl.reference`; no reference weights are loaded).
         beta: DPO temperature.
         nll_weight: weight of an added token-mean NLL term on the chosen critiques (0 turns it off).
         lr: peak learning rate.
@@ -44,6 +48,7 @@ class DPOJudge(JudgeModule):
         super().__init__(backbone, lr=lr, **kwargs)
         self.save_hyperparameters(ignore=["backbone"])
         object.__setattr__(self, "_reference", None)  # not a submodule: never optimised, never checkpointed
+        self.val_groups = torch.nn.ModuleDict({name: MeanMetric() for name in VALIDATION_STATS})
 
     def configure_model(self) -> None:
         self.backbone.build()
@@ -107,3 +112,19 @@ class DPOJudge(JudgeModule):
             if name != "pair_losses":
                 self.log(f"train/{name}", value, on_step=True, batch_size=groups, prog_bar=name == "reward_accuracy")
         return loss
+
+    def validation_loss(self, batch: dict) -> None:
+        """On held-out preference groups: the DPO loss, reward accuracy, chosen-beats-all and margin."""
+        if "chosen_index" not in batch:
+            return
+        loss, stats = self.group_step(batch)
+        pairs = len(batch["rejected_index"])
+        for name in VALIDATION_STATS:
+            self.val_groups[name].update(loss if name == "loss" else stats[name], weight=pairs)
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_groups.items():
+            if metric.update_called:
+                self.log(f"val/groups_{name}", metric.compute(), prog_bar=name == "margin")
+                metric.reset()
+        super().on_validation_epoch_end()

@@ -135,7 +135,7 @@ class JudgeModule(LightningModule):
         """Read by the datamodule: benchmark batches then carry one input per candidate verdict line."""
         return self.hparams.eval_mode == "score"
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.count_skips(batch)
         if "benchmarks" in batch:
             self.evaluate_benchmark(batch)
@@ -143,14 +143,14 @@ class JudgeModule(LightningModule):
         self.validation_loss(batch)
         self.validate_verdicts(batch)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.count_skips(batch)
         if "benchmarks" not in batch:
             raise ValueError("carevl test evaluates benchmark shards (kind 'benchmark'); see tools/convert_*.py")
         self.evaluate_benchmark(batch)
 
     def validation_loss(self, batch: dict) -> None:
-        """The training objective on a validation batch of judge samples (each method its own)."""
+        """The training objective on a validation batch (each method its own)."""
 
     def validate_verdicts(self, batch: dict) -> None:
         if not self.hparams.val_generate or "prompt_inputs" not in batch:
@@ -223,6 +223,8 @@ class SFTJudge(JudgeModule):
         return loss
 
     def validation_loss(self, batch: dict) -> None:
+        if "chosen_index" in batch:
+            return  # preference groups: a DPO statistic, not an SFT one
         logps, rows = self.backbone.response_logprobs(batch["inputs"])
         self.val_loss.update(sft_loss(logps, batch.get("weights"), rows), weight=logps.numel())
 

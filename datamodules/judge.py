@@ -59,8 +59,9 @@ class JudgeDataModule(LightningDataModule):
     Args:
         processor: name or path of the model's processor; defaults to the backbone's model.
         train: directory of training shards (with the manifest written by `carevl.schema.ShardWriter`).
-        val: directory of validation shards: judge samples (e.g. the shapes world's held-out set,
-            scored by verdict accuracy) or benchmark samples (scored by the benchmark's metrics).
+        val: directory (or list of directories) of validation shards: judge samples (e.g. the
+            shapes world's held-out set, scored by verdict accuracy), benchmark samples (scored by
+            the benchmark's metrics) or preference groups (DPO loss, reward accuracy and margin).
         test: directory of benchmark shards for `carevl test`.
         kind: training sample kind: "sft" (judge samples), "instruct" (prompt -> target), or
             "preference_group" (DPO groups; batch_size then counts groups, and reference log-probs
@@ -82,7 +83,7 @@ class JudgeDataModule(LightningDataModule):
         self,
         processor: str | None = None,
         train: str | None = None,
-        val: str | None = None,
+        val: str | list[str] | None = None,
         test: str | None = None,
         kind: str = "sft",
         order: str = "odd_length",
@@ -150,6 +151,8 @@ class JudgeDataModule(LightningDataModule):
         return EpochLoader(stream, batches, self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
+        if isinstance(self.val_dir, (list, tuple)):
+            return [self._eval_loader(directory) for directory in self.val_dir]
         return self._eval_loader(self.val_dir)
 
     def test_dataloader(self) -> DataLoader | list:
@@ -158,7 +161,8 @@ class JudgeDataModule(LightningDataModule):
         return self._eval_loader(self.test_dir)
 
     def _eval_loader(self, directory: str | None) -> DataLoader | list:
-        """Judge samples (verdict accuracy) or benchmark records (benchmark metrics), by the manifest's kind."""
+        """Judge samples (verdict accuracy), benchmark records (benchmark metrics) or preference groups
+        (DPO statistics), by the manifest's kind."""
         if directory is None:
             return []
         manifest = schema.read_manifest(directory)
@@ -169,9 +173,13 @@ class JudgeDataModule(LightningDataModule):
             candidates = bool(getattr(module, "needs_verdict_candidates", False))
             build = partial(build_views, self.encoder, self.order, self.seed, candidates)
             preparer, collate_fn = SamplePreparer("benchmark", build), partial(collate_views, pad_token_id=pad)
-        elif manifest["kind"] == "sft":
-            preparer, collate_fn = self._preparer(), partial(collate_items, pad_token_id=pad, with_prompts=True)
+        elif manifest["kind"] == "sft":  # whatever the training kind: DPO validates on judge samples too
+            preparer = SamplePreparer("sft", partial(build_item, self.encoder))
+            collate_fn = partial(collate_items, pad_token_id=pad, with_prompts=True)
+        elif manifest["kind"] == "preference_group":
+            build = partial(build_group, self.encoder, load_reference_logps(directory))
+            preparer, collate_fn = SamplePreparer("preference_group", build), partial(collate_groups, pad_token_id=pad)
         else:
-            raise ValueError(f"{directory} holds {manifest['kind']!r} samples; evaluation reads 'sft' or 'benchmark' shards")
+            raise ValueError(f"{directory} holds {manifest['kind']!r} samples; evaluation reads 'sft', 'benchmark' or 'preference_group' shards")
         stream = ValStream(manifest["urls"], preparer, collate_fn, self.val_batch_size, rank, world)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)

@@ -184,3 +184,14 @@ def test_group_pair_losses_equal_the_pairs_computed_one_by_one(tiny_qwen):
     one_by_one = torch.cat([losses([[text]]) for text in worse])
     assert grouped.shape == (3,) and torch.allclose(grouped, one_by_one, atol=1e-5), (grouped, one_by_one)
     assert grouped.std() > 0  # the three pairs really differ
+
+
+def test_validation_reports_verdicts_and_held_out_group_statistics(tiny_qwen, world, groups_dir, tmp_path):
+    dpo_fit(tmp_path, tiny_qwen, groups_dir, val=[world / "heldout", groups_dir], trainer={"limit_train_batches": 2},
+            max_steps=2, limit_val_batches=2, val_batch_size=4)
+    logged = {}
+    for row in metrics(tmp_path):
+        logged.update({k: float(v) for k, v in row.items() if v})
+    for name in ("val/verdict_accuracy", "val/groups_loss", "val/groups_reward_accuracy", "val/groups_chosen_beats_all", "val/groups_margin"):
+        assert name in logged, name
+    assert 0.0 <= logged["val/groups_reward_accuracy"] <= 1.0 and logged["val/groups_loss"] > 0

@@ -32,7 +32,7 @@ def fit(tmp_path, model, train, val=None, trainer=None, module="carevl.sft.SFTJu
         },
         "data": {
             "class_path": "datamodules.JudgeDataModule",
-            "init_args": {"train": str(train), "val": str(val) if val else None, "batch_size": 4, "num_workers": 1,
+            "init_args": {"train": str(train), "val": [str(v) for v in val] if isinstance(val, list) else str(val) if val else None, "batch_size": 4, "num_workers": 1,
                           "max_length": 256, **overrides},
         },
     }

@@ -8,7 +8,7 @@ Each run trains one epoch over the same pairs with the same number of pairs per 
 a frozen-copy reference, fp32 on CPU (bf16 on GPU), and reports the epoch's wall time and peak
 memory. Then the ratios are printed.
 
-    python tools/bench_dpo.py --groups 24 --rejected 9
+    python tools/bench_dpo.py --groups 24 --rejected 9 --profile
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def run_trl(model_dir: str, data: Path, pairs_per_step: int) -> float:
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs_per_step, num_train_epochs=1, beta=0.1, learning_rate=1e-5,
         loss_type=["sigmoid"], report_to="none", use_cpu=not gpu, bf16=gpu, max_length=None, save_strategy="no",
-        logging_steps=10**6, dataloader_num_workers=1, lr_scheduler_type="constant", shuffle_dataset=False,
+        logging_steps=10**6, dataloader_num_workers=1, lr_scheduler_type="constant",
     )
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=Dataset.from_list(rows), processing_class=AutoProcessor.from_pretrained(model_dir))
     start = time.perf_counter()
@@ -126,6 +126,43 @@ def run_carevl(model_dir: str, shards: Path, groups_per_step: int) -> float:
     return time.perf_counter() - start
 
 
+def profile_carevl(model_dir: str, data: Path, rejected: int, pairs_per_step: int, steps: int = 5) -> None:
+    """Where a carevl step's time goes (vision features, policy and reference forwards, backward),
+    on pairs and on groups, timed outside Lightning on the same batches."""
+    import torch
+
+    from carevl.backbone import Backbone
+    from carevl.dpo import DPOJudge
+    from datamodules import JudgeDataModule
+
+    module = DPOJudge(Backbone(model=model_dir), reference="copy", beta=0.1)
+    module.configure_model()
+    for kind, batch_size in (("pairs", pairs_per_step), ("groups", max(1, pairs_per_step // rejected))):
+        loader = JudgeDataModule(processor=model_dir, train=str(data / kind), kind="preference_group", batch_size=batch_size, num_workers=0, shuffle_buffer=1)
+        loader.setup("fit")
+        batches = [batch for _, batch in zip(range(steps), loader.train_dataloader())]
+        seconds = dict.fromkeys(("vision", "policy forward", "reference forward", "backward"), 0.0)
+        for batch in batches:
+            start = time.perf_counter()
+            features = module.backbone.image_features(batch["inputs"])
+            seconds["vision"] += time.perf_counter() - start
+            start = time.perf_counter()
+            policy = module.backbone.group_logprobs(batch, features)
+            seconds["policy forward"] += time.perf_counter() - start
+            start = time.perf_counter()
+            module.reference_logprobs(batch, features)
+            seconds["reference forward"] += time.perf_counter() - start
+            start = time.perf_counter()
+            policy.sum().backward()
+            seconds["backward"] += time.perf_counter() - start
+        total = sum(seconds.values())
+        tokens = batches[0]["inputs"]["attention_mask"].sum().item()
+        prompt = sum(int((row == -100).sum()) for row in batches[0]["inputs"]["labels"]) - int((batches[0]["inputs"]["attention_mask"] == 0).sum())
+        split = ", ".join(f"{name} {100 * value / total:.0f}%" for name, value in seconds.items())
+        print(f"profile {kind:6s}: {1000 * total / len(batches):.0f} ms per step of {pairs_per_step} pairs; {split}; "
+              f"prompt tokens {100 * prompt / tokens:.0f}% of the tokens the model runs")
+
+
 def child(mode: str, model_dir: str, data: Path, rejected: int, pairs_per_step: int) -> None:
     import torch
 
@@ -146,6 +183,7 @@ def main() -> None:
     parser.add_argument("--pairs-per-step", type=int, default=9, help="pairs per optimizer step (a multiple of --rejected)")
     parser.add_argument("--model", help="a Qwen2-VL checkpoint; default: a tiny random one built here")
     parser.add_argument("--modes", default="trl,pairs,groups")
+    parser.add_argument("--profile", action="store_true", help="also print where carevl's step time goes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,6 +214,8 @@ def main() -> None:
         print(f"carevl groups vs carevl pairs: {results['pairs']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
     if "trl" in results and "groups" in results:
         print(f"carevl groups vs TRL: {results['trl']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
+    if args.profile:
+        profile_carevl(args.model, work / "data", args.rejected, args.pairs_per_step)
 
 
 if __name__ == "__main__":

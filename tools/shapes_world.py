@@ -1,6 +1,6 @@
 """Write the shapes world's shards: judge SFT train and held-out sets, the tiny base model's pretraining
 set, held-out records in the two benchmarks' formats (bench/vlrewardbench, bench/mllm_judge), and
-DPO preference groups (groups/)."""
+DPO preference groups (groups/, groups-heldout/)."""
 
 import argparse
 
@@ -21,6 +21,7 @@ def main() -> None:
     counts = write_world(args.out, args.train, args.heldout, args.captions, args.shard_size, args.seed)
     counts.update(write_benchmarks(f"{args.out}/bench", args.benchmark, seed=args.seed + 7))
     counts["groups"] = write_preference_groups(f"{args.out}/groups", args.groups, seed=args.seed + 11)
+    counts["groups-heldout"] = write_preference_groups(f"{args.out}/groups-heldout", args.groups // 8, seed=args.seed + 13)
     print(f"wrote {counts} to {args.out}")
 
 
