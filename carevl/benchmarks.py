@@ -117,9 +117,14 @@ def odd_length_swap(responses: list[str]) -> bool:
     return (len(responses[0]) + len(responses[1])) % 2 == 1
 
 
+def keyed_choice(key: str, choices: tuple) -> Any:
+    """A pick among `choices` fixed by `key`: the same in every process and every run."""
+    return choices[hashlib.sha256(key.encode()).digest()[0] % len(choices)]
+
+
 def seeded_swap(record_id: str, seed: int) -> bool:
-    """A coin flip fixed by (id, seed): the same in every process and every run."""
-    return hashlib.sha256(f"{seed}:{record_id}".encode()).digest()[0] % 2 == 1
+    """A coin flip fixed by (id, seed)."""
+    return keyed_choice(f"{seed}:{record_id}", (False, True))
 
 
 def views(record_id: str, responses: list[str], order: str, seed: int = 0) -> list[bool]:

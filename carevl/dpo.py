@@ -113,10 +113,8 @@ class DPOJudge(JudgeModule):
                 self.log(f"train/{name}", value, on_step=True, batch_size=groups, prog_bar=name == "reward_accuracy")
         return loss
 
-    def validation_loss(self, batch: dict) -> None:
+    def validate_groups(self, batch: dict) -> None:
         """On held-out preference groups: the DPO loss, reward accuracy, chosen-beats-all and margin."""
-        if "chosen_index" not in batch:
-            return
         loss, stats = self.group_step(batch)
         pairs = len(batch["rejected_index"])
         for name in VALIDATION_STATS:

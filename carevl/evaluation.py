@@ -58,7 +58,6 @@ class BenchmarkEvaluation(nn.Module):
         super().__init__()
         if runs < 1:
             raise ValueError(f"runs must be at least 1, got {runs}")
-        self.runs = runs
         self.metrics = nn.ModuleDict(
             {
                 benchmarks.VLREWARDBENCH: nn.ModuleList(VLRewardBenchAccuracy(unparseable) for _ in range(runs)),

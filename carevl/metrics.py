@@ -55,9 +55,9 @@ def resolve(prediction: int | str | None, key: str, policy: str, choices: tuple)
         raise ValueError(f"unparseable policy must be one of {UNPARSEABLE_POLICIES}, got {policy!r}")
     if prediction is not None or policy != "random":
         return prediction
-    import hashlib
+    from carevl.benchmarks import keyed_choice
 
-    return choices[hashlib.sha256(key.encode()).digest()[0] % len(choices)]
+    return keyed_choice(key, choices)
 
 
 def grouped_counts(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from carevl import schema
 from carevl.backbone import Backbone
 from carevl.encoding import Encoder
 from datamodules.preference import REFERENCE_FILE, build_group, collate_groups
-from datamodules.stream import SamplePreparer, read_samples
+from datamodules.stream import SamplePreparer, ValStream
 
 log = logging.getLogger(__name__)
 
@@ -35,31 +37,24 @@ def precompute_reference(model: str, shards: str | Path, batch_size: int = 4, ma
     encoder = Encoder(backbone.processor, max_length=max_length)
     manifest = schema.read_manifest(shards)
     preparer = SamplePreparer("preference_group", partial(build_group, encoder, None))
+    batches = ValStream(manifest["urls"], preparer, partial(collate_groups, pad_token_id=encoder.pad_token_id), batch_size, rank=0, world_size=1)
     logps: dict[str, list[float]] = {}
-
-    def flush(items: list[dict]) -> None:
-        batch = collate_groups(items, {}, encoder.pad_token_id)
+    skipped: Counter = Counter()
+    for batch in tqdm(batches, total=math.ceil(manifest["samples"] / batch_size), desc="reference log-probs", unit="batch"):
+        skipped.update(batch["skipped"])
         batch["inputs"] = {k: v.to(device) for k, v in batch["inputs"].items()}
         batch["image_index"] = batch["image_index"].to(device)
         with torch.no_grad():
             values = backbone.group_logprobs(batch, backbone.image_features(batch["inputs"])).tolist()
+        sizes = torch.bincount(batch["image_index"]).tolist()  # critiques per group, in batch order
         start = 0
-        for item in items:
-            n = len(item["encodings"])
-            logps[item["id"]] = values[start : start + n]
-            start += n
-
-    pending: list[dict] = []
-    for item in tqdm(read_samples(manifest["urls"], preparer), total=manifest["samples"], desc="reference log-probs"):
-        pending.append(item)
-        if len(pending) == batch_size:
-            flush(pending)
-            pending = []
-    if pending:
-        flush(pending)
+        for group_id, size in zip(batch["ids"], sizes):
+            logps[group_id] = values[start : start + size]
+            start += size
+    skipped.update(preparer.take_skipped())  # skips after the last batch
     out = Path(shards) / REFERENCE_FILE
-    out.write_text(json.dumps({"model": model, "dtype": dtype, "skipped": dict(preparer.skipped), "logps": logps}))
-    log.info("wrote reference log-probs of %d groups to %s (skipped: %s)", len(logps), out, dict(preparer.skipped) or "none")
+    out.write_text(json.dumps({"model": model, "dtype": dtype, "skipped": dict(skipped), "logps": logps}))
+    log.info("wrote reference log-probs of %d groups to %s (skipped: %s)", len(logps), out, dict(skipped) or "none")
     return out
 
 

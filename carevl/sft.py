@@ -139,9 +139,11 @@ class JudgeModule(LightningModule):
         self.count_skips(batch)
         if "benchmarks" in batch:
             self.evaluate_benchmark(batch)
-            return
-        self.validation_loss(batch)
-        self.validate_verdicts(batch)
+        elif "chosen_index" in batch:
+            self.validate_groups(batch)
+        else:
+            self.validation_loss(batch)
+            self.validate_verdicts(batch)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.count_skips(batch)
@@ -150,7 +152,10 @@ class JudgeModule(LightningModule):
         self.evaluate_benchmark(batch)
 
     def validation_loss(self, batch: dict) -> None:
-        """The training objective on a validation batch (each method its own)."""
+        """The training objective on a validation batch of judge samples (each method its own)."""
+
+    def validate_groups(self, batch: dict) -> None:
+        """Statistics of held-out preference groups (DPO logs its loss, reward accuracy and margin)."""
 
     def validate_verdicts(self, batch: dict) -> None:
         if not self.hparams.val_generate or "prompt_inputs" not in batch:
@@ -223,8 +228,6 @@ class SFTJudge(JudgeModule):
         return loss
 
     def validation_loss(self, batch: dict) -> None:
-        if "chosen_index" in batch:
-            return  # preference groups: a DPO statistic, not an SFT one
         logps, rows = self.backbone.response_logprobs(batch["inputs"])
         self.val_loss.update(sft_loss(logps, batch.get("weights"), rows), weight=logps.numel())
 

@@ -125,15 +125,20 @@ class JudgeDataModule(LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _preparer(self) -> SamplePreparer:
-        return SamplePreparer(self.kind, partial(build_item, self.encoder))
-
-    def _train_pieces(self, directory: str) -> tuple[SamplePreparer, Any]:
+    def _pieces(self, kind: str, directory: str, evaluation: bool) -> tuple[SamplePreparer, Any]:
+        """The preparer and collate function of one shard kind (benchmark records only in evaluation)."""
         pad = self.encoder.pad_token_id
-        if self.kind == "preference_group":
-            reference = load_reference_logps(directory)
-            return SamplePreparer(self.kind, partial(build_group, self.encoder, reference)), partial(collate_groups, pad_token_id=pad)
-        return self._preparer(), partial(collate_items, pad_token_id=pad, with_prompts=False)
+        if kind in ("sft", "instruct"):
+            return SamplePreparer(kind, partial(build_item, self.encoder)), partial(collate_items, pad_token_id=pad, with_prompts=evaluation)
+        if kind == "preference_group":
+            build = partial(build_group, self.encoder, load_reference_logps(directory))
+            return SamplePreparer(kind, build), partial(collate_groups, pad_token_id=pad)
+        if kind == "benchmark" and evaluation:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            candidates = bool(getattr(module, "needs_verdict_candidates", False))
+            build = partial(build_views, self.encoder, self.order, self.seed, candidates)
+            return SamplePreparer(kind, build), partial(collate_views, pad_token_id=pad)
+        raise ValueError(f"{directory} holds {kind!r} samples, which {'evaluation' if evaluation else 'training'} does not read")
 
     def train_dataloader(self) -> EpochLoader:
         if self.train_dir is None:
@@ -146,7 +151,7 @@ class JudgeDataModule(LightningDataModule):
         batches = manifest["samples"] // (world * self.batch_size)
         if batches == 0:
             raise ValueError(f"{manifest['samples']} samples cannot fill one batch of {self.batch_size} on each of {world} processes")
-        preparer, collate_fn = self._train_pieces(self.train_dir)
+        preparer, collate_fn = self._pieces(self.kind, self.train_dir, evaluation=False)
         stream = TrainStream(urls[rank::world], preparer, collate_fn, self.batch_size, self.shuffle_buffer, self.seed, rank)
         return EpochLoader(stream, batches, self.num_workers)
 
@@ -167,19 +172,6 @@ class JudgeDataModule(LightningDataModule):
             return []
         manifest = schema.read_manifest(directory)
         rank, world = self._rank()
-        pad = self.encoder.pad_token_id
-        if manifest["kind"] == "benchmark":
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            candidates = bool(getattr(module, "needs_verdict_candidates", False))
-            build = partial(build_views, self.encoder, self.order, self.seed, candidates)
-            preparer, collate_fn = SamplePreparer("benchmark", build), partial(collate_views, pad_token_id=pad)
-        elif manifest["kind"] == "sft":  # whatever the training kind: DPO validates on judge samples too
-            preparer = SamplePreparer("sft", partial(build_item, self.encoder))
-            collate_fn = partial(collate_items, pad_token_id=pad, with_prompts=True)
-        elif manifest["kind"] == "preference_group":
-            build = partial(build_group, self.encoder, load_reference_logps(directory))
-            preparer, collate_fn = SamplePreparer("preference_group", build), partial(collate_groups, pad_token_id=pad)
-        else:
-            raise ValueError(f"{directory} holds {manifest['kind']!r} samples; evaluation reads 'sft', 'benchmark' or 'preference_group' shards")
+        preparer, collate_fn = self._pieces(manifest["kind"], directory, evaluation=True)
         stream = ValStream(manifest["urls"], preparer, collate_fn, self.val_batch_size, rank, world)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)

@@ -102,10 +102,10 @@ def test_loss_equals_trl_sigmoid_dpo_on_the_same_pairs_and_model(tiny_qwen, tmp_
 
     from carevl.encoding import Encoder
     from carevl.losses import dpo_group_loss
-    from carevl.prompts import judge_prompt
     from carevl.schema import PreferenceGroupSample
     from carevl.shapes import judge_items, worse_critiques
     from datamodules.preference import build_group, collate_groups
+    from tools.bench_dpo import trl_example
 
     beta = 0.1
     items = judge_items(4, seed=3)
@@ -133,13 +133,7 @@ def test_loss_equals_trl_sigmoid_dpo_on_the_same_pairs_and_model(tiny_qwen, tmp_
     c, r = batch["chosen_index"], batch["rejected_index"]
     loss, _ = dpo_group_loss(ours[c], ours[r], ref[c], ref[r], batch["rejected_group"], beta)
 
-    rows = [
-        {"images": [Image.open(io.BytesIO(item.image)).convert("RGB")],
-         "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": judge_prompt(item.question, item.responses)}]}],
-         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": item.critique()}]}],
-         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": bad}]}]}
-        for item, bad in zip(items, rejected)
-    ]
+    rows = [trl_example(item.image, item.question, list(item.responses), item.critique(), bad) for item, bad in zip(items, rejected)]
     args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=beta, loss_type=["sigmoid"], report_to="none",
                          use_cpu=True, max_length=None, bf16=False)
     trainer = trl.DPOTrainer(model=policy.hf, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=policy.processor)

@@ -59,6 +59,23 @@ def write_data(out: Path, groups: int, rejected: int, seed: int = 0) -> None:
                 paired.write(PreferenceGroupSample(id=f"{item.id}-{j}", rejected=[text], **common))
 
 
+def trl_example(image: bytes, question: str, responses: list[str], chosen: str, rejected: str) -> dict:
+    """One (chosen, rejected) pair in TRL's conversational vision format, with carevl's judge prompt."""
+    from PIL import Image
+
+    from carevl.prompts import judge_prompt
+
+    def turn(role: str, text: str, with_image: bool = False) -> list[dict]:
+        return [{"role": role, "content": ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]}]
+
+    return {
+        "images": [Image.open(io.BytesIO(image)).convert("RGB")],
+        "prompt": turn("user", judge_prompt(question, responses), with_image=True),
+        "chosen": turn("assistant", chosen),
+        "rejected": turn("assistant", rejected),
+    }
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -71,25 +88,16 @@ def run_trl(model_dir: str, data: Path, pairs_per_step: int) -> float:
     import torch
     import webdataset as wds
     from datasets import Dataset
-    from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
     from carevl import schema
-    from carevl.prompts import judge_prompt
 
     rows = []
     for url in schema.read_manifest(data / "pairs")["urls"]:
         for raw in wds.WebDataset(url, shardshuffle=False):
-            s = schema.decode(raw, "preference_group")
-            rows.append(
-                {
-                    "images": [Image.open(io.BytesIO(s.image)).convert("RGB")],
-                    "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": judge_prompt(s.question, s.responses)}]}],
-                    "chosen": [{"role": "assistant", "content": [{"type": "text", "text": s.chosen}]}],
-                    "rejected": [{"role": "assistant", "content": [{"type": "text", "text": s.rejected[0]}]}],
-                }
-            )
+            sample = schema.decode(raw, "preference_group")
+            rows.append(trl_example(sample.image, sample.question, sample.responses, sample.chosen, sample.rejected[0]))
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     for name, param in model.named_parameters():  # the same frozen vision encoder as carevl's
         if name.startswith("model.visual.") and not name.startswith("model.visual.merger."):
