@@ -118,3 +118,59 @@ def _json_judgement(text: str) -> str | None:
         if str(key).lower() in ("judgement", "judgment") and isinstance(value, str):
             return value
     return None
+
+
+# -- curation (paper §3.1-3.3) ---------------------------------------------------------------------
+
+CAPTION_REQUEST = (
+    "Describe the image in detail: every object with its colour, shape, count and position, any "
+    "text in it, and the scene as a whole. Describe only what is visible."
+)
+
+CURATION_JUDGE_TEMPLATE = (
+    "You are judging two answers to a question about the image.\n"
+    "Question: {question}\n"
+    "Answer 1: {answer1}\n"
+    "Answer 2: {answer2}\n"
+    "Check each answer against the image: is it correct, complete and relevant to the question? "
+    "Explain your reasoning step by step, then give the number of the better answer."
+)
+# Structured output for the curation judge: the explanation becomes the SFT target.
+JUDGMENT_SCHEMA = {
+    "type": "object",
+    "properties": {"explanation": {"type": "string"}, "verdict": {"type": "integer", "enum": [1, 2]}},
+    "required": ["explanation", "verdict"],
+    "additionalProperties": False,
+}
+
+# What a text-only expert reward model sees in its user turn; the answer is the assistant turn.
+EXPERT_TEMPLATE = "{question}\n\nImage description: {caption}"
+
+
+def curation_judge_prompt(question: str, responses: list[str] | tuple[str, str]) -> str:
+    if len(responses) != 2:
+        raise ValueError(f"a judge prompt needs exactly two responses, got {len(responses)}")
+    return CURATION_JUDGE_TEMPLATE.format(question=question.strip(), answer1=responses[0].strip(), answer2=responses[1].strip())
+
+
+def expert_conversation(question: str, caption: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": EXPERT_TEMPLATE.format(question=question.strip(), caption=caption.strip())}, {"role": "assistant", "content": answer}]
+
+
+def parse_judgment(text: object) -> tuple[int | None, str | None]:
+    """(verdict, explanation) of a curation judge's reply: structured JSON {"explanation", "verdict"},
+    or free text ending in the verdict line (the line is cut from the explanation). Never raises."""
+    if not isinstance(text, str):
+        return None, None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if isinstance(record, dict):
+        verdict = record.get("verdict")
+        explanation = record.get("explanation")
+        verdict = verdict if verdict in (1, 2) else parse_verdict(f"Overall Judgment: Answer {verdict} is better") if isinstance(verdict, str) else None
+        return verdict, explanation.strip() if isinstance(explanation, str) and explanation.strip() else None
+    verdict = parse_verdict(text)
+    cut = re.split(r"(?:\*\*)?Overall Judgment", text, flags=re.IGNORECASE)[0].strip()
+    return verdict, cut or None

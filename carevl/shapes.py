@@ -331,3 +331,23 @@ def write_preference_groups(out_dir: str, n: int = 400, seed: int = 11, attribut
             rejected = worse_critiques(item)[: rng.randint(1, 4)]
             writer.write(PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=rejected, strategy="simulated"))
     return n
+
+
+# -- reading the world back from text (the simulated curation backends and the curation report) ------
+
+
+def attribute_of(question: str) -> str | None:
+    """The attribute a shapes-world question asks about, None for any other text."""
+    return next((attribute for attribute, text in QUESTIONS.items() if text in question), None)
+
+
+def mentioned_value(text: str, attribute: str) -> str | None:
+    """The first value of `attribute` that `text` names as a word ("circles" names circle)."""
+    import re
+
+    found = [(m.start(), value) for value in attribute_values(attribute) for m in [re.search(rf"\b{value}s?\b", text, re.IGNORECASE)] if m]
+    return min(found)[1] if found else None
+
+
+def scene_of(record: dict) -> Scene:
+    return Scene(**record)

@@ -237,6 +237,31 @@ def build_tiny_model(out_dir: str | Path, family: str = "qwen2_vl", hidden: int 
     return out
 
 
+BOS = "<|begin_of_text|>"
+
+
+def build_tiny_reward_model(out_dir: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny sequence-classification reward model (one raw logit, Skywork-Reward's layout) with a
+    Llama-style tokenizer: its chat template starts with the BOS token and plain tokenisation adds
+    BOS too, the trap that gives a reward model a second BOS when a rendered template is re-tokenised."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(CHATML_TOKENS + [BOS])
+    bos = tokenizer.convert_tokens_to_ids(BOS)
+    tokenizer.backend_tokenizer.post_processor = processors.Sequence(
+        [processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos)])]
+    )
+    tokenizer.bos_token = BOS
+    tokenizer.chat_template = chat_template("", prefix=BOS)
+    config = Qwen2Config(**{**_qwen2_text(tokenizer, hidden, layers), "bos_token_id": bos}, num_labels=1)
+    model = Qwen2ForSequenceClassification(config)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write the checkpoint to")

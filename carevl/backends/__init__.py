@@ -1,0 +1,2 @@
+"""Implementations of `carevl.inference.ChatModel` and `RewardModel`; each imports its heavy
+dependency (openai, transformers, vllm) only when built."""

@@ -1,0 +1,171 @@
+"""Simulations of the curation models for the shapes world. They are not models: each reads the
+world's truth (the scene of every image, from the ingest stage's items.jsonl) and answers through
+the same `ChatModel` / `RewardModel` interfaces as real backends, with chosen error rates, so every
+curation stage can run and be measured on CPU in seconds. `latency` (seconds per request) makes a
+run last long enough to be interrupted in tests.
+
+Every random choice is seeded by the model's name and its whole input (text and image bytes), so
+a reply depends only on its own request: a killed and resumed stage reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+from carevl import shapes
+from carevl.inference import Chat, ChatModel, Reply, RewardModel, Sampling
+
+
+def seeded(*parts) -> random.Random:
+    return random.Random(hashlib.sha256(repr(parts).encode()).hexdigest())
+
+
+class WorldTruth:
+    """Scene of each image, by sha256, from a curation work directory's items.jsonl."""
+
+    def __init__(self, workdir: str):
+        self.path = Path(workdir) / "items.jsonl"
+        self._scenes: dict[str, shapes.Scene] | None = None
+
+    def scene(self, image: bytes) -> shapes.Scene | None:
+        if self._scenes is None:
+            self._scenes = {}
+            for line in self.path.read_text().splitlines():
+                record = json.loads(line) if line.strip() else {}
+                if "truth" in record.get("meta", {}):
+                    self._scenes[record["image"]] = shapes.scene_of(record["meta"]["truth"]["scene"])
+        return self._scenes.get(hashlib.sha256(image).hexdigest())
+
+
+STYLES = {
+    "short": lambda attribute, value: value.capitalize() + ".",
+    "sentence": lambda attribute, value: shapes.ANSWERS[attribute].format(value),
+    "verbose": lambda attribute, value: "Looking at the image carefully, " + shapes.ANSWERS[attribute].format(value)[0].lower() + shapes.ANSWERS[attribute].format(value)[1:],
+}
+
+
+class SimulatedAnswerer(ChatModel):
+    """A simulated candidate model: states the true value of the asked attribute, or with probability
+    `error_rate` (doubled when sampling at temperature > 0) a wrong one, in one of `STYLES`."""
+
+    def __init__(self, name: str, world: str, error_rate: float = 0.3, style: str = "sentence", latency: float = 0.0):
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {sorted(STYLES)}")
+        self.name, self.truth, self.error_rate, self.style, self.latency = name, WorldTruth(world), error_rate, style, latency
+
+    def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
+        replies = []
+        for chat in chats:
+            time.sleep(self.latency)
+            scene = self.truth.scene(chat.images[0]) if chat.images else None
+            attribute = shapes.attribute_of(chat.text())
+            if scene is None or attribute is None:
+                replies.append(Reply(error="simulation: not a shapes-world request"))
+                continue
+            truth = scene.value(attribute)
+            error = min(1.0, self.error_rate * (2 if sampling.temperature > 0 else 1))
+            texts = []
+            for index in range(sampling.n):
+                rng = seeded(self.name, chat.text(), chat.images[0], sampling.seed, sampling.temperature, index)
+                value = rng.choice([v for v in shapes.attribute_values(attribute) if v != truth]) if rng.random() < error else truth
+                texts.append(STYLES[self.style](attribute, value))
+            replies.append(Reply(texts))
+        return replies
+
+
+class SimulatedCaptioner(ChatModel):
+    """A simulated captioner: states the scene, misreading one attribute with probability `error_rate`."""
+
+    def __init__(self, name: str, world: str, error_rate: float = 0.05):
+        self.name, self.truth, self.error_rate = name, WorldTruth(world), error_rate
+
+    def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
+        replies = []
+        for chat in chats:
+            scene = self.truth.scene(chat.images[0]) if chat.images else None
+            if scene is None:
+                replies.append(Reply(error="simulation: unknown image"))
+                continue
+            rng = seeded(self.name, chat.images[0], sampling.seed)
+            if rng.random() < self.error_rate:
+                attribute = rng.choice(shapes.JUDGE_ATTRIBUTES)
+                wrong = rng.choice([v for v in shapes.attribute_values(attribute) if v != scene.value(attribute)])
+                scene = shapes.with_value(scene, attribute, wrong)
+            replies.append(Reply([shapes.caption_target(scene)] * sampling.n))
+        return replies
+
+
+_ANSWER_LINE = re.compile(r"^Answer ([12]): (.*)$", re.MULTILINE)
+
+
+class SimulatedJudge(ChatModel):
+    """A simulated strong LVLM judge (GPT-4o's role): where exactly one answer is right it picks that
+    one with probability `accuracy`; otherwise it picks the longer answer (a verbosity bias), ties at
+    random. Its explanation reads like the shapes world's critiques and supports its verdict, right
+    or wrong. With a schema it answers as JSON {"explanation", "verdict"}, like structured output."""
+
+    def __init__(self, name: str, world: str, accuracy: float = 0.8, latency: float = 0.0):
+        self.name, self.truth, self.accuracy, self.latency = name, WorldTruth(world), accuracy, latency
+
+    def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
+        replies = []
+        for chat in chats:
+            time.sleep(self.latency)
+            scene = self.truth.scene(chat.images[0]) if chat.images else None
+            text = chat.text()
+            attribute = shapes.attribute_of(text)
+            answers = dict(_ANSWER_LINE.findall(text))
+            if scene is None or attribute is None or set(answers) != {"1", "2"}:
+                replies.append(Reply(error="simulation: not a shapes-world judge request"))
+                continue
+            values = [shapes.mentioned_value(answers[k], attribute) for k in ("1", "2")]
+            truth = scene.value(attribute)
+            rng = seeded(self.name, text, chat.images[0], sampling.seed)
+            right = [v == truth for v in values]
+            if right[0] != right[1]:
+                best = 1 if right[0] else 2
+                verdict = best if rng.random() < self.accuracy else 3 - best
+            else:
+                lengths = [len(answers["1"]), len(answers["2"])]
+                verdict = 1 + (lengths[1] > lengths[0]) if lengths[0] != lengths[1] else rng.choice((1, 2))
+            seen = truth if values[verdict - 1] == truth or values[verdict - 1] is None else values[verdict - 1]
+            explanation = f"The image shows {shapes.with_value(scene, attribute, seen).caption()}. " + " ".join(
+                f"Answer {n} says {v or 'nothing clear'}." for n, v in enumerate(values, start=1)
+            ) + f" The image has {seen}, as Answer {verdict} says."
+            text_out = json.dumps({"explanation": explanation, "verdict": verdict}) if schema else f"{explanation} Overall Judgment: Answer {verdict} is better."
+            replies.append(Reply([text_out] * sampling.n))
+        return replies
+
+
+_DESCRIPTION = re.compile(r"Image description: (.*)", re.IGNORECASE)
+
+
+class SimulatedExpert(RewardModel):
+    """A simulated text-only reward model: it sees the question, the caption and one answer, scores 2
+    when the answer's value matches the caption's (0 otherwise), flips that with probability
+    `error_rate`, and adds 0 or 1 at random, so two equally right answers tie half the time."""
+
+    def __init__(self, name: str, error_rate: float = 0.2):
+        self.name, self.error_rate = name, error_rate
+
+    def score(self, conversations: list[list[dict]]) -> list[float | None]:
+        scores = []
+        for conversation in conversations:
+            prompt = "\n".join(m["content"] for m in conversation if m["role"] == "user")
+            answer = "\n".join(m["content"] for m in conversation if m["role"] == "assistant")
+            attribute = shapes.attribute_of(prompt)
+            description = _DESCRIPTION.search(prompt)
+            if attribute is None or description is None:
+                scores.append(None)
+                continue
+            match = shapes.mentioned_value(answer, attribute) == shapes.mentioned_value(description.group(1), attribute)
+            rng = seeded(self.name, prompt, answer)
+            if rng.random() < self.error_rate:
+                match = not match
+            scores.append(2.0 * match + rng.randint(0, 1))
+        return scores

@@ -1,0 +1,106 @@
+"""Append-only JSONL records and the content-addressed image store of a curation work directory.
+
+Every record carries a `key`: the sha256 of the inputs that produced it (see `content_key`). A stage
+skips units whose key already has a successful record, so rerunning after a kill redoes only what
+was missing, and retries what failed. A line cut short by a kill is removed when the file is next
+opened; every complete line is written in one call and fsync'd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def content_key(*parts) -> str:
+    """sha256 of the canonical JSON of `parts` (dicts with sorted keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class Records:
+    """One stage's JSONL file. `latest()` holds the last record of each key, a success never being
+    replaced by a later failure."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._latest: dict[str, dict] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("%s: dropping a line cut short by an interrupted run (%d bytes)", self.path, len(data) - end)
+            with self.path.open("r+b") as handle:
+                handle.truncate(end)
+        for line in data[:end].decode().splitlines():
+            if line.strip():
+                self._remember(json.loads(line))
+
+    def _remember(self, record: dict) -> None:
+        old = self._latest.get(record["key"])
+        if old is None or "error" in old or "error" not in record:
+            self._latest[record["key"]] = record
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            handle.flush()
+            os.fsync(handle.fileno())
+        for record in records:
+            self._remember(record)
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the file (for stages that are pure functions of earlier records)."""
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        os.replace(temporary, self.path)
+        self._latest = {}
+        for record in records:
+            self._remember(record)
+
+    def done(self, key: str) -> bool:
+        record = self._latest.get(key)
+        return record is not None and "error" not in record
+
+    def latest(self) -> list[dict]:
+        return list(self._latest.values())
+
+    def ok(self) -> list[dict]:
+        return [r for r in self._latest.values() if "error" not in r]
+
+    def failures(self) -> Counter:
+        return Counter(r["error"].split(":")[0] for r in self._latest.values() if "error" in r)
+
+
+class ImageStore:
+    """Images stored once under ``images/<sha[:2]>/<sha>.<ext>``, named by the sha256 of their bytes."""
+
+    def __init__(self, workdir: str | Path):
+        self.root = Path(workdir) / "images"
+
+    def path(self, sha: str, ext: str) -> Path:
+        return self.root / sha[:2] / f"{sha}.{ext}"
+
+    def put(self, data: bytes, ext: str) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        path = self.path(sha, ext)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_bytes(data)
+            os.replace(temporary, path)
+        return sha
+
+    def get(self, sha: str, ext: str) -> bytes:
+        return self.path(sha, ext).read_bytes()

@@ -1,0 +1,108 @@
+"""The curation report: counts per stage, failures by reason, judge-expert agreement, vote histogram,
+confidence split sizes and, where items carry the world's truth (the shapes world), the label
+precision of the high-confidence set against the judge alone. Markdown plus PNG plots."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from carevl import shapes
+from carevl.curation.stages import FILES, items_by_id, records
+
+
+def true_label(item: dict, responses: list[str]) -> int | None:
+    """1 or 2 where exactly one answer states the world's true value; None otherwise or without truth."""
+    truth = item.get("meta", {}).get("truth")
+    if truth is None:
+        return None
+    attribute = truth["attribute"]
+    value = shapes.scene_of(truth["scene"]).value(attribute)
+    right = [shapes.mentioned_value(text, attribute) == value for text in responses]
+    return (1 if right[0] else 2) if right[0] != right[1] else None
+
+
+def precision(rows: list[dict], items: dict[str, dict], label_of) -> tuple[int, int]:
+    """(labels matching the truth, pairs with a known true label and a label)."""
+    hits = total = 0
+    for row in rows:
+        truth, label = true_label(items[row["item"]], row["responses"]), label_of(row)
+        if truth is not None and label is not None:
+            total += 1
+            hits += truth == label
+    return hits, total
+
+
+def percent(hits: int, total: int) -> str:
+    return f"{100 * hits / total:.1f}% ({hits}/{total})" if total else "n/a"
+
+
+def figures(workdir: str | Path) -> dict:
+    items = items_by_id(workdir)
+    stages = {}
+    for stage in FILES:
+        found = records(workdir, stage)
+        stages[stage] = {"ok": len(found.ok()), "failed": sum(found.failures().values()), "failures": dict(found.failures())}
+    rows = records(workdir, "split").ok()
+    with_both = [r for r in rows if r["judge"] is not None and r["votes"][0] != r["votes"][1]]
+    agree = sum((1 if r["votes"][0] > r["votes"][1] else 2) == r["judge"] for r in with_both)
+    high = [r for r in rows if r["confidence"] == "high"]
+    low = [r for r in rows if r["confidence"] == "low"]
+    return {
+        "stages": stages,
+        "pairs": len(rows),
+        "judge_expert_agreement": [agree, len(with_both)],
+        "max_votes": dict(sorted(Counter(max(r["votes"]) for r in rows).items())),
+        "expert_ties": dict(sorted(Counter(r["ties"] for r in rows).items())),
+        "split": dict(sorted(Counter(f"{r['confidence']}: {r['rule']}" for r in rows).items())),
+        "precision": {
+            "judge alone (all judged pairs)": precision(rows, items, lambda r: r["judge"]),
+            "high confidence": precision(high, items, lambda r: r["label"]),
+            "low confidence, relabeled": precision(low, items, lambda r: r["label"]),
+        },
+    }
+
+
+def plot(values: dict, title: str, xlabel: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar([str(k) for k in values], list(values.values()), color="#4c72b0")
+    ax.set(title=title, xlabel=xlabel, ylabel="pairs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(workdir: str, out: str | None = None) -> dict:
+    """Write report.md, report.json and the PNG plots to `out` (default <workdir>/report).
+
+    Args:
+        workdir: the curation work directory.
+        out: where the report goes.
+    """
+    found = figures(workdir)
+    target = Path(out or Path(workdir) / "report")
+    target.mkdir(parents=True, exist_ok=True)
+    plot(found["max_votes"], "Votes for the majority answer", "max(v1, v2)", target / "votes.png")
+    plot({k.replace(": ", "\n"): v for k, v in found["split"].items()}, "Confidence split", "", target / "split.png")
+    lines = ["# Curation report", "", "| stage | records | failed | failures by reason |", "|---|---:|---:|---|"]
+    for stage, row in found["stages"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(row["failures"].items())) or "-"
+        lines.append(f"| {stage} ({FILES[stage]}) | {row['ok']} | {row['failed']} | {reasons} |")
+    lines += ["", f"Pairs in the split: {found['pairs']}.", f"Judge-expert agreement (pairs with an expert majority and a verdict): {percent(*found['judge_expert_agreement'])}.", ""]
+    lines += ["| max(v1, v2) | pairs |", "|---:|---:|"] + [f"| {k} | {v} |" for k, v in found["max_votes"].items()]
+    lines += ["", "| experts tied | pairs |", "|---:|---:|"] + [f"| {k} | {v} |" for k, v in found["expert_ties"].items()]
+    lines += ["", "| confidence: rule | pairs |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in found["split"].items()]
+    if any(total for _, total in found["precision"].values()):
+        lines += ["", "Label precision against the world's truth (pairs where exactly one answer is right):", "", "| labels | precision |", "|---|---:|"]
+        lines += [f"| {name} | {percent(*value)} |" for name, value in found["precision"].items()]
+    lines += ["", "![votes](votes.png) ![split](split.png)", ""]
+    (target / "report.md").write_text("\n".join(lines))
+    (target / "report.json").write_text(json.dumps(found, indent=1))
+    print("\n".join(lines))
+    return found

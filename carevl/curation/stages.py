@@ -1,0 +1,517 @@
+"""The curation stages of paper §3.1-3.3. Each reads earlier records from `workdir`, appends its own
+and returns a summary; `tools/curate.py` runs them from YAML.
+
+    ingest -> items.jsonl          images stored once under images/, by sha256
+    candidates -> candidates.jsonl every model x decoding answers every item
+    captions -> captions.jsonl     one detailed caption per image
+    pairs -> pairs.jsonl           distinct answers of an item, paired
+    judge -> judgments.jsonl       the strong LVLM's verdict and explanation (optionally both orders)
+    votes -> scores.jsonl          every expert scores every distinct answer given question + caption
+    split -> split.jsonl           votes, confidence and (re)label of every pair
+    sft_shards -> sft/             high-confidence pairs as SFT shards (target: explanation + verdict)
+
+Models are given as factories and built one at a time, when their stage needs them.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import logging
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from carevl import prompts
+from carevl.backends.openai_api import OpenAIBatch
+from carevl.curation import cost
+from carevl.curation.records import ImageStore, Records, content_key
+from carevl.curation.split import HIGH, count_votes, decide
+from carevl.inference import Chat, ChatModel, Reply, RewardModel, Sampling, chunks, load_image
+
+log = logging.getLogger(__name__)
+
+FILES = {
+    "ingest": "items.jsonl",
+    "candidates": "candidates.jsonl",
+    "captions": "captions.jsonl",
+    "pairs": "pairs.jsonl",
+    "judge": "judgments.jsonl",
+    "votes": "scores.jsonl",
+    "split": "split.jsonl",
+}
+
+
+def records(workdir: str | Path, stage: str) -> Records:
+    return Records(Path(workdir) / FILES[stage])
+
+
+def summarize(stage: str, counts: Counter) -> dict:
+    summary = {"stage": stage, **dict(sorted(counts.items()))}
+    log.info("%s: %s", stage, ", ".join(f"{k} {v}" for k, v in summary.items() if k != "stage"))
+    return summary
+
+
+def free_memory() -> None:
+    """Give a released model's memory back before the next one is built."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def run_units(out: Records, units: list[tuple[str, object]], work: Callable[[list], list[dict]], chunk_size: int, desc: str) -> Counter:
+    """Process the units whose key has no successful record, `chunk_size` at a time, appending each
+    chunk's records as it finishes. Counts done / skipped (already there) / failed by reason."""
+    units = list(dict(units).items())  # units with equal inputs are done once
+    counts = Counter(skipped=sum(out.done(key) for key, _ in units))
+    todo = [(key, payload) for key, payload in units if not out.done(key)]
+    with tqdm(total=len(todo), desc=desc, unit="item", disable=None) as bar:
+        for chunk in chunks(todo, chunk_size):
+            written = work(chunk)
+            out.append(written)
+            for record in written:
+                counts["failed: " + record["error"].split(":")[0] if "error" in record else "done"] += 1
+            bar.update(len(chunk))
+    return counts
+
+
+def reply_record(base: dict, reply: Reply, fields: Callable[[list[str]], dict]) -> dict:
+    if not reply.ok:
+        return {**base, "error": reply.error}
+    try:
+        return {**base, **fields(reply.texts)}
+    except ValueError as error:
+        return {**base, "error": f"unparseable: {error}"}
+
+
+# -- items -----------------------------------------------------------------------------------------
+
+
+def items_by_id(workdir: str | Path) -> dict[str, dict]:
+    return {r["id"]: r for r in records(workdir, "ingest").ok()}
+
+
+def item_chat(store: ImageStore, item: dict, text: str) -> Chat:
+    return Chat.user(text, store.get(item["image"], item["image_ext"]))
+
+
+def ingest(workdir: str, source: str | None = None, shapes_items: int = 0, seed: int = 0) -> dict:
+    """Store images once (content-addressed) and record the image-question items.
+
+    Args:
+        workdir: the curation work directory (created if missing).
+        source: a JSONL file of {"id", "image" (path, relative to the file), "question", "meta"?}.
+        shapes_items: instead of (or besides) a source, this many shapes-world items, whose meta
+            carries the world's truth for the simulations and the report.
+        seed: the shapes world's seed.
+    """
+    from carevl import shapes
+
+    store, out = ImageStore(workdir), records(workdir, "ingest")
+    counts = Counter()
+    new = []
+    seen = {r["id"] for r in out.ok()}
+
+    def add(line_key: str, record_id: object, question: object, image: bytes | None, ext: str, meta: dict) -> None:
+        base = {"key": line_key, "id": record_id}
+        if out.done(line_key):
+            counts["skipped"] += 1
+            return
+        if not isinstance(record_id, str) or not record_id or not isinstance(question, str) or not question.strip() or image is None:
+            new.append({**base, "error": "missing_field: id, question and image are required"})
+        elif record_id in seen:
+            new.append({**base, "error": f"duplicate_id: {record_id}"})
+        else:
+            try:
+                load_image(image)
+            except ValueError as error:
+                new.append({**base, "error": f"corrupt_image: {error}"})
+                return
+            seen.add(record_id)
+            new.append({**base, "image": store.put(image, ext), "image_ext": ext, "question": question.strip(), "meta": meta})
+
+    if source is not None:
+        root = Path(source).parent
+        for number, line in enumerate(Path(source).read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                new.append({"key": content_key("ingest", source, number), "id": None, "error": f"unparseable: line {number + 1}"})
+                continue
+            path = root / str(row.get("image", ""))
+            image = path.read_bytes() if row.get("image") and path.is_file() else None
+            ext = path.suffix.lstrip(".").lower().replace("jpeg", "jpg") or "png"
+            add(content_key("ingest", row, image.hex()[:64] if image else None), row.get("id"), row.get("question"), image, ext, row.get("meta") or {})
+    if shapes_items:
+        for item in shapes.judge_items(shapes_items, seed, prefix="curation", attributes=shapes.JUDGE_ATTRIBUTES):
+            meta = {"truth": {"scene": item.scene.__dict__, "attribute": item.attribute}}
+            add(content_key("ingest-shapes", item.id, seed), item.id, item.question, item.image, "png", meta)
+    out.append(new)
+    for record in new:
+        counts["failed: " + record["error"].split(":")[0] if "error" in record else "done"] += 1
+    return summarize("ingest", counts)
+
+
+# -- candidates and captions -------------------------------------------------------------------------
+
+
+def default_decodings() -> dict[str, Sampling]:
+    return {"greedy": Sampling(temperature=0.0, max_tokens=512), "t1": Sampling(temperature=1.0, max_tokens=512)}
+
+
+def candidates(workdir: str, models: dict[str, Callable[[], ChatModel]], decodings: dict[str, Sampling] | None = None, chunk_size: int = 64) -> dict:
+    """Every model answers every item under every decoding (paper: 5 models, greedy and temperature 1.0).
+
+    Args:
+        workdir: the curation work directory.
+        models: name -> chat model; built one at a time.
+        decodings: name -> sampling settings (default: greedy and temperature 1.0, 512 tokens).
+        chunk_size: items per generate call (and per write to disk).
+    """
+    decodings = decodings or default_decodings()
+    store, items, out = ImageStore(workdir), items_by_id(workdir), records(workdir, "candidates")
+    counts = Counter()
+    for name, build in models.items():
+        for decoding, sampling in decodings.items():
+            units = [(content_key("candidate", item["key"], name, decoding, asdict(sampling)), item) for item in items.values()]
+            if all(out.done(key) for key, _ in units):
+                counts["skipped"] += len(dict(units))
+                continue
+            model = build() if callable(build) else build
+
+            def work(chunk: list) -> list[dict]:
+                replies = model.generate([item_chat(store, item, item["question"]) for _, item in chunk], sampling)
+                return [
+                    reply_record({"key": key, "item": item["id"], "model": name, "decoding": decoding}, reply, lambda texts: {"answers": texts})
+                    for (key, item), reply in zip(chunk, replies)
+                ]
+
+            counts.update(run_units(out, units, work, chunk_size, f"candidates {name}/{decoding}"))
+            model = None
+            free_memory()
+    return summarize("candidates", counts)
+
+
+def captions(workdir: str, captioner: Callable[[], ChatModel], prompt: str = prompts.CAPTION_REQUEST, sampling: Sampling | None = None, chunk_size: int = 64) -> dict:
+    """One detailed caption per image, from a strong captioner (paper: Qwen2-VL-72B).
+
+    Args:
+        workdir: the curation work directory.
+        captioner: the captioning chat model.
+        prompt: the caption request.
+        sampling: decoding settings (greedy, 1024 tokens by default).
+    """
+    sampling = sampling or Sampling(max_tokens=1024)
+    store, out = ImageStore(workdir), records(workdir, "captions")
+    images = {item["image"]: item for item in items_by_id(workdir).values()}
+    units = [(content_key("caption", sha, prompt, asdict(sampling)), item) for sha, item in images.items()]
+    model = None
+
+    def work(chunk: list) -> list[dict]:
+        nonlocal model
+        model = model or captioner()
+        replies = model.generate([item_chat(store, item, prompt) for _, item in chunk], sampling)
+        return [reply_record({"key": key, "image": item["image"]}, reply, lambda texts: {"caption": texts[0].strip()}) for (key, item), reply in zip(chunk, replies)]
+
+    counts = run_units(out, units, work, chunk_size, "captions")
+    return summarize("captions", counts)
+
+
+def caption_by_image(workdir: str | Path) -> dict[str, str]:
+    return {r["image"]: r["caption"] for r in records(workdir, "captions").ok()}
+
+
+# -- pairs -----------------------------------------------------------------------------------------
+
+
+def normalized(answer: str) -> str:
+    return " ".join(answer.split()).casefold().rstrip(".")
+
+
+def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) -> dict:
+    """Pair the distinct answers of each item. Answers equal up to case, spacing and a final full
+    stop are one answer. Each pair's order is shuffled (seeded), so neither position is favoured.
+
+    Args:
+        workdir: the curation work directory.
+        max_pairs_per_item: keep at most this many pairs per item (a seeded choice); None keeps all.
+        seed: seed of the order and the choice.
+    """
+    counts = Counter()
+    answers: dict[str, dict[str, dict]] = defaultdict(dict)
+    for record in sorted(records(workdir, "candidates").ok(), key=lambda r: r["key"]):
+        for index, text in enumerate(record["answers"]):
+            if not text.strip():
+                counts["dropped: empty answer"] += 1
+                continue
+            known = answers[record["item"]].setdefault(normalized(text), {"text": text.strip(), "sources": []})
+            known["sources"].append(f"{record['model']}/{record['decoding']}/{index}")
+    out = records(workdir, "pairs")
+    new = []
+    for item_id, distinct in sorted(answers.items()):
+        counts["identical answers merged"] += sum(len(a["sources"]) - 1 for a in distinct.values())
+        options = sorted(distinct.values(), key=lambda a: a["text"])
+        combos = list(itertools.combinations(options, 2))
+        rng = random.Random(content_key("pairs", item_id, seed))
+        if max_pairs_per_item is not None and len(combos) > max_pairs_per_item:
+            combos = rng.sample(combos, max_pairs_per_item)
+            counts["dropped: over max_pairs_per_item"] += len(list(itertools.combinations(options, 2))) - max_pairs_per_item
+        if len(options) < 2:
+            counts["items with one distinct answer"] += 1
+        for first, second in combos:
+            if rng.random() < 0.5:
+                first, second = second, first
+            key = content_key("pair", item_id, first["text"], second["text"])
+            counts["skipped" if out.done(key) else "done"] += 1
+            if not out.done(key):
+                new.append({"key": key, "item": item_id, "responses": [first["text"], second["text"]], "sources": [first["sources"], second["sources"]]})
+    out.append(new)
+    return summarize("pairs", counts)
+
+
+# -- the strong LVLM judge -----------------------------------------------------------------------------
+
+
+def judge(
+    workdir: str,
+    model: Callable[[], ChatModel] | None = None,
+    batch: Callable[[], OpenAIBatch] | None = None,
+    both_orders: bool = False,
+    sampling: Sampling | None = None,
+    structured: bool = True,
+    prices: cost.Prices | None = None,
+    image_detail: str = "auto",
+    max_usd: float | None = None,
+    estimate_only: bool = False,
+    chunk_size: int = 64,
+) -> dict:
+    """The strong LVLM (paper: GPT-4o) judges every pair: a verdict and the explanation that becomes
+    the SFT target. A token and cost estimate is printed before any request is sent.
+
+    Args:
+        workdir: the curation work directory.
+        model: a live chat model (e.g. carevl.backends.openai_api.OpenAIChat).
+        batch: instead of `model`, the Batch API (carevl.backends.openai_api.OpenAIBatch).
+        both_orders: also judge each pair with the answers swapped; the split keeps a verdict only
+            when both orders agree, cancelling position bias.
+        sampling: decoding settings (default greedy, 1024 tokens).
+        structured: ask for JSON {"explanation", "verdict"} (structured output); off for models that
+            answer in free text ending with the verdict line.
+        prices: USD per million tokens for the estimate (default GPT-4o's).
+        image_detail: GPT-4o image detail for the estimate ("low", "high", "auto").
+        max_usd: refuse to start when the expected cost is above this.
+        estimate_only: print the estimate and stop.
+        chunk_size: pairs per generate call (and per write to disk) in live mode.
+    """
+    if (model is None) == (batch is None):
+        raise ValueError("give exactly one of `model` (live) and `batch` (Batch API)")
+    sampling = sampling or Sampling(max_tokens=1024)
+    schema = prompts.JUDGMENT_SCHEMA if structured else None
+    store, items, out = ImageStore(workdir), items_by_id(workdir), records(workdir, "judge")
+    units = []
+    for pair in records(workdir, "pairs").ok():
+        for order in ("12", "21") if both_orders else ("12",):
+            responses = pair["responses"] if order == "12" else pair["responses"][::-1]
+            units.append((content_key("judgment", pair["key"], order, asdict(sampling), structured), (pair, order, responses)))
+    todo = [(key, unit) for key, unit in units if not out.done(key)]
+
+    def chat(unit) -> Chat:
+        pair, _, responses = unit
+        return item_chat(store, items[pair["item"]], prompts.curation_judge_prompt(items[pair["item"]]["question"], responses))
+
+    figures = cost.estimate([chat(unit) for _, unit in todo], sampling, prices or cost.Prices(), image_detail, batch=batch is not None)
+    print(f"judge: {cost.describe(figures)}", flush=True)
+    if estimate_only:
+        return {"stage": "judge", "estimate": figures}
+    if max_usd is not None and figures["usd"] > max_usd:
+        raise RuntimeError(f"expected cost ${figures['usd']:.2f} is above max_usd ${max_usd:.2f}")
+
+    def record(key: str, unit, reply: Reply) -> dict:
+        pair, order, _ = unit
+
+        def fields(texts: list[str]) -> dict:
+            verdict, explanation = prompts.parse_judgment(texts[0])
+            if verdict is None or explanation is None:
+                raise ValueError("no verdict or no explanation")
+            return {"verdict": verdict if order == "12" else 3 - verdict, "explanation": explanation}
+
+        return reply_record({"key": key, "pair": pair["key"], "order": order}, reply, fields)
+
+    if batch is not None:
+        counts = Counter(skipped=len(units) - len(todo))
+        by_key = dict(todo)
+
+        def on_replies(replies: dict[str, Reply]) -> None:
+            written = [record(key, by_key[key], reply) for key, reply in replies.items() if key in by_key and not out.done(key)]
+            out.append(written)
+            counts.update("failed: " + r["error"].split(":")[0] if "error" in r else "done" for r in written)
+
+        batch().run({key: chat(unit) for key, unit in todo}, sampling, schema, Path(workdir) / "judge.batches.jsonl", on_replies)
+        return summarize("judge", counts)
+
+    live = None
+
+    def work(chunk: list) -> list[dict]:
+        nonlocal live
+        live = live or model()
+        replies = live.generate([chat(unit) for _, unit in chunk], sampling, schema)
+        return [record(key, unit, reply) for (key, unit), reply in zip(chunk, replies)]
+
+    return summarize("judge", run_units(out, units, work, chunk_size, "judge"))
+
+
+# -- expert votes ------------------------------------------------------------------------------------
+
+
+def score_key(expert: str, item: dict, captions_: dict[str, str], answer: str) -> str:
+    """An expert's score depends on the question, the caption and the answer only: items that share
+    all three share the score."""
+    return content_key("score", expert, item["question"], captions_[item["image"]], answer)
+
+
+def votes(workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_size: int = 256) -> dict:
+    """Every text-only expert reward model scores every distinct answer of every paired item, given the
+    question and the image caption instead of the image (paper: M = 5 experts). A pair's votes are
+    derived from these scores in the split, so an answer in many pairs is scored once per expert.
+
+    Args:
+        workdir: the curation work directory.
+        experts: name -> reward model; built one at a time.
+        chunk_size: answers per scoring call (and per write to disk).
+    """
+    items, captions_ = items_by_id(workdir), caption_by_image(workdir)
+    out = records(workdir, "votes")
+    answers = sorted({(pair["item"], text) for pair in records(workdir, "pairs").ok() for text in pair["responses"]})
+    counts = Counter()
+    missing = {item for item, _ in answers if items[item]["image"] not in captions_}
+    if missing:
+        counts["failed: no caption"] = sum(item in missing for item, _ in answers)
+        log.warning("votes: %d items have no caption; run the captions stage first", len(missing))
+    for name, build in experts.items():
+        units = [(score_key(name, items[item], captions_, text), (item, text)) for item, text in answers if item not in missing]
+        if all(out.done(key) for key, _ in units):
+            counts["skipped"] += len(dict(units))
+            continue
+        expert = build() if callable(build) else build
+
+        def work(chunk: list) -> list[dict]:
+            conversations = [prompts.expert_conversation(items[item]["question"], captions_[items[item]["image"]], text) for _, (item, text) in chunk]
+            scores = expert.score(conversations)
+            return [
+                {"key": key, "expert": name, "item": item, "answer": text, **({"score": s} if s is not None else {"error": "unscored"})}
+                for (key, (item, text)), s in zip(chunk, scores)
+            ]
+
+        counts.update(run_units(out, units, work, chunk_size, f"votes {name}"))
+        expert = None
+        free_memory()
+    return summarize("votes", counts)
+
+
+# -- the confidence split ---------------------------------------------------------------------------
+
+
+def split(workdir: str, tau: int | None = None) -> dict:
+    """Join judgments and expert scores into the confidence split and relabel (carevl.curation.split).
+
+    Args:
+        workdir: the curation work directory.
+        tau: expert votes needed for high confidence (default: number of experts - 1).
+    """
+    found = records(workdir, "votes").ok()
+    scores = {record["key"]: record["score"] for record in found}
+    experts = sorted({record["expert"] for record in found})
+    items, captions_ = items_by_id(workdir), caption_by_image(workdir)
+    if not experts:
+        raise RuntimeError("no expert scores: run the votes stage first")
+    tau = len(experts) - 1 if tau is None else tau
+    judgments: dict[str, dict[str, dict]] = defaultdict(dict)
+    for record in records(workdir, "judge").latest():
+        judgments[record["pair"]][record["order"]] = record
+    counts = Counter()
+    rows = []
+    for pair in sorted(records(workdir, "pairs").ok(), key=lambda p: p["key"]):
+        item = items[pair["item"]]
+        keys = [[score_key(e, item, captions_, text) for e in experts] if item["image"] in captions_ else [] for text in pair["responses"]]
+        if any(len(k) != len(experts) or not all(key in scores for key in k) for k in keys):
+            counts["skipped: missing expert scores"] += 1
+            continue
+        tally = count_votes([(scores[a], scores[b]) for a, b in zip(*keys)])
+        seen = judgments.get(pair["key"], {})
+        verdicts = {order: j.get("verdict") for order, j in seen.items()}
+        agreed = set(verdicts.values())
+        verdict = agreed.pop() if len(agreed) == 1 and None not in agreed and len(verdicts) > 0 else None
+        if len(verdicts) == 2 and len(set(verdicts.values())) == 2:
+            counts["judge inconsistent across orders"] += 1
+        decision = decide(tally, verdict, tau)
+        counts[f"{decision.confidence}: {decision.rule}"] += 1
+        rows.append(
+            {
+                "key": pair["key"],
+                "item": pair["item"],
+                "responses": pair["responses"],
+                "votes": [tally.v1, tally.v2],
+                "ties": tally.ties,
+                "judge": verdict,
+                "confidence": decision.confidence,
+                "label": decision.label,
+                "rule": decision.rule,
+                "explanation": (seen.get("12") or {}).get("explanation"),
+            }
+        )
+    records(workdir, "split").rewrite(rows)
+    counts["tau"], counts["experts"] = tau, len(experts)
+    return summarize("split", counts)
+
+
+def sft_shards(workdir: str, out: str | None = None, shard_size: int = 1000, max_target_chars: int = 8000) -> dict:
+    """Write the high-confidence pairs as SFT shards: target = the judge's explanation followed by the
+    verdict line. Targets longer than `max_target_chars` are dropped and counted.
+
+    Args:
+        workdir: the curation work directory.
+        out: shard directory (default <workdir>/sft).
+        shard_size: samples per shard.
+        max_target_chars: longest explanation kept.
+    """
+    from carevl.schema import SFTSample, ShardWriter
+
+    store, items = ImageStore(workdir), items_by_id(workdir)
+    counts = Counter()
+    with ShardWriter(Path(out or Path(workdir) / "sft"), prefix="sft", max_count=shard_size, kind="sft") as writer:
+        for row in records(workdir, "split").ok():
+            if row["confidence"] != HIGH:
+                counts[f"not written: {row['confidence']} confidence"] += 1
+                continue
+            if not row["explanation"] or len(row["explanation"]) > max_target_chars:
+                counts["dropped: explanation missing or too long"] += 1
+                continue
+            item = items[row["item"]]
+            writer.write(
+                SFTSample(
+                    id=row["key"][:32],
+                    question=item["question"],
+                    responses=row["responses"],
+                    label=row["label"],
+                    target=f"{row['explanation']} {prompts.verdict_line(row['label'])}",
+                    source="carevl-curation",
+                    image=store.get(item["image"], item["image_ext"]),
+                    image_ext=item["image_ext"],
+                    meta={"item": row["item"], "votes": row["votes"], "rule": row["rule"], **item["meta"]},
+                )
+            )
+            counts["written"] += 1
+    return summarize("sft_shards", counts)
+

@@ -1,0 +1,215 @@
+"""Curation I on the shapes world: the stages end to end with simulated models, label precision of
+the confidence split, kill-and-rerun, bad input at ingest, and the API key kept out of every file."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from carevl.backends.openai_api import OpenAIChat
+from carevl.backends.simulated import SimulatedAnswerer, SimulatedCaptioner, SimulatedExpert, SimulatedJudge
+from carevl.curation import stages
+from carevl.curation.records import Records
+from carevl.curation.report import write_report
+from carevl.inference import Sampling
+from carevl.loopback import LoopbackEndpoint
+from carevl.schema import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["ingest", "candidates", "captions", "pairs", "judge", "votes", "split", "sft_shards"]
+
+
+def run_simulated(workdir: str, items: int = 120) -> None:
+    stages.ingest(workdir, shapes_items=items, seed=3)
+    models = {f"sim-{e}": (lambda e=e: SimulatedAnswerer(f"sim-{e}", workdir, error_rate=e / 10)) for e in (1, 3, 5)}
+    stages.candidates(workdir, models, {"greedy": Sampling(), "t1": Sampling(temperature=1.0)})
+    stages.captions(workdir, lambda: SimulatedCaptioner("sim-captioner", workdir, error_rate=0.05))
+    stages.pairs(workdir, max_pairs_per_item=3)
+    stages.judge(workdir, model=lambda: SimulatedJudge("sim-judge", workdir, accuracy=0.75))
+    stages.votes(workdir, {f"expert-{i}": (lambda i=i: SimulatedExpert(f"expert-{i}", error_rate=0.1 + 0.05 * i)) for i in range(5)})
+    stages.split(workdir)
+    stages.sft_shards(workdir)
+
+
+def test_high_confidence_labels_beat_the_judge_alone(tmp_path):
+    workdir = str(tmp_path / "cur")
+    run_simulated(workdir)
+    found = write_report(workdir)
+    judge_hits, judge_total = found["precision"]["judge alone (all judged pairs)"]
+    high_hits, high_total = found["precision"]["high confidence"]
+    assert judge_total > 100 and high_total > 20
+    assert high_hits / high_total > judge_hits / judge_total + 0.1
+    assert 0.6 < judge_hits / judge_total < 0.9  # the simulated judge is right 75% of the time on such pairs
+    assert (Path(workdir) / "report" / "votes.png").stat().st_size > 1000
+    manifest = read_manifest(Path(workdir) / "sft")
+    split_rows = Records(Path(workdir) / "split.jsonl").ok()
+    assert manifest["samples"] == sum(r["confidence"] == "high" for r in split_rows) > 0
+    for row in split_rows:
+        assert row["votes"][0] + row["votes"][1] + row["ties"] == 5
+
+
+def test_pairs_merge_identical_answers_and_never_pair_an_answer_with_itself(tmp_path):
+    workdir = str(tmp_path / "cur")
+    run_simulated(workdir, items=30)
+    for pair in Records(Path(workdir) / "pairs.jsonl").ok():
+        assert stages.normalized(pair["responses"][0]) != stages.normalized(pair["responses"][1])
+
+
+def test_ingest_records_bad_input_with_reasons(tmp_path):
+    from carevl.shapes import judge_items
+
+    item = judge_items(1, seed=0)[0]
+    (tmp_path / "good.png").write_bytes(item.image)
+    (tmp_path / "corrupt.png").write_bytes(item.image[:40])
+    rows = [
+        {"id": "a", "image": "good.png", "question": "What colour are the shapes?"},
+        {"id": "b", "image": "corrupt.png", "question": "What colour?"},
+        {"id": "c", "image": "good.png"},
+        {"id": "a", "image": "good.png", "question": "Another question"},
+        {"id": "d", "image": "missing.png", "question": "What?"},
+    ]
+    source = tmp_path / "source.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    summary = stages.ingest(str(tmp_path / "cur"), source=str(source))
+    assert summary == {"stage": "ingest", "done": 1, "failed: corrupt_image": 1, "failed: missing_field": 2, "failed: duplicate_id": 1, "failed: unparseable": 1}
+    assert len(list((tmp_path / "cur" / "images").rglob("*.png"))) == 1
+    # a second run keeps what it has and records nothing twice
+    stages.ingest(str(tmp_path / "cur"), source=str(source))
+    assert stages.items_by_id(tmp_path / "cur").keys() == {"a"}
+
+
+def test_a_line_cut_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / "stage.jsonl"
+    Records(path).append([{"key": "a", "value": 1}, {"key": "b", "error": "timeout"}])
+    with path.open("a") as handle:
+        handle.write('{"key": "c", "val')
+    records = Records(path)
+    assert [r["key"] for r in records.latest()] == ["a", "b"] and records.done("a") and not records.done("b")
+    records.append([{"key": "b", "value": 2}, {"key": "b", "error": "later failure"}])
+    assert Records(path).done("b") and path.read_text().count("\n") == 4
+
+
+def write_config(path: Path, workdir: Path, latency: float) -> Path:
+    world = str(workdir)
+    sim = "carevl.backends.simulated."
+    config = {
+        "ingest": {"workdir": world, "shapes_items": 40, "seed": 5},
+        "candidates": {
+            "workdir": world,
+            "chunk_size": 4,
+            "models": {f"m{e}": {"class_path": sim + "SimulatedAnswerer", "init_args": {"name": f"m{e}", "world": world, "error_rate": e / 10, "latency": latency}} for e in (2, 4)},
+        },
+        "captions": {"workdir": world, "captioner": {"class_path": sim + "SimulatedCaptioner", "init_args": {"name": "cap", "world": world}}},
+        "pairs": {"workdir": world, "max_pairs_per_item": 3},
+        "judge": {"workdir": world, "chunk_size": 4, "model": {"class_path": sim + "SimulatedJudge", "init_args": {"name": "judge", "world": world, "latency": latency}}},
+        "votes": {"workdir": world, "experts": {f"e{i}": {"class_path": sim + "SimulatedExpert", "init_args": {"name": f"e{i}", "error_rate": 0.2}} for i in range(3)}},
+        "split": {"workdir": world},
+        "sft_shards": {"workdir": world},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def curate(config: Path, stage: str, kill_after_lines: int | None = None, watch: Path | None = None) -> bool:
+    """Run one stage in a subprocess; with kill_after_lines, SIGKILL it once `watch` has that many
+    lines. True when it was killed before finishing."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "curate.py"), "--config", str(config), stage], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if kill_after_lines is None:
+        assert process.wait(timeout=300) == 0
+        return False
+    while process.poll() is None:
+        if watch.exists() and watch.read_bytes().count(b"\n") >= kill_after_lines:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.005)
+    assert process.returncode == 0
+    return False
+
+
+def snapshot(workdir: Path) -> dict:
+    """Every stage's records (sorted) and the SFT samples."""
+    import webdataset as wds
+
+    found = {name: sorted(json.dumps(r, sort_keys=True) for r in Records(workdir / name).latest()) for name in stages.FILES.values()}
+    found["images"] = sorted(p.name for p in (workdir / "images").rglob("*.png"))
+    found["sft"] = sorted(json.dumps(json.loads(s["json"]), sort_keys=True) for url in read_manifest(workdir / "sft")["urls"] for s in wds.WebDataset(url, shardshuffle=False))
+    return found
+
+
+def test_kill_and_rerun_gives_the_uninterrupted_output(tmp_path):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    clean_config = write_config(tmp_path / "clean.yaml", clean, latency=0.0)
+    killed_config = write_config(tmp_path / "killed.yaml", killed, latency=0.01)
+    for stage in STAGES:
+        curate(clean_config, stage)
+    kills = 0
+    for stage, lines in (("ingest", None), ("candidates", 20), ("captions", None), ("pairs", None), ("judge", 30), ("votes", None), ("split", None), ("sft_shards", None)):
+        if lines is not None:
+            kills += curate(killed_config, stage, kill_after_lines=lines, watch=killed / stages.FILES[stage])
+        curate(killed_config, stage)
+    assert kills == 2  # both stages were really interrupted part way
+    expected, got = snapshot(clean), snapshot(killed)
+    assert got == expected
+    for name in stages.FILES.values():  # nothing duplicated on disk either
+        lines = [json.loads(line) for line in (killed / name).read_text().splitlines()]
+        assert len(lines) == len({r["key"] for r in lines}), name
+
+
+def test_judge_over_http_records_failures_then_completes_and_never_writes_the_key(tmp_path, monkeypatch, capsys, caplog):
+    key = "sk-live-5d1e0f-must-not-leak"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    workdir = tmp_path / "cur"
+    stages.ingest(str(workdir), shapes_items=8, seed=1)
+    stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}, {"t1": Sampling(temperature=1.0, n=3)})
+    stages.pairs(str(workdir))
+    n_pairs = len(Records(workdir / "pairs.jsonl").ok())
+    with LoopbackEndpoint(faults=["500", "500", "400", "bad_output", "bad_output"], retry_after="0.01") as endpoint:
+        build = lambda: OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=1, max_attempts=2, max_backoff=0.01)  # noqa: E731
+        first = stages.judge(str(workdir), model=build)
+        assert first["failed: http_500"] == 1 and first["failed: http_400"] == 1 and first["failed: malformed_response"] == 1
+        assert first["done"] == n_pairs - 3
+        second = stages.judge(str(workdir), model=build)
+        assert second == {"stage": "judge", "done": 3, "skipped": n_pairs - 3}
+        assert all(r["authorization"] == f"Bearer {key}" for r in endpoint.requests)
+    judgments = Records(workdir / "judgments.jsonl").ok()
+    assert len(judgments) == n_pairs and all(r["verdict"] == 1 and r["explanation"] == "placeholder" for r in judgments)
+    written = [p for p in workdir.rglob("*") if p.is_file()]
+    assert written and not [p for p in written if key.encode() in p.read_bytes()]
+    captured = capsys.readouterr()
+    assert key not in captured.out + captured.err + caplog.text
+
+
+def test_judge_prints_an_estimate_and_refuses_above_max_usd(tmp_path, capsys):
+    workdir = tmp_path / "cur"
+    stages.ingest(str(workdir), shapes_items=6, seed=2)
+    stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}, {"t1": Sampling(temperature=1.0, n=2)})
+    stages.pairs(str(workdir))
+    with pytest.raises(RuntimeError, match="above max_usd"):
+        stages.judge(str(workdir), model=lambda: SimulatedJudge("j", str(workdir)), max_usd=0.0)
+    assert "requests" in capsys.readouterr().out
+    assert not (workdir / "judgments.jsonl").exists()
+
+
+def test_judge_through_the_batch_api(tmp_path, monkeypatch):
+    from carevl.backends.openai_api import OpenAIBatch
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-batch-test")
+    workdir = tmp_path / "cur"
+    stages.ingest(str(workdir), shapes_items=6, seed=2)
+    stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}, {"t1": Sampling(temperature=1.0, n=3)})
+    stages.pairs(str(workdir))
+    n_pairs = len(Records(workdir / "pairs.jsonl").ok())
+    with LoopbackEndpoint(expire_batches=1) as endpoint:
+        summary = stages.judge(str(workdir), batch=lambda: OpenAIBatch("gpt-4o", base_url=endpoint.base_url, poll_seconds=0.01), both_orders=True)
+    assert summary == {"stage": "judge", "done": 2 * n_pairs, "skipped": 0}
+    judgments = Records(workdir / "judgments.jsonl").ok()
+    # the loopback judge always answers 1: in the swapped order that is the pair's answer 2
+    assert sorted((r["order"], r["verdict"]) for r in judgments) == [("12", 1)] * n_pairs + [("21", 2)] * n_pairs

@@ -1,0 +1,36 @@
+"""Curation stages of CAREVL (paper §3.1-3.3), one subcommand each, configured by YAML.
+
+Run a stage:    python tools/curate.py --config configs/curation/shapes.yaml candidates
+Run them all:   for s in ingest candidates captions pairs judge votes split sft_shards report; do ...; done
+Help on one:    python tools/curate.py candidates --help
+
+Every stage appends to its JSONL under the work directory and skips work already done, so a killed
+stage is simply run again. API keys come from the environment only (see `api_key_env`).
+"""
+
+import logging
+
+from jsonargparse import CLI
+
+from carevl.curation.report import write_report
+from carevl.curation.stages import candidates, captions, ingest, judge, pairs, sft_shards, split, votes
+
+
+def report(workdir: str, out: str | None = None) -> dict:
+    """Write the curation report (markdown, JSON and PNG plots).
+
+    Args:
+        workdir: the curation work directory.
+        out: where the report goes (default <workdir>/report).
+    """
+    return write_report(workdir, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    CLI([ingest, candidates, captions, pairs, judge, votes, split, sft_shards, report], as_positional=False, args=argv)
+
+
+if __name__ == "__main__":
+    main()
