@@ -81,3 +81,23 @@ def test_pair_prompt_and_verdict_lines():
     assert "Answer A: first\n" in text and "Answer B: second\n" in text and "[[C]]" in text
     for label in (1, 2, "tie"):
         assert parse_pair_verdict(pair_verdict_line(label)) == label
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"explanation": "Answer 2 names the colour.", "verdict": 2}', (2, "Answer 2 names the colour.")),
+        ('{"explanation": "x", "verdict": "Answer 1"}', (1, "x")),
+        ('{"explanation": "", "verdict": 1}', (1, None)),
+        ('{"explanation": "x", "verdict": 3}', (None, "x")),
+        ("The first is right.\nOverall Judgment: Answer 1 is better.", (1, "The first is right.")),
+        ("The second is right. **Overall Judgment**: Answer 2 is better.", (2, "The second is right.")),
+        ("no verdict here", (None, "no verdict here")),
+        ('{"explanation": "cut', (None, '{"explanation": "cut')),
+        (None, (None, None)),
+    ],
+)
+def test_parse_judgment(text, expected):
+    from carevl.prompts import parse_judgment
+
+    assert parse_judgment(text) == expected
