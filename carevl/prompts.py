@@ -174,3 +174,44 @@ def parse_judgment(text: object) -> tuple[int | None, str | None]:
     verdict = parse_verdict(text)
     cut = re.split(r"(?:\*\*)?Overall Judgment", text, flags=re.IGNORECASE)[0].strip()
     return verdict, cut or None
+
+
+# -- critique scoring (paper §3.5) -------------------------------------------------------------------
+
+EVALUATOR_TEMPLATE = """You grade a critique written by a judge model. The judge saw an image, a question and two answers, and had to decide which answer is better. You cannot see the image; a detailed description stands in for it.
+
+Image description: {caption}
+Question: {question}
+Answer 1: {answer1}
+Answer 2: {answer2}
+Reference decision: Answer {label} is better.
+
+Critique to grade:
+{critique}
+
+Grade the critique on four aspects, each worth 25 points:
+1. Relevance: does it address the question and what the image shows? (0-5 off topic; 6-10 mostly generic; 11-15 partly on point; 16-20 on point with gaps; 21-25 fully on point)
+2. Factual accuracy: are its claims about the image and the answers true? (0-5 mostly false; 6-10 several errors; 11-15 one clear error; 16-20 minor slips; 21-25 no errors)
+3. Logical reasoning: does its conclusion follow from its analysis, and does it reach the reference decision? (0-5 no reasoning or the wrong decision for no reason; 6-10 weak; 11-15 sound in parts; 16-20 sound with small gaps; 21-25 rigorous)
+4. Clarity: is it concise, well organised and easy to follow? (0-5 confusing; 6-10 hard to follow; 11-15 adequate; 16-20 clear; 21-25 exemplary)
+
+Explain each aspect's points in one sentence, then end with the total on its own line as "Score: <points>", a number from 0 to 100."""
+
+_SCORE = re.compile(r"Score\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def evaluator_prompt(question: str, caption: str, responses: list[str] | tuple[str, str], label: int, critique: str) -> str:
+    return EVALUATOR_TEMPLATE.format(
+        caption=caption.strip(), question=question.strip(), answer1=responses[0].strip(), answer2=responses[1].strip(), label=label, critique=critique.strip()
+    )
+
+
+def parse_score(text: object) -> float | None:
+    """The last "Score: N" of an evaluator's reply when 0 <= N <= 100; None otherwise. Never raises."""
+    if not isinstance(text, str):
+        return None
+    found = _SCORE.findall(text.replace("*", ""))
+    if not found:
+        return None
+    value = float(found[-1])
+    return value if 0 <= value <= 100 else None

@@ -9,7 +9,7 @@ from carevl.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "curation" not in p.parts)
 CURATION = sorted((ROOT / "configs" / "curation").glob("*.yaml"))
-STAGES = ["ingest", "candidates", "captions", "pairs", "judge", "votes", "split", "sft_shards", "report"]
+STAGES = ["ingest", "candidates", "captions", "pairs", "judge", "votes", "split", "sft_shards", "report", "critiques", "evaluate", "groups"]
 
 
 def test_config_count():

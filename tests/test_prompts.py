@@ -101,3 +101,23 @@ def test_parse_judgment(text, expected):
     from carevl.prompts import parse_judgment
 
     assert parse_judgment(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Relevance 20. Accuracy 25. Reasoning 20. Clarity 15.\nScore: 80", 80.0),
+        ("**Score:** 72.5", 72.5),
+        ("score = 0", 0.0),
+        ("Score: 100", 100.0),
+        ("Score: 40 for relevance... final Score: 65", 65.0),
+        ("Score: 101", None),
+        ("Score: -5", None),
+        ("Total: 80", None),
+        (None, None),
+    ],
+)
+def test_parse_score_is_range_checked(text, expected):
+    from carevl.prompts import parse_score
+
+    assert parse_score(text) == expected

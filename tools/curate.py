@@ -1,4 +1,7 @@
-"""Curation stages of CAREVL (paper §3.1-3.3), one subcommand each, configured by YAML.
+"""Curation stages of CAREVL (paper §3.1-3.5), one subcommand each, configured by YAML.
+
+Curation I: ingest, candidates, captions, pairs, judge, votes, split, sft_shards, report.
+Curation II (after SFT): critiques (sampled from the SFT judge), evaluate (scores), groups (DPO shards).
 
 Run a stage:    python tools/curate.py --config configs/curation/shapes.yaml candidates
 Run them all:   for s in ingest candidates captions pairs judge votes split sft_shards report; do ...; done
@@ -12,6 +15,7 @@ import logging
 
 from jsonargparse import CLI
 
+from carevl.curation.critiques import critiques, evaluate, groups
 from carevl.curation.report import write_report
 from carevl.curation.stages import candidates, captions, ingest, judge, pairs, sft_shards, split, votes
 
@@ -29,7 +33,8 @@ def report(workdir: str, out: str | None = None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    CLI([ingest, candidates, captions, pairs, judge, votes, split, sft_shards, report], as_positional=False, args=argv)
+    stages = [ingest, candidates, captions, pairs, judge, votes, split, sft_shards, report, critiques, evaluate, groups]
+    CLI(stages, as_positional=False, args=argv)
 
 
 if __name__ == "__main__":

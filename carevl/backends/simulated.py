@@ -107,7 +107,8 @@ class SimulatedJudge(ChatModel):
     """A simulated strong LVLM judge (GPT-4o's role): where exactly one answer is right it picks that
     one with probability `accuracy`; otherwise it picks the longer answer (a verbosity bias), ties at
     random. Its explanation reads like the shapes world's critiques and supports its verdict, right
-    or wrong. With a schema it answers as JSON {"explanation", "verdict"}, like structured output."""
+    or wrong. With a schema it answers as JSON {"explanation", "verdict"}, like structured output;
+without one, in free text ending with the verdict line. At temperature > 0 the n samples differ."""
 
     def __init__(self, name: str, world: str, accuracy: float = 0.8, latency: float = 0.0):
         self.name, self.truth, self.accuracy, self.latency = name, WorldTruth(world), accuracy, latency
@@ -124,22 +125,22 @@ class SimulatedJudge(ChatModel):
                 replies.append(Reply(error="simulation: not a shapes-world judge request"))
                 continue
             values = [shapes.mentioned_value(answers[k], attribute) for k in ("1", "2")]
-            truth = scene.value(attribute)
-            rng = seeded(self.name, text, chat.images[0], sampling.seed)
-            right = [v == truth for v in values]
-            if right[0] != right[1]:
-                best = 1 if right[0] else 2
-                verdict = best if rng.random() < self.accuracy else 3 - best
-            else:
-                lengths = [len(answers["1"]), len(answers["2"])]
-                verdict = 1 + (lengths[1] > lengths[0]) if lengths[0] != lengths[1] else rng.choice((1, 2))
-            seen = truth if values[verdict - 1] == truth or values[verdict - 1] is None else values[verdict - 1]
-            explanation = f"The image shows {shapes.with_value(scene, attribute, seen).caption()}. " + " ".join(
-                f"Answer {n} says {v or 'nothing clear'}." for n, v in enumerate(values, start=1)
-            ) + f" The image has {seen}, as Answer {verdict} says."
-            text_out = json.dumps({"explanation": explanation, "verdict": verdict}) if schema else f"{explanation} Overall Judgment: Answer {verdict} is better."
-            replies.append(Reply([text_out] * sampling.n))
+            samples = [self.judgment(scene, attribute, answers, values, seeded(self.name, text, chat.images[0], sampling.seed, index if sampling.temperature > 0 else 0)) for index in range(sampling.n)]
+            replies.append(Reply([json.dumps({"explanation": e, "verdict": v}) if schema else f"{e} Overall Judgment: Answer {v} is better." for e, v in samples]))
         return replies
+
+    def judgment(self, scene: shapes.Scene, attribute: str, answers: dict, values: list, rng: random.Random) -> tuple[str, int]:
+        truth = scene.value(attribute)
+        right = [v == truth for v in values]
+        if right[0] != right[1]:
+            best = 1 if right[0] else 2
+            verdict = best if rng.random() < self.accuracy else 3 - best
+        else:
+            lengths = [len(answers["1"]), len(answers["2"])]
+            verdict = 1 + (lengths[1] > lengths[0]) if lengths[0] != lengths[1] else rng.choice((1, 2))
+        seen = truth if values[verdict - 1] == truth or values[verdict - 1] is None else values[verdict - 1]
+        quotes = " ".join(f"Answer {n} says {v or 'nothing clear'}." for n, v in enumerate(values, start=1))
+        return f"The image shows {shapes.with_value(scene, attribute, seen).caption()}. {quotes} The image has {seen}, as Answer {verdict} says.", verdict
 
 
 _DESCRIPTION = re.compile(r"Image description: (.*)", re.IGNORECASE)
@@ -169,3 +170,39 @@ class SimulatedExpert(RewardModel):
                 match = not match
             scores.append(2.0 * match + rng.randint(0, 1))
         return scores
+
+
+_FIELD = re.compile(r"^(Image description|Question|Answer 1|Answer 2|Reference decision): (.*)$", re.MULTILINE)
+
+
+class SimulatedEvaluator(ChatModel):
+    """A simulated critique evaluator (Llama-3.3-70B's role): 85 points for a critique whose verdict
+    is the reference decision, 35 otherwise; 20 fewer when the scene it describes contradicts the
+    image description on the asked attribute; +-10 at random. With probability `unparseable_rate`
+    it forgets the final "Score:" line."""
+
+    def __init__(self, name: str, unparseable_rate: float = 0.02):
+        self.name, self.unparseable_rate = name, unparseable_rate
+
+    def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
+        from carevl.prompts import parse_verdict
+
+        replies = []
+        for chat in chats:
+            text = chat.text()
+            fields = dict(_FIELD.findall(text))
+            attribute = shapes.attribute_of(fields.get("Question", ""))
+            critique = text.split("Critique to grade:", 1)[-1].split("Grade the critique", 1)[0]
+            if attribute is None or "Reference decision" not in fields:
+                replies.append(Reply(error="simulation: not a shapes-world evaluation request"))
+                continue
+            rng = seeded(self.name, text, sampling.seed)
+            reference = parse_verdict(f"Overall Judgment: {fields['Reference decision']}")
+            points = 85 if parse_verdict(critique) == reference else 35
+            described = re.search(r"The image shows (.*?)\.", critique)
+            if described and shapes.mentioned_value(described.group(1), attribute) != shapes.mentioned_value(fields.get("Image description", ""), attribute):
+                points -= 20
+            points = max(0, min(100, points + rng.randint(-10, 10)))
+            ending = "" if rng.random() < self.unparseable_rate else f"\nScore: {points}"
+            replies.append(Reply([f"Relevance, accuracy, reasoning and clarity weighed.{ending}"] * sampling.n))
+        return replies

@@ -241,8 +241,9 @@ def normalized(answer: str) -> str:
 
 
 def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) -> dict:
-    """Pair the distinct answers of each item. Answers equal up to case, spacing and a final full
-    stop are one answer. Each pair's order is shuffled (seeded), so neither position is favoured.
+    """Pair the distinct answers of each item.
+
+    Answers equal up to case, spacing and a final full stop are one answer. Each pair's order is shuffled (seeded), so neither position is favoured.
 
     Args:
         workdir: the curation work directory.
@@ -297,8 +298,9 @@ def judge(
     estimate_only: bool = False,
     chunk_size: int = 64,
 ) -> dict:
-    """The strong LVLM (paper: GPT-4o) judges every pair: a verdict and the explanation that becomes
-    the SFT target. A token and cost estimate is printed before any request is sent.
+    """The strong LVLM (paper: GPT-4o) judges every pair: a verdict and an explanation.
+
+    The explanation becomes the SFT target. A token and cost estimate is printed before any request is sent.
 
     Args:
         workdir: the curation work directory.
@@ -382,8 +384,9 @@ def score_key(expert: str, item: dict, captions_: dict[str, str], answer: str) -
 
 
 def votes(workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_size: int = 256) -> dict:
-    """Every text-only expert reward model scores every distinct answer of every paired item, given the
-    question and the image caption instead of the image (paper: M = 5 experts). A pair's votes are
+    """Every expert reward model scores every distinct answer, given question and caption.
+
+    The experts are text-only: the image caption stands in for the image (paper: M = 5 experts). A pair's votes are
     derived from these scores in the split, so an answer in many pairs is scored once per expert.
 
     Args:
@@ -477,8 +480,9 @@ def split(workdir: str, tau: int | None = None) -> dict:
 
 
 def sft_shards(workdir: str, out: str | None = None, shard_size: int = 1000, max_target_chars: int = 8000) -> dict:
-    """Write the high-confidence pairs as SFT shards: target = the judge's explanation followed by the
-    verdict line. Targets longer than `max_target_chars` are dropped and counted.
+    """Write the high-confidence pairs as SFT shards.
+
+    The target is the judge's explanation followed by the verdict line. Targets longer than `max_target_chars` are dropped and counted.
 
     Args:
         workdir: the curation work directory.

@@ -1,0 +1,181 @@
+"""Curation II stages (paper §3.4-3.5): critiques sampled from the SFT judge for the low-confidence
+pairs, their multi-dimensional scores, and preference groups -> DPO shards.
+
+    critiques -> critiques.jsonl     m critiques per low-confidence pair, verdicts parsed
+    evaluate -> evaluations.jsonl    an evaluator's 0-100 score of every critique
+    groups -> groups/<strategy>/     preference-group shards (carevl.curation.groups)
+
+Resumable like curation I: records carry content keys, reruns skip finished work.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from carevl import prompts
+from carevl.curation.groups import STRATEGIES, Critique, build_group
+from carevl.curation.records import ImageStore, Records, content_key
+from carevl.curation.stages import caption_by_image, item_chat, items_by_id, records, reply_record, run_units, summarize
+from carevl.inference import ChatModel, Sampling
+
+CRITIQUES, EVALUATIONS = "critiques.jsonl", "evaluations.jsonl"
+
+
+def low_confidence(workdir: str | Path) -> list[dict]:
+    """Low-confidence pairs of the split, with their relabeled label."""
+    return [r for r in records(workdir, "split").ok() if r["confidence"] == "low" and r["label"] in (1, 2)]
+
+
+def critiques(workdir: str, judge: Callable[[], ChatModel], name: str, samples: int = 10, sampling: Sampling | None = None, max_pairs: int | None = None, chunk_size: int = 16) -> dict:
+    """The SFT judge writes `samples` critiques of every low-confidence pair (paper: m = 10).
+
+    The judge is asked exactly as it was trained (carevl.prompts.judge_prompt); each verdict is parsed and compared
+    with the pair's relabeled label.
+
+    Args:
+        workdir: the curation work directory.
+        judge: the SFT judge as a chat model (transformers on CPU, vLLM at scale).
+        name: the judge's name in records and keys: change it when the checkpoint changes.
+        samples: critiques per pair.
+        sampling: decoding settings (default temperature 1.0, 512 tokens); n is set to `samples`.
+        max_pairs: only the first this many low-confidence pairs (by key), for a pilot run.
+        chunk_size: pairs per generate call (and per write to disk).
+    """
+    sampling = Sampling(**{**asdict(sampling or Sampling(temperature=1.0, max_tokens=512)), "n": samples})
+    store, items, out = ImageStore(workdir), items_by_id(workdir), Records(Path(workdir) / CRITIQUES)
+    rows = sorted(low_confidence(workdir), key=lambda r: r["key"])[:max_pairs]
+    units = [(content_key("critiques", name, row["key"], row["label"], asdict(sampling)), row) for row in rows]
+    model = None
+
+    def work(chunk: list) -> list[dict]:
+        nonlocal model
+        model = model or judge()
+        chats = [item_chat(store, items[row["item"]], prompts.judge_prompt(items[row["item"]]["question"], row["responses"])) for _, row in chunk]
+
+        def fields(texts: list[str]) -> dict:
+            return {"samples": [{"text": t, "verdict": prompts.parse_verdict(t)} for t in texts]}
+
+        return [reply_record({"key": key, "pair": row["key"], "label": row["label"], "judge": name}, reply, fields) for (key, row), reply in zip(chunk, model.generate(chats, sampling))]
+
+    counts = run_units(out, units, work, chunk_size, "critiques")
+    found = [r for r in out.ok() if r["pair"] in {row["key"] for _, row in units}]
+    counts["samples"] = sum(len(r["samples"]) for r in found)
+    counts["samples correct"] = sum(s["verdict"] == r["label"] for r in found for s in r["samples"])
+    counts["samples unparseable"] = sum(s["verdict"] is None for r in found for s in r["samples"])
+    return summarize("critiques", counts)
+
+
+def critique_context(prompt: str) -> str:
+    """What a score depends on besides the evaluator: the evaluator prompt (question, caption, answers,
+    label, critique). Equal critiques of equal pairs are scored once."""
+    return content_key("critique-context", prompt)
+
+
+def evaluate(workdir: str, evaluator: Callable[[], ChatModel], name: str, sampling: Sampling | None = None, chunk_size: int = 64) -> dict:
+    """An expert evaluator (paper: Llama-3.3-70B-Instruct) scores every critique from 0 to 100.
+
+    The four aspects are relevance, factual accuracy, logical reasoning and clarity
+    (carevl.prompts.EVALUATOR_TEMPLATE); the evaluator sees the
+    question, the caption, both answers, the reference choice and the critique. Replies without a
+    score in range are recorded as failed (``unparseable``), excluded from groups and counted.
+
+    Args:
+        workdir: the curation work directory.
+        evaluator: the evaluator chat model (vLLM, an OpenAI-compatible endpoint, or a simulation).
+        name: the evaluator's name in records and keys.
+        sampling: decoding settings (default greedy, 1024 tokens).
+        chunk_size: critiques per generate call (and per write to disk).
+    """
+    sampling = sampling or Sampling(max_tokens=1024)
+    items, captions_ = items_by_id(workdir), caption_by_image(workdir)
+    pairs = {r["key"]: r for r in low_confidence(workdir)}
+    out = Records(Path(workdir) / EVALUATIONS)
+    units = []
+    for record in Records(Path(workdir) / CRITIQUES).ok():
+        pair = pairs.get(record["pair"])
+        if pair is None:
+            continue
+        item = items[pair["item"]]
+        for sample in record["samples"]:
+            prompt = prompts.evaluator_prompt(item["question"], captions_.get(item["image"], ""), pair["responses"], pair["label"], sample["text"])
+            units.append((content_key("evaluation", name, prompt, asdict(sampling)), (critique_context(prompt), prompt)))
+    model = None
+
+    def work(chunk: list) -> list[dict]:
+        nonlocal model
+        model = model or evaluator()
+        from carevl.inference import Chat
+
+        def fields(texts: list[str]) -> dict:
+            score = prompts.parse_score(texts[0])
+            if score is None:
+                raise ValueError("no score from 0 to 100")
+            return {"score": score}
+
+        replies = model.generate([Chat.user(prompt) for _, (_, prompt) in chunk], sampling)
+        return [reply_record({"key": key, "context": context, "evaluator": name}, reply, fields) for (key, (context, _)), reply in zip(chunk, replies)]
+
+    return summarize("evaluate", run_units(out, units, work, chunk_size, "evaluate"))
+
+
+def groups(workdir: str, strategies: list[str] | None = None, evaluator: str | None = None, out: str | None = None, shard_size: int = 1000) -> dict:
+    """Preference groups of the low-confidence pairs' scored critiques -> DPO shards.
+
+    One shard set per strategy (default: Best-to-Worse only; the paper's ablations are lowest_incorrect,
+    highest_incorrect and all_incorrect).
+
+    Args:
+        workdir: the curation work directory.
+        strategies: which of best_to_worse, lowest_incorrect, highest_incorrect, all_incorrect.
+        evaluator: whose scores to use, when critiques were scored by more than one evaluator.
+        out: the directory holding one shard directory per strategy (default <workdir>/groups).
+        shard_size: groups per shard.
+    """
+    from carevl.schema import PreferenceGroupSample, ShardWriter
+
+    strategies = strategies or ["best_to_worse"]
+    unknown = set(strategies) - set(STRATEGIES)
+    if unknown:
+        raise ValueError(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
+    store, items = ImageStore(workdir), items_by_id(workdir)
+    pairs = {r["key"]: r for r in low_confidence(workdir)}
+    evaluations = Records(Path(workdir) / EVALUATIONS)
+    names = sorted({r["evaluator"] for r in evaluations.latest()})
+    if evaluator is None and len(names) > 1:
+        raise ValueError(f"critiques were scored by several evaluators {names}: choose one with `evaluator`")
+    scores = {r["context"]: r["score"] for r in evaluations.ok() if evaluator is None or r["evaluator"] == evaluator}
+    captions_ = caption_by_image(workdir)
+    counts = Counter()
+    found = sorted((r for r in Records(Path(workdir) / CRITIQUES).ok() if r["pair"] in pairs), key=lambda r: r["pair"])
+    root = Path(out or Path(workdir) / "groups")
+    for strategy in strategies:
+        with ShardWriter(root / strategy, prefix="groups", max_count=shard_size, kind="preference_group") as writer:
+            for record in found:
+                pair, item = pairs[record["pair"]], items[pairs[record["pair"]]["item"]]
+                contexts = [critique_context(prompts.evaluator_prompt(item["question"], captions_.get(item["image"], ""), pair["responses"], pair["label"], s["text"])) for s in record["samples"]]
+                table = [Critique(i, s["text"], s["verdict"], scores.get(c)) for i, (s, c) in enumerate(zip(record["samples"], contexts))]
+                counts["critiques without a score"] += sum(c.score is None for c in table) if strategy == strategies[0] else 0
+                group, reason = build_group(table, pair["label"], strategy)
+                counts[f"{strategy}: {'written' if group else reason}"] += 1
+                if group is None:
+                    continue
+                writer.write(
+                    PreferenceGroupSample(
+                        id=f"{pair['key'][:32]}-{strategy}",
+                        question=item["question"],
+                        responses=pair["responses"],
+                        label=pair["label"],
+                        chosen=group.chosen.text,
+                        rejected=[c.text for c in group.rejected],
+                        image=store.get(item["image"], item["image_ext"]),
+                        image_ext=item["image_ext"],
+                        chosen_score=group.chosen.score,
+                        rejected_scores=[c.score for c in group.rejected],
+                        strategy=strategy,
+                        meta={"item": pair["item"], "rule": pair["rule"], **item["meta"]},
+                    )
+                )
+    return summarize("groups", counts)

@@ -1,0 +1,90 @@
+"""Curation II on the shapes world: critiques sampled for the low-confidence pairs, scored by the
+simulated evaluator, grouped by every strategy into preference-group shards."""
+
+import json
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from carevl.backends.simulated import SimulatedAnswerer, SimulatedCaptioner, SimulatedEvaluator, SimulatedExpert, SimulatedJudge
+from carevl.curation import critiques, stages
+from carevl.curation.groups import STRATEGIES
+from carevl.curation.records import Records
+from carevl.inference import Sampling
+from carevl.prompts import parse_verdict
+from carevl.schema import decode, read_manifest
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory) -> str:
+    workdir = str(tmp_path_factory.mktemp("cur") / "w")
+    stages.ingest(workdir, shapes_items=40, seed=8)
+    stages.candidates(workdir, {f"m{e}": (lambda e=e: SimulatedAnswerer(f"m{e}", workdir, error_rate=e / 10)) for e in (2, 5)})
+    stages.captions(workdir, lambda: SimulatedCaptioner("cap", workdir))
+    stages.pairs(workdir, max_pairs_per_item=3)
+    stages.judge(workdir, model=lambda: SimulatedJudge("judge", workdir, accuracy=0.7))
+    stages.votes(workdir, {f"e{i}": (lambda i=i: SimulatedExpert(f"e{i}", error_rate=0.25)) for i in range(3)})
+    stages.split(workdir, tau=2)
+    # the simulated judge stands in for the SFT judge: it is right 60% of the time on pairs with one right answer
+    critiques.critiques(workdir, lambda: SimulatedJudge("sft", workdir, accuracy=0.6), name="sim-sft", samples=6)
+    critiques.evaluate(workdir, lambda: SimulatedEvaluator("eval", unparseable_rate=0.05), name="sim-eval")
+    return workdir
+
+
+def test_critiques_cover_every_low_confidence_pair(curated):
+    low = critiques.low_confidence(curated)
+    found = Records(Path(curated) / critiques.CRITIQUES).ok()
+    assert len(low) > 10 and {r["pair"] for r in found} == {r["key"] for r in low}
+    for record in found:
+        assert len(record["samples"]) == 6
+        assert all(s["verdict"] == parse_verdict(s["text"]) for s in record["samples"])
+    assert len({s["text"] for r in found for s in r["samples"]}) > len(found)  # samples differ
+
+
+def test_unparseable_scores_are_recorded_excluded_and_counted(curated):
+    evaluations = Records(Path(curated) / critiques.EVALUATIONS)
+    n_distinct = len(evaluations.latest())  # equal critiques of equal pairs are scored once
+    assert n_distinct > 50
+    unscored = evaluations.failures()["unparseable"]
+    assert 0 < unscored < n_distinct // 5
+    assert all(0 <= r["score"] <= 100 for r in evaluations.ok())
+    summary = critiques.groups(curated, out=str(Path(curated) / "groups-check"))
+    assert summary["critiques without a score"] >= unscored
+
+
+def read_groups(directory: Path) -> list:
+    manifest = read_manifest(directory)
+    return [decode(raw, "preference_group") for url in manifest["urls"] for raw in wds.WebDataset(url, shardshuffle=False)]
+
+
+def test_every_strategy_writes_groups_that_follow_its_rule(curated, tmp_path):
+    summary = critiques.groups(curated, strategies=list(STRATEGIES), out=str(tmp_path / "groups"))
+    labels = {r["key"][:32]: r["label"] for r in critiques.low_confidence(curated)}
+    sizes = {}
+    for strategy in STRATEGIES:
+        written = read_groups(tmp_path / "groups" / strategy)
+        sizes[strategy] = len(written)
+        assert summary[f"{strategy}: written"] == len(written) > 0
+        for group in written:
+            label = labels[group.id.rsplit("-", 1)[0]]
+            assert group.label == label and parse_verdict(group.chosen) == label and group.strategy == strategy
+            assert all(s <= group.chosen_score for s in group.rejected_scores)
+            if strategy == "best_to_worse":
+                assert all(parse_verdict(r) != label or s < group.chosen_score for r, s in zip(group.rejected, group.rejected_scores))
+            else:
+                assert all(parse_verdict(r) != label for r in group.rejected)
+            if strategy in ("lowest_incorrect", "highest_incorrect"):
+                assert len(group.rejected) == 1
+    assert summary["best_to_worse: no correct critique"] > 0  # dropped and counted
+    assert sizes["best_to_worse"] >= sizes["all_incorrect"] == sizes["lowest_incorrect"] == sizes["highest_incorrect"]
+    # the simulated evaluator rewards correct critiques: Best-to-Worse chosen beat incorrect rejected by a wide margin
+    b2w = read_groups(tmp_path / "groups" / "best_to_worse")
+    gaps = [group.chosen_score - s for group in b2w for r, s in zip(group.rejected, group.rejected_scores) if parse_verdict(r) != group.label]
+    assert sum(gaps) / len(gaps) > 30
+
+
+def test_rerun_skips_finished_work(curated):
+    again = critiques.critiques(curated, lambda: pytest.fail("the judge must not be built: nothing is left to do"), name="sim-sft", samples=6)
+    assert "done" not in again
+    assert again["skipped"] == len(critiques.low_confidence(curated))
