@@ -76,6 +76,8 @@ class Backbone(nn.Module):
         dtype: weight dtype at load time: float32, bfloat16 or float16.
         attn_implementation: "sdpa", "eager" or "flash_attention_2".
         trust_remote_code: run code shipped with the checkpoint (off unless a config says so).
+        random_init: build the checkpoint's architecture from its config with random weights (for
+            throughput checks at a real size without downloading weights).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class Backbone(nn.Module):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
+        random_init: bool = False,
     ):
         super().__init__()
         if dtype not in DTYPES:
@@ -100,6 +103,7 @@ class Backbone(nn.Module):
         self.dtype = dtype
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
+        self.random_init = random_init
         self.model: nn.Module | None = None
         self.processor = None
 
@@ -111,12 +115,13 @@ class Backbone(nn.Module):
             return
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        hf = AutoModelForImageTextToText.from_pretrained(
-            self.name,
-            dtype=DTYPES[self.dtype],
-            attn_implementation=self.attn_implementation,
-            trust_remote_code=self.trust_remote_code,
-        )
+        options = dict(dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code)
+        if self.random_init:  # a model of the checkpoint's shape with fresh random weights (throughput checks)
+            from transformers import AutoConfig
+
+            hf = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(self.name, trust_remote_code=self.trust_remote_code), **options)
+        else:
+            hf = AutoModelForImageTextToText.from_pretrained(self.name, **options)
         self.processor = AutoProcessor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
         hf.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode modules are in
         family = self.family_of(hf)

@@ -10,8 +10,9 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 
-def run(args: list[str] | None = None) -> LightningCLI:
-    """Run the CLI in-process and return it (tests inspect `.model` and `.trainer`)."""
+def run(args: list[str] | None = None, subcommand: bool = True) -> LightningCLI:
+    """Run the CLI in-process and return it (tests inspect `.model` and `.trainer`). With
+    `subcommand=False` it only builds model, data and trainer from `args` (no fit/validate/test)."""
     return LightningCLI(
         LightningModule,
         LightningDataModule,
@@ -20,6 +21,7 @@ def run(args: list[str] | None = None) -> LightningCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        run=subcommand,
     )
 
 

@@ -28,6 +28,17 @@ REFERENCE_MODES = ("copy", "lora_disabled", "precomputed")
 VALIDATION_STATS = ("loss", "reward_accuracy", "chosen_beats_all", "margin")
 
 
+def sharded_strategy(strategy: object) -> str | None:
+    """The name of a strategy that shards parameters (DeepSpeed ZeRO-3, FSDP), None for the others."""
+    if strategy is None:
+        return None
+    if type(strategy).__name__ == "DeepSpeedStrategy" and (getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage") == 3:
+        return "DeepSpeed ZeRO-3"
+    if any(cls.__name__ == "FSDPStrategy" for cls in type(strategy).__mro__):
+        return "FSDP"
+    return None
+
+
 class DPOJudge(JudgeModule):
     """DPO on Best-to-Worse groups. Paper defaults: beta 0.01, lr 1e-6, global batch 64 groups, 2 epochs.
 
@@ -56,6 +67,13 @@ class DPOJudge(JudgeModule):
         if mode == "lora_disabled" and self.backbone.lora is None:
             raise ValueError("reference 'lora_disabled' needs LoRA on the backbone (backbone.init_args.lora)")
         if mode == "copy" and self._reference is None:
+            sharded = sharded_strategy(getattr(self._trainer, "strategy", None))
+            if sharded:
+                raise ValueError(
+                    f"reference 'copy' does not work under {sharded}: the copy would be taken from parameters that are "
+                    "already sharded, and no engine would gather them for its forward (Lightning issue #17319). Use "
+                    "reference 'precomputed' (python -m carevl.reference) or 'lora_disabled' instead."
+                )
             reference = copy.deepcopy(self.backbone.hf).eval()
             reference.requires_grad_(False)
             object.__setattr__(self, "_reference", reference)

@@ -7,7 +7,8 @@ import pytest
 from carevl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "curation" not in p.parts)
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"curation", "strategies"} & set(p.parts))
+STRATEGIES = sorted((ROOT / "configs" / "strategies").glob("*.yaml"))
 CURATION = sorted((ROOT / "configs" / "curation").glob("*.yaml"))
 STAGES = ["ingest", "candidates", "captions", "pairs", "judge", "votes", "split", "sft_shards", "report", "critiques", "evaluate", "groups"]
 
@@ -49,3 +50,31 @@ def test_curation_config_parses_for_every_stage(path, capsys):
             curate.main(["--config", str(path), stage, "--print_config"])
         assert exit_info.value.code in (0, None), stage
         assert "workdir: runs/curation/" in capsys.readouterr().out
+
+
+def test_strategy_count():
+    assert [p.stem for p in STRATEGIES] == ["fsdp", "zero2", "zero2_offload", "zero3", "zero3_offload"]
+
+
+@pytest.mark.parametrize("base", ["configs/sft.yaml", "configs/dpo.yaml"])
+@pytest.mark.parametrize("path", STRATEGIES, ids=lambda p: p.stem)
+def test_strategy_blocks_stack_on_training_configs(path, base, capsys):
+    import json
+
+    import yaml
+
+    assert f"--config configs/strategies/{path.name}" in path.read_text().splitlines()[0]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / base), "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    strategy = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]
+    expected = yaml.safe_load(path.read_text())["trainer"]["strategy"]
+    assert strategy["class_path"] == expected["class_path"]
+    if "config" in expected["init_args"]:
+        assert strategy["init_args"]["config"] == expected["init_args"]["config"]
+        deepspeed = json.loads((ROOT / expected["init_args"]["config"]).read_text())
+        stage = deepspeed["zero_optimization"]["stage"]
+        assert stage == int(path.stem[4]) and deepspeed["bf16"]["enabled"]
+        assert ("offload_optimizer" in deepspeed["zero_optimization"]) == path.stem.endswith("offload")
+        # Lightning sets these from the trainer; DeepSpeed rejects "auto" and Lightning raises on the first
+        assert "gradient_accumulation_steps" not in deepspeed and "train_micro_batch_size_per_gpu" not in deepspeed

@@ -189,3 +189,20 @@ def test_validation_reports_verdicts_and_held_out_group_statistics(tiny_qwen, wo
     for name in ("val/verdict_accuracy", "val/groups_loss", "val/groups_reward_accuracy", "val/groups_chosen_beats_all", "val/groups_margin"):
         assert name in logged, name
     assert 0.0 <= logged["val/groups_reward_accuracy"] <= 1.0 and logged["val/groups_loss"] > 0
+
+
+def test_reference_copy_is_refused_under_a_sharding_strategy(tiny_qwen):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from carevl.dpo import sharded_strategy
+    from carevl.strategies import FSDP
+
+    assert sharded_strategy(FSDP()) == "FSDP"
+    assert sharded_strategy(DDPStrategy()) is None and sharded_strategy(None) is None
+    module = DPOJudge(Backbone(model=tiny_qwen), reference="copy")
+    module._trainer = SimpleNamespace(strategy=FSDP())  # what configure_model sees inside trainer.fit
+    with pytest.raises(ValueError, match="does not work under FSDP"):
+        module.configure_model()
+    assert module.reference_model is None

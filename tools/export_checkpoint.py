@@ -1,0 +1,56 @@
+"""Export a training checkpoint to a Hugging Face checkpoint (model + processor).
+
+    python tools/export_checkpoint.py --config configs/sft.yaml --ckpt runs/sft/checkpoints/last.ckpt --out runs/sft/hf-last
+
+`--ckpt` may be a Lightning checkpoint file (DDP, or FSDP with state_dict_type "full") or a
+DeepSpeed ZeRO checkpoint directory (what Lightning's DeepSpeed strategy saves; its shards are
+consolidated to fp32 with DeepSpeed's own tool, which needs the `deepspeed` package). An FSDP
+"sharded" checkpoint directory is consolidated first with
+`python -m lightning.fabric.utilities.consolidate_checkpoint DIR`. The model is built from the same
+training config on the CPU, the weights are loaded with `weights_only`, then `Backbone.export`
+writes them (LoRA merged unless --keep-lora).
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from carevl.cli import run
+
+
+def state_dict_of(checkpoint: Path) -> dict:
+    if checkpoint.is_dir():
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / "consolidated.pt"
+            convert_zero_checkpoint_to_fp32_state_dict(str(checkpoint), str(target))
+            return torch.load(target, map_location="cpu", weights_only=True)["state_dict"]
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def export(config: str, checkpoint: str, out: str, merge_lora: bool = True) -> Path:
+    cli = run(["--config", config, "--trainer.strategy=auto", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.logger=false"], subcommand=False)
+    module = cli.model
+    module.configure_model()
+    missing, unexpected = module.load_state_dict(state_dict_of(Path(checkpoint)), strict=False)
+    trained = [k for k in missing if k.startswith("backbone.")]
+    if trained or unexpected:
+        raise RuntimeError(f"checkpoint does not match the config: missing {trained[:5]}, unexpected {unexpected[:5]}")
+    return module.backbone.export(out, merge_lora=merge_lora)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the training config the checkpoint came from")
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint file or DeepSpeed checkpoint directory")
+    parser.add_argument("--out", required=True, help="directory for the Hugging Face checkpoint")
+    parser.add_argument("--keep-lora", action="store_true", help="write LoRA adapters instead of merging them")
+    args = parser.parse_args()
+    print(f"exported to {export(args.config, args.ckpt, args.out, merge_lora=not args.keep_lora)}")
+
+
+if __name__ == "__main__":
+    main()
