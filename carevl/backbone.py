@@ -23,6 +23,17 @@ from carevl.losses import response_token_logprobs, sequence_logprobs
 log = logging.getLogger(__name__)
 
 
+def block_mask(block_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L, L) attention allowed (1) or not (0) in rows packing a prompt (block -1) and several
+    responses (blocks 0, 1, ...) after it: causal, and a response sees the prompt and itself only.
+    Padding (block -2) sees only itself, so no row is fully masked."""
+    row, column = block_ids[:, :, None], block_ids[:, None, :]
+    length = block_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=block_ids.device).tril()
+    allowed = causal & ((column == -1) | (column == row)) & (row != -2) & (column != -2)
+    return allowed | torch.eye(length, dtype=torch.bool, device=block_ids.device)
+
+
 @dataclass(frozen=True)
 class Family:
     """Parameter-name prefixes of one model family (transformers >= 5 module layout)."""
@@ -206,14 +217,19 @@ class Backbone(nn.Module):
             out = hf.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
         return list(out.pooler_output)
 
-    def group_logprobs(self, batch: dict, features: list[torch.Tensor] | None = None, model: nn.Module | None = None) -> torch.Tensor:
+    def group_logprobs(self, batch: dict, features: list[torch.Tensor] | None = None, model: nn.Module | None = None, pack: bool = True) -> torch.Tensor:
         """(S,) summed response log-probs of every sequence of a preference-group batch.
+
+        With `pack` (and shared image features on a family that `packs_prompts`) each group's prompt
+        is computed once for all its critiques (`packed_group_logprobs`); the values are the same.
 
         Image inputs hold one entry per group; `batch["image_index"]` maps sequences to them. With
         `features` (from `image_features`) the vision tower is not run again; otherwise each
         sequence gets its group's image inputs. `model` scores with another model of the same
         architecture (the frozen reference) instead of this one.
         """
+        if pack and features is not None and "prompt_lengths" in batch and self.packs_prompts:
+            return self.packed_group_logprobs(batch, features, model)
         hf = self.hf if model is None else model
         inputs, index = batch["inputs"], batch["image_index"]
         model_inputs = {k: v for k, v in inputs.items() if k in TOKEN_KEYS and k != "labels"}
@@ -233,6 +249,77 @@ class Backbone(nn.Module):
         hidden = hf.model(**model_inputs, use_cache=False).last_hidden_state
         logps, rows = response_token_logprobs(hidden, inputs["labels"], hf.lm_head)
         return sequence_logprobs(logps, rows, inputs["labels"].shape[0])
+
+    @property
+    def packs_prompts(self) -> bool:
+        """Whether a group's critiques can share one pass over its prompt (Qwen2-VL: explicit 3D
+        positions and custom 4D attention masks are accepted)."""
+        return self.hf.config.model_type == "qwen2_vl"
+
+    def packed_group_logprobs(self, batch: dict, features: list[torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
+        """(S,) summed response log-probs like `group_logprobs`, with each group's prompt computed once.
+
+        Each group becomes one row: its prompt (image tokens included) followed by every critique. A
+        block mask lets each critique attend to the prompt and to its own earlier tokens only, and
+        every critique's positions continue from the end of the prompt, so each critique sees
+        exactly what it would see alone, while the image and prompt tokens go through the language
+        model once per group instead of once per critique.
+        """
+        hf = self.hf if model is None else model
+        inputs, index = batch["inputs"], batch["image_index"]
+        ids, lengths, prompt_lengths = inputs["input_ids"], inputs["attention_mask"].sum(dim=1), batch["prompt_lengths"]
+        device = ids.device
+        rows, positions, blocks, predictors, targets, owners = [], [], [], [], [], []
+        for group in range(int(index.max()) + 1):
+            members = (index == group).nonzero()[:, 0].tolist()
+            first, prompt_length = members[0], int(prompt_lengths[members[0]])
+            prompt = ids[first, :prompt_length]
+            position, _ = hf.model.get_rope_index(
+                prompt[None], inputs["mm_token_type_ids"][first, :prompt_length][None], inputs["image_grid_thw"][group : group + 1]
+            )
+            start = int(position.max()) + 1
+            row, row_positions, row_blocks = [prompt], [position[:, 0]], [torch.full((prompt_length,), -1, device=device)]
+            offset = prompt_length
+            row_predictors, row_targets, row_owners = [], [], []
+            for block, sequence in enumerate(members):
+                response = ids[sequence, prompt_length : int(lengths[sequence])]
+                n = response.numel()
+                row.append(response)
+                row_positions.append((start + torch.arange(n, device=device)).expand(3, n))
+                row_blocks.append(torch.full((n,), block, device=device))
+                # the first critique token is predicted by the prompt's last position, the others by the one before
+                row_predictors.append(torch.cat([torch.tensor([prompt_length - 1], device=device), offset + torch.arange(n - 1, device=device)]))
+                row_targets.append(response)
+                row_owners.append(torch.full((n,), sequence, device=device))
+                offset += n
+            rows.append(torch.cat(row))
+            positions.append(torch.cat(row_positions, dim=1))
+            blocks.append(torch.cat(row_blocks))
+            predictors.append(torch.cat(row_predictors))
+            targets.append(torch.cat(row_targets))
+            owners.append(torch.cat(row_owners))
+        length = max(r.numel() for r in rows)
+        pad = self.processor.tokenizer.pad_token_id or 0
+        input_ids = torch.stack([nn.functional.pad(r, (0, length - r.numel()), value=pad) for r in rows])
+        position_ids = torch.stack([nn.functional.pad(p, (0, length - p.shape[1])) for p in positions], dim=1)
+        block_ids = torch.stack([nn.functional.pad(b, (0, length - b.numel()), value=-2) for b in blocks])
+        dtype = next(hf.parameters()).dtype
+        mask = block_mask(block_ids).to(dtype)
+        mask = (1.0 - mask) * torch.finfo(dtype).min
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        hidden = hf.model(
+            input_ids=input_ids,
+            attention_mask=mask[:, None],
+            position_ids=position_ids,
+            image_grid_thw=inputs["image_grid_thw"],
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
+            use_cache=False,
+        ).last_hidden_state
+        group_rows = torch.cat([torch.full_like(p, g) for g, p in enumerate(predictors)])
+        logits = hf.lm_head(hidden[group_rows, torch.cat(predictors)]).float()
+        logps = -nn.functional.cross_entropy(logits, torch.cat(targets), reduction="none")
+        return sequence_logprobs(logps, torch.cat(owners), ids.shape[0])
 
     def sequence_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) log pi(response | image, prompt), summed over response tokens."""

@@ -50,10 +50,12 @@ class DPOJudge(JudgeModule):
         beta: DPO temperature.
         nll_weight: weight of an added token-mean NLL term on the chosen critiques (0 turns it off).
         lr: peak learning rate.
+        pack_prompts: compute each group's image and prompt tokens once for all its critiques, in one
+            row with a block attention mask (Qwen2-VL; other families score each critique in full).
         **kwargs: the other `JudgeModule` arguments (schedule, validation, evaluation).
     """
 
-    def __init__(self, backbone: Backbone, reference: str = "copy", beta: float = 0.01, nll_weight: float = 0.0, lr: float = 1e-6, **kwargs):
+    def __init__(self, backbone: Backbone, reference: str = "copy", beta: float = 0.01, nll_weight: float = 0.0, lr: float = 1e-6, pack_prompts: bool = True, **kwargs):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
         super().__init__(backbone, lr=lr, **kwargs)
@@ -98,16 +100,16 @@ class DPOJudge(JudgeModule):
         with torch.no_grad():
             if mode == "lora_disabled":
                 with self.backbone.model.disable_adapter():
-                    return self.backbone.group_logprobs(batch, features)
+                    return self.backbone.group_logprobs(batch, features, pack=self.hparams.pack_prompts)
             # The copy's vision tower equals the policy's only while it is frozen, projector included.
             shared = features if not any(p.requires_grad for p in self.backbone.hf.model.visual.parameters()) else None
             if shared is None and features is not None:
                 shared = self.backbone.image_features(batch["inputs"], model=self._reference)
-            return self.backbone.group_logprobs(batch, shared, model=self._reference)
+            return self.backbone.group_logprobs(batch, shared, model=self._reference, pack=self.hparams.pack_prompts)
 
     def group_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         features = self.backbone.image_features(batch["inputs"])
-        policy = self.backbone.group_logprobs(batch, features)
+        policy = self.backbone.group_logprobs(batch, features, pack=self.hparams.pack_prompts)
         reference = self.reference_logprobs(batch, features)
         chosen, rejected = batch["chosen_index"], batch["rejected_index"]
         loss, stats = dpo_group_loss(policy[chosen], policy[rejected], reference[chosen], reference[rejected], batch["rejected_group"], self.hparams.beta)

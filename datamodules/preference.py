@@ -44,7 +44,7 @@ def build_group(encoder: Encoder, reference: dict[str, list[float]] | None, samp
 
 def collate_groups(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int) -> dict[str, Any]:
     """A DPO batch: per-sequence token inputs, per-group image inputs, and the group structure."""
-    token_rows, image_rows, image_index, chosen, rejected, rejected_group = [], [], [], [], [], []
+    token_rows, image_rows, image_index, chosen, rejected, rejected_group, prompt_lengths = [], [], [], [], [], [], []
     for g, item in enumerate(items):
         first = item["encodings"][0]
         image_rows.append({k: v for k, v in first.items() if k not in TOKEN_KEYS and k != "prompt_length"})
@@ -54,6 +54,7 @@ def collate_groups(items: list[dict[str, Any]], skipped: dict[str, int], pad_tok
                 rejected.append(len(token_rows))
                 rejected_group.append(g)
             token_rows.append({k: v for k, v in encoding.items() if k in TOKEN_KEYS})
+            prompt_lengths.append(int(encoding["prompt_length"][0]))
             image_index.append(g)
     inputs = collate(token_rows, pad_token_id)
     inputs.update(collate(image_rows, pad_token_id) if image_rows[0] else {})
@@ -63,6 +64,7 @@ def collate_groups(items: list[dict[str, Any]], skipped: dict[str, int], pad_tok
         "chosen_index": torch.tensor(chosen),
         "rejected_index": torch.tensor(rejected),
         "rejected_group": torch.tensor(rejected_group),
+        "prompt_lengths": torch.tensor(prompt_lengths),
         "ids": [item["id"] for item in items],
         "skipped": skipped,
     }

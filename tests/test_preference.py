@@ -62,3 +62,40 @@ def test_group_logprobs_equal_one_by_one(group_batch):
     assert torch.allclose(grouped, single, atol=1e-5), (grouped - single).abs().max()
     assert torch.allclose(shared, single, atol=1e-5), (shared - single).abs().max()
     assert (features is not None) == (backbone.hf.config.model_type == "qwen2_vl")
+
+
+def test_block_mask():
+    from carevl.backbone import block_mask
+
+    # a prompt of 2 tokens, responses of 2 and 1 tokens, one padding position
+    mask = block_mask(torch.tensor([[-1, -1, 0, 0, 1, -2]]))[0].int()
+    assert mask.tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # the second response sees the prompt, not the first response
+        [0, 0, 0, 0, 0, 1],
+    ]
+
+
+def test_packed_prompts_give_the_same_logprobs_and_gradients(tiny_qwen):
+    backbone = Backbone(model=tiny_qwen)
+    backbone.build()
+    encoder = Encoder(backbone.processor, max_length=1024)
+    samples = groups()
+    batch = collate_groups([item for s in samples for item in build_group(encoder, None, s, image_of(s))], {}, encoder.pad_token_id)
+    assert backbone.packs_prompts
+    results = {}
+    for pack in (False, True):
+        backbone.hf.zero_grad()
+        features = backbone.image_features(batch["inputs"])  # the projector trains: a fresh graph each time
+        logps = backbone.group_logprobs(batch, features, pack=pack)
+        (logps * torch.linspace(0.5, 1.5, logps.numel())).sum().backward()
+        grads = {n: p.grad.clone() for n, p in backbone.hf.named_parameters() if p.grad is not None}
+        results[pack] = (logps.detach(), grads)
+    (unpacked, grads_unpacked), (packed, grads_packed) = results[False], results[True]
+    assert torch.allclose(packed, unpacked, atol=1e-5), (packed - unpacked).abs().max()
+    assert grads_packed.keys() == grads_unpacked.keys() and len(grads_packed) > 10
+    for name, grad in grads_packed.items():
+        assert torch.allclose(grad, grads_unpacked[name], atol=1e-5, rtol=1e-4), name

@@ -4,6 +4,8 @@ Three runs, one after the other, each in its own process (so peak memory is its 
   trl     TRL's DPOTrainer on the groups expanded into (chosen, rejected) pairs
   pairs   carevl on the same pairs (groups of one rejected)
   groups  carevl on the groups (one chosen against `--rejected` rejected, image and prompt shared)
+  groups-unpacked  (optional) the same with `pack_prompts: false`: the image is encoded once, but the
+          prompt tokens run through the language model once per critique
 Each run trains one epoch over the same pairs with the same number of pairs per optimizer step,
 a frozen-copy reference, fp32 on CPU (bf16 on GPU), and reports the epoch's wall time and peak
 memory. Then the ratios are printed.
@@ -114,7 +116,7 @@ def run_trl(model_dir: str, data: Path, pairs_per_step: int) -> float:
     return time.perf_counter() - start
 
 
-def run_carevl(model_dir: str, shards: Path, groups_per_step: int) -> float:
+def run_carevl(model_dir: str, shards: Path, groups_per_step: int, pack: bool = True) -> float:
     import torch
     from lightning import Trainer
 
@@ -123,7 +125,7 @@ def run_carevl(model_dir: str, shards: Path, groups_per_step: int) -> float:
     from datamodules import JudgeDataModule
 
     gpu = torch.cuda.is_available()
-    module = DPOJudge(Backbone(model=model_dir), reference="copy", beta=0.1, lr=1e-5, warmup_ratio=0.0, global_batch_size=None)
+    module = DPOJudge(Backbone(model=model_dir), reference="copy", beta=0.1, lr=1e-5, warmup_ratio=0.0, global_batch_size=None, pack_prompts=pack)
     data = JudgeDataModule(processor=model_dir, train=str(shards), kind="preference_group", batch_size=groups_per_step, num_workers=1, shuffle_buffer=1)
     trainer = Trainer(
         accelerator="gpu" if gpu else "cpu", devices=1, max_epochs=1, precision="bf16-mixed" if gpu else "32-true", logger=False,
@@ -164,11 +166,14 @@ def profile_carevl(model_dir: str, data: Path, rejected: int, pairs_per_step: in
             policy.sum().backward()
             seconds["backward"] += time.perf_counter() - start
         total = sum(seconds.values())
-        tokens = batches[0]["inputs"]["attention_mask"].sum().item()
-        prompt = sum(int((row == -100).sum()) for row in batches[0]["inputs"]["labels"]) - int((batches[0]["inputs"]["attention_mask"] == 0).sum())
+        first = batches[0]
+        responses = int((first["inputs"]["labels"] != -100).sum())
+        prompts = first["prompt_lengths"]
+        unpacked = int(prompts.sum()) + responses
+        packed = int(prompts[first["chosen_index"]].sum()) + responses  # each group's prompt once
         split = ", ".join(f"{name} {100 * value / total:.0f}%" for name, value in seconds.items())
         print(f"profile {kind:6s}: {1000 * total / len(batches):.0f} ms per step of {pairs_per_step} pairs; {split}; "
-              f"prompt tokens {100 * prompt / tokens:.0f}% of the tokens the model runs")
+              f"language-model tokens per step {packed} packed ({unpacked} if every critique repeated its prompt)")
 
 
 def child(mode: str, model_dir: str, data: Path, rejected: int, pairs_per_step: int) -> None:
@@ -180,7 +185,7 @@ def child(mode: str, model_dir: str, data: Path, rejected: int, pairs_per_step: 
     elif mode == "pairs":
         seconds = run_carevl(model_dir, data / "pairs", pairs_per_step)
     else:
-        seconds = run_carevl(model_dir, data / "groups", max(1, pairs_per_step // rejected))
+        seconds = run_carevl(model_dir, data / "groups", max(1, pairs_per_step // rejected), pack=mode == "groups")
     print(json.dumps({"mode": mode, "epoch_s": seconds, "peak_mb": peak_memory_mb()}))
 
 
@@ -213,13 +218,15 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"{mode} failed:\n{out.stderr[-4000:]}")
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{mode:7s} epoch {results[mode]['epoch_s']:8.2f} s   peak memory {results[mode]['peak_mb']:8.0f} MB", flush=True)
+        print(f"{mode:15s} epoch {results[mode]['epoch_s']:8.2f} s   peak memory {results[mode]['peak_mb']:8.0f} MB", flush=True)
     pairs = args.groups * args.rejected
     print(f"\n{pairs} pairs ({args.groups} groups x {args.rejected} rejected), {args.pairs_per_step} pairs per step")
     if "trl" in results and "pairs" in results:
         print(f"carevl pairs vs TRL: {results['trl']['epoch_s'] / results['pairs']['epoch_s']:.2f}x faster per epoch")
     if "pairs" in results and "groups" in results:
         print(f"carevl groups vs carevl pairs: {results['pairs']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
+    if "groups-unpacked" in results and "groups" in results:
+        print(f"carevl groups packed vs unpacked: {results['groups-unpacked']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
     if "trl" in results and "groups" in results:
         print(f"carevl groups vs TRL: {results['trl']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
     if args.profile:
