@@ -213,3 +213,20 @@ def test_judge_through_the_batch_api(tmp_path, monkeypatch):
     judgments = Records(workdir / "judgments.jsonl").ok()
     # the loopback judge always answers 1: in the swapped order that is the pair's answer 2
     assert sorted((r["order"], r["verdict"]) for r in judgments) == [("12", 1)] * n_pairs + [("21", 2)] * n_pairs
+
+
+def test_sft_shards_with_the_judge_labels_keep_every_judged_pair(tmp_path):
+    import webdataset as wds
+
+    from carevl.schema import decode
+
+    workdir = str(tmp_path / "cur")
+    run_simulated(workdir, items=40)
+    summary = stages.sft_shards(workdir, labels="judge")
+    rows = {r["key"][:32]: r for r in Records(Path(workdir) / "split.jsonl").ok()}
+    samples = [decode(raw, "sft") for url in read_manifest(Path(workdir) / "sft-judge")["urls"] for raw in wds.WebDataset(url, shardshuffle=False)]
+    assert summary["written"] == len(samples) == sum(r["judge"] is not None for r in rows.values()) > read_manifest(Path(workdir) / "sft")["samples"]
+    assert all(s.label == rows[s.id]["judge"] and s.target.endswith(f"Answer {s.label} is better.") for s in samples)
+    assert any(rows[s.id]["label"] != s.label for s in samples)  # experts overrode some judge labels
+    with pytest.raises(ValueError, match="labels must be"):
+        stages.sft_shards(workdir, labels="all")

@@ -479,25 +479,36 @@ def split(workdir: str, tau: int | None = None) -> dict:
     return summarize("split", counts)
 
 
-def sft_shards(workdir: str, out: str | None = None, shard_size: int = 1000, max_target_chars: int = 8000) -> dict:
-    """Write the high-confidence pairs as SFT shards.
+def sft_shards(workdir: str, labels: str = "high_confidence", out: str | None = None, shard_size: int = 1000, max_target_chars: int = 8000) -> dict:
+    """Write SFT shards: the high-confidence pairs, or every judged pair (the no-experts baseline).
 
-    The target is the judge's explanation followed by the verdict line. Targets longer than `max_target_chars` are dropped and counted.
+    The target is the judge's explanation followed by the verdict line. Targets longer than
+    `max_target_chars` are dropped and counted.
 
     Args:
         workdir: the curation work directory.
-        out: shard directory (default <workdir>/sft).
+        labels: "high_confidence" (CAREVL: pairs where the experts reached tau and agree with the
+            judge) or "judge" (every pair the judge gave a verdict, with the judge's label: the
+            paper's ablation without experts).
+        out: shard directory (default <workdir>/sft, or <workdir>/sft-judge for labels "judge").
         shard_size: samples per shard.
         max_target_chars: longest explanation kept.
     """
     from carevl.schema import SFTSample, ShardWriter
 
+    if labels not in ("high_confidence", "judge"):
+        raise ValueError(f"labels must be 'high_confidence' or 'judge', got {labels!r}")
     store, items = ImageStore(workdir), items_by_id(workdir)
     counts = Counter()
-    with ShardWriter(Path(out or Path(workdir) / "sft"), prefix="sft", max_count=shard_size, kind="sft") as writer:
+    default = "sft" if labels == "high_confidence" else "sft-judge"
+    with ShardWriter(Path(out or Path(workdir) / default), prefix="sft", max_count=shard_size, kind="sft") as writer:
         for row in records(workdir, "split").ok():
-            if row["confidence"] != HIGH:
+            if labels == "high_confidence" and row["confidence"] != HIGH:
                 counts[f"not written: {row['confidence']} confidence"] += 1
+                continue
+            label = row["label"] if labels == "high_confidence" else row["judge"]
+            if label is None:
+                counts["not written: no judge verdict"] += 1
                 continue
             if not row["explanation"] or len(row["explanation"]) > max_target_chars:
                 counts["dropped: explanation missing or too long"] += 1
@@ -508,12 +519,12 @@ def sft_shards(workdir: str, out: str | None = None, shard_size: int = 1000, max
                     id=row["key"][:32],
                     question=item["question"],
                     responses=row["responses"],
-                    label=row["label"],
-                    target=f"{row['explanation']} {prompts.verdict_line(row['label'])}",
+                    label=label,
+                    target=f"{row['explanation']} {prompts.verdict_line(label)}",
                     source="carevl-curation",
                     image=store.get(item["image"], item["image_ext"]),
                     image_ext=item["image_ext"],
-                    meta={"item": row["item"], "votes": row["votes"], "rule": row["rule"], **item["meta"]},
+                    meta={"item": row["item"], "votes": row["votes"], "rule": row["rule"], "confidence": row["confidence"], **item["meta"]},
                 )
             )
             counts["written"] += 1
