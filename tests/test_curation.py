@@ -82,6 +82,13 @@ def test_ingest_records_bad_input_with_reasons(tmp_path):
     # a second run keeps what it has and records nothing twice
     stages.ingest(str(tmp_path / "cur"), source=str(source))
     assert stages.items_by_id(tmp_path / "cur").keys() == {"a"}
+    # a GIF is stored re-encoded as PNG (shards hold PNG, JPEG or WebP only)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red.gif")
+    (tmp_path / "gif.jsonl").write_text(json.dumps({"id": "g", "image": "red.gif", "question": "What colour?"}) + "\n")
+    assert stages.ingest(str(tmp_path / "cur"), source=str(tmp_path / "gif.jsonl"))["converted to png"] == 1
+    assert stages.items_by_id(tmp_path / "cur")["g"]["image_ext"] == "png"
 
 
 def test_a_line_cut_by_a_kill_is_dropped(tmp_path):

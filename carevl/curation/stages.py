@@ -33,6 +33,8 @@ from carevl.curation import cost
 from carevl.curation.records import ImageStore, Records, content_key
 from carevl.curation.split import HIGH, count_votes, decide
 from carevl.inference import Chat, ChatModel, Reply, RewardModel, Sampling, chunks, load_image
+from carevl.schema import IMAGE_EXTENSIONS
+from carevl.shapes import png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +135,13 @@ def ingest(workdir: str, source: str | None = None, shapes_items: int = 0, seed:
             new.append({**base, "error": f"duplicate_id: {record_id}"})
         else:
             try:
-                load_image(image)
+                decoded = load_image(image)
             except ValueError as error:
                 new.append({**base, "error": f"corrupt_image: {error}"})
                 return
+            if ext not in IMAGE_EXTENSIONS:  # shards hold PNG, JPEG or WebP: anything else is re-encoded once
+                image, ext = png_bytes(decoded), "png"
+                counts["converted to png"] += 1
             seen.add(record_id)
             new.append({**base, "image": store.put(image, ext), "image_ext": ext, "question": question.strip(), "meta": meta})
 
@@ -456,7 +461,7 @@ def split(workdir: str, tau: int | None = None) -> dict:
         verdicts = {order: j.get("verdict") for order, j in seen.items()}
         agreed = set(verdicts.values())
         verdict = agreed.pop() if len(agreed) == 1 and None not in agreed and len(verdicts) > 0 else None
-        if len(verdicts) == 2 and len(set(verdicts.values())) == 2:
+        if len(verdicts) == 2 and None not in verdicts.values() and len(set(verdicts.values())) == 2:
             counts["judge inconsistent across orders"] += 1
         decision = decide(tally, verdict, tau)
         counts[f"{decision.confidence}: {decision.rule}"] += 1
