@@ -237,3 +237,15 @@ def test_sft_shards_with_the_judge_labels_keep_every_judged_pair(tmp_path):
     assert any(rows[s.id]["label"] != s.label for s in samples)  # experts overrode some judge labels
     with pytest.raises(ValueError, match="labels must be"):
         stages.sft_shards(workdir, labels="all")
+
+
+def test_candidates_on_a_paid_endpoint_print_their_estimate_first(tmp_path, capsys):
+    from carevl.curation.cost import Prices
+
+    workdir = str(tmp_path / "cur")
+    stages.ingest(workdir, shapes_items=5, seed=2)
+    models = {"paid": lambda: pytest.fail("no request may be sent above max_usd"), "local": lambda: SimulatedAnswerer("local", workdir)}
+    with pytest.raises(RuntimeError, match="above max_usd"):
+        stages.candidates(workdir, models, {"greedy": Sampling()}, prices={"paid": Prices()}, max_usd=0.0)
+    printed = capsys.readouterr().out
+    assert "candidates paid/greedy: 5 requests" in printed and "local" not in printed

@@ -61,3 +61,12 @@ def describe(figures: dict) -> str:
         f"{figures['requests']:,} requests, ~{figures['input_tokens']:,} input tokens, ~{figures['output_tokens']:,} output tokens "
         f"(at most {figures['output_tokens_max']:,}): about ${figures['usd']:,.2f} (at most ${figures['usd_max']:,.2f})"
     )
+
+
+def check(label: str, chats: list[Chat], sampling: Sampling, prices: Prices, detail: str = "auto", batch: bool = False, max_usd: float | None = None) -> dict:
+    """Print the estimate of a paid run before it starts; refuse it when above `max_usd`."""
+    figures = estimate(chats, sampling, prices, detail, batch=batch)
+    print(f"{label}: {describe(figures)}", flush=True)
+    if max_usd is not None and figures["usd"] > max_usd:
+        raise RuntimeError(f"expected cost ${figures['usd']:.2f} is above max_usd ${max_usd:.2f}")
+    return figures

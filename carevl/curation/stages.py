@@ -176,21 +176,43 @@ def default_decodings() -> dict[str, Sampling]:
     return {"greedy": Sampling(temperature=0.0, max_tokens=512), "t1": Sampling(temperature=1.0, max_tokens=512)}
 
 
-def candidates(workdir: str, models: dict[str, Callable[[], ChatModel]], decodings: dict[str, Sampling] | None = None, chunk_size: int = 64) -> dict:
+def candidates(
+    workdir: str,
+    models: dict[str, Callable[[], ChatModel]],
+    decodings: dict[str, Sampling] | None = None,
+    prices: dict[str, cost.Prices] | None = None,
+    max_usd: float | None = None,
+    chunk_size: int = 64,
+) -> dict:
     """Every model answers every item under every decoding (paper: 5 models, greedy and temperature 1.0).
 
     Args:
         workdir: the curation work directory.
         models: name -> chat model; built one at a time.
         decodings: name -> sampling settings (default: greedy and temperature 1.0, 512 tokens).
+        prices: model name -> USD per million tokens, for models on a paid endpoint: their token
+            and cost estimate is printed before any request, and `max_usd` is enforced.
+        max_usd: refuse to start when the paid models' expected cost is above this.
         chunk_size: items per generate call (and per write to disk).
     """
     decodings = decodings or default_decodings()
     store, items, out = ImageStore(workdir), items_by_id(workdir), records(workdir, "candidates")
     counts = Counter()
+    plan = {
+        (name, decoding): [(content_key("candidate", item["key"], name, decoding, asdict(sampling)), item) for item in items.values()]
+        for name in models
+        for decoding, sampling in decodings.items()
+    }
+    paid = [
+        cost.check(f"candidates {name}/{decoding}", [item_chat(store, item, item["question"]) for key, item in units if not out.done(key)], decodings[decoding], prices[name])
+        for (name, decoding), units in plan.items()
+        if prices and name in prices
+    ]
+    if max_usd is not None and sum(f["usd"] for f in paid) > max_usd:
+        raise RuntimeError(f"expected cost ${sum(f['usd'] for f in paid):.2f} is above max_usd ${max_usd:.2f}")
     for name, build in models.items():
         for decoding, sampling in decodings.items():
-            units = [(content_key("candidate", item["key"], name, decoding, asdict(sampling)), item) for item in items.values()]
+            units = plan[(name, decoding)]
             if all(out.done(key) for key, _ in units):
                 counts["skipped"] += len(dict(units))
                 continue
@@ -209,7 +231,15 @@ def candidates(workdir: str, models: dict[str, Callable[[], ChatModel]], decodin
     return summarize("candidates", counts)
 
 
-def captions(workdir: str, captioner: Callable[[], ChatModel], prompt: str = prompts.CAPTION_REQUEST, sampling: Sampling | None = None, chunk_size: int = 64) -> dict:
+def captions(
+    workdir: str,
+    captioner: Callable[[], ChatModel],
+    prompt: str = prompts.CAPTION_REQUEST,
+    sampling: Sampling | None = None,
+    prices: cost.Prices | None = None,
+    max_usd: float | None = None,
+    chunk_size: int = 64,
+) -> dict:
     """One detailed caption per image, from a strong captioner (paper: Qwen2-VL-72B).
 
     Args:
@@ -217,11 +247,16 @@ def captions(workdir: str, captioner: Callable[[], ChatModel], prompt: str = pro
         captioner: the captioning chat model.
         prompt: the caption request.
         sampling: decoding settings (greedy, 1024 tokens by default).
+        prices: USD per million tokens when the captioner is a paid endpoint: the estimate is
+            printed before any request.
+        max_usd: refuse to start above this expected cost (with `prices`).
     """
     sampling = sampling or Sampling(max_tokens=1024)
     store, out = ImageStore(workdir), records(workdir, "captions")
     images = {item["image"]: item for item in items_by_id(workdir).values()}
     units = [(content_key("caption", sha, prompt, asdict(sampling)), item) for sha, item in images.items()]
+    if prices is not None:
+        cost.check("captions", [item_chat(store, item, prompt) for key, item in units if not out.done(key)], sampling, prices, max_usd=max_usd)
     model = None
 
     def work(chunk: list) -> list[dict]:
@@ -338,12 +373,9 @@ def judge(
         pair, _, responses = unit
         return item_chat(store, items[pair["item"]], prompts.curation_judge_prompt(items[pair["item"]]["question"], responses))
 
-    figures = cost.estimate([chat(unit) for _, unit in todo], sampling, prices or cost.Prices(), image_detail, batch=batch is not None)
-    print(f"judge: {cost.describe(figures)}", flush=True)
+    figures = cost.check("judge", [chat(unit) for _, unit in todo], sampling, prices or cost.Prices(), image_detail, batch is not None, max_usd)
     if estimate_only:
         return {"stage": "judge", "estimate": figures}
-    if max_usd is not None and figures["usd"] > max_usd:
-        raise RuntimeError(f"expected cost ${figures['usd']:.2f} is above max_usd ${max_usd:.2f}")
 
     def record(key: str, unit, reply: Reply) -> dict:
         pair, order, _ = unit
