@@ -75,6 +75,12 @@ class ChatModel(ABC):
         """One `Reply` per chat, in order. `schema` (a JSON schema) asks for structured output where
         the backend supports it; others ignore it and the caller parses free text."""
 
+    def generate_each(self, chats: list[Chat], sampling: Sampling, schema: dict | None, on_reply) -> None:
+        """Call `on_reply(index, reply)` for every chat; backends that stream (live endpoints) call it
+        as each reply arrives, so a caller can write it to disk at once."""
+        for index, reply in enumerate(self.generate(chats, sampling, schema)):
+            on_reply(index, reply)
+
 
 class RewardModel(ABC):
     """Scores text-only conversations (user turn + assistant answer) with one raw scalar each."""

@@ -121,3 +121,13 @@ def test_killed_batch_run_resumes_polling_without_resubmitting(tmp_path):
         batch.run({f"k{i}": c for i, c in enumerate(chats(3))}, Sampling(), None, state, got.update)
         assert sum(r["path"].endswith("/files") for r in endpoint.requests) == uploads == 1
     assert sorted(got) == ["k0", "k1", "k2"] and all(r.ok for r in got.values())
+
+
+def test_replies_stream_to_the_caller_as_they_arrive():
+    seen = []
+    with LoopbackEndpoint(latency=0.1) as endpoint:
+        model = OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=1)
+        model.generate_each(chats(4), Sampling(), None, lambda index, reply: seen.append((index, reply.ok, time.monotonic())))
+    assert sorted((i, ok) for i, ok, _ in seen) == [(0, True), (1, True), (2, True), (3, True)]
+    last_request = max(r["time"] for r in endpoint.requests)
+    assert min(t for _, _, t in seen) < last_request  # the first reply was handed over before the last request went out

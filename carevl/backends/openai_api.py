@@ -145,20 +145,26 @@ class OpenAIChat(ChatModel):
         self.retries: Counter = Counter()  # retry reasons over this object's life
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
-        return asyncio.run(self._generate(chats, sampling, schema))
+        return asyncio.run(self._generate(chats, sampling, schema, None))
 
-    async def _generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None) -> list[Reply]:
+    def generate_each(self, chats: list[Chat], sampling: Sampling, schema: dict | None, on_reply) -> None:
+        asyncio.run(self._generate(chats, sampling, schema, on_reply))
+
+    async def _generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None, on_reply) -> list[Reply]:
         import openai
 
         client = openai.AsyncOpenAI(api_key=api_key(self.api_key_env, self.base_url), base_url=self.base_url, max_retries=0, timeout=self.timeout)
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def one(chat: Chat) -> Reply:
+        async def one(index: int, chat: Chat) -> Reply:
             async with gate:
-                return await self._request(client, request_body(self.model, chat, sampling, schema, self.image_detail), schema)
+                reply = await self._request(client, request_body(self.model, chat, sampling, schema, self.image_detail), schema)
+            if on_reply is not None:
+                on_reply(index, reply)  # on the loop's thread, as the reply arrives
+            return reply
 
         try:
-            return await asyncio.gather(*(one(chat) for chat in chats))
+            return await asyncio.gather(*(one(i, chat) for i, chat in enumerate(chats)))
         finally:
             await client.close()
 

@@ -50,7 +50,7 @@ def critiques(workdir: str, judge: Callable[[], ChatModel], name: str, samples: 
     units = [(content_key("critiques", name, row["key"], row["label"], asdict(sampling)), row) for row in rows]
     model = None
 
-    def work(chunk: list) -> list[dict]:
+    def work(chunk: list, write) -> None:
         nonlocal model
         model = model or judge()
         chats = [item_chat(store, items[row["item"]], prompts.judge_prompt(items[row["item"]]["question"], row["responses"])) for _, row in chunk]
@@ -58,7 +58,7 @@ def critiques(workdir: str, judge: Callable[[], ChatModel], name: str, samples: 
         def fields(texts: list[str]) -> dict:
             return {"samples": [{"text": t, "verdict": prompts.parse_verdict(t)} for t in texts]}
 
-        return [reply_record({"key": key, "pair": row["key"], "label": row["label"], "judge": name}, reply, fields) for (key, row), reply in zip(chunk, model.generate(chats, sampling))]
+        write([reply_record({"key": key, "pair": row["key"], "label": row["label"], "judge": name}, reply, fields) for (key, row), reply in zip(chunk, model.generate(chats, sampling))])
 
     counts = run_units(out, units, work, chunk_size, "critiques")
     found = [r for r in out.ok() if r["pair"] in {row["key"] for _, row in units}]
@@ -104,7 +104,7 @@ def evaluate(workdir: str, evaluator: Callable[[], ChatModel], name: str, sampli
             units.append((content_key("evaluation", name, prompt, asdict(sampling)), (critique_context(prompt), prompt)))
     model = None
 
-    def work(chunk: list) -> list[dict]:
+    def work(chunk: list, write) -> None:
         nonlocal model
         model = model or evaluator()
         from carevl.inference import Chat
@@ -115,8 +115,8 @@ def evaluate(workdir: str, evaluator: Callable[[], ChatModel], name: str, sampli
                 raise ValueError("no score from 0 to 100")
             return {"score": score}
 
-        replies = model.generate([Chat.user(prompt) for _, (_, prompt) in chunk], sampling)
-        return [reply_record({"key": key, "context": context, "evaluator": name}, reply, fields) for (key, (context, _)), reply in zip(chunk, replies)]
+        chats = [Chat.user(prompt) for _, (_, prompt) in chunk]
+        model.generate_each(chats, sampling, None, lambda i, reply: write([reply_record({"key": chunk[i][0], "context": chunk[i][1][0], "evaluator": name}, reply, fields)]))
 
     return summarize("evaluate", run_units(out, units, work, chunk_size, "evaluate"))
 

@@ -71,19 +71,23 @@ def free_memory() -> None:
         pass
 
 
-def run_units(out: Records, units: list[tuple[str, object]], work: Callable[[list], list[dict]], chunk_size: int, desc: str) -> Counter:
-    """Process the units whose key has no successful record, `chunk_size` at a time, appending each
-    chunk's records as it finishes. Counts done / skipped (already there) / failed by reason."""
+def run_units(out: Records, units: list[tuple[str, object]], work: Callable[[list, Callable[[list[dict]], None]], None], chunk_size: int, desc: str) -> Counter:
+    """Process the units whose key has no successful record, `chunk_size` at a time. `work(chunk,
+    write)` hands its records to `write` (appended to disk at once), per chunk or, for backends that
+    stream, per reply. Counts done / skipped (already there) / failed by reason."""
     units = list(dict(units).items())  # units with equal inputs are done once
     counts = Counter(skipped=sum(out.done(key) for key, _ in units))
     todo = [(key, payload) for key, payload in units if not out.done(key)]
     with tqdm(total=len(todo), desc=desc, unit="item", disable=None) as bar:
-        for chunk in chunks(todo, chunk_size):
-            written = work(chunk)
-            out.append(written)
-            for record in written:
+
+        def write(records: list[dict]) -> None:
+            out.append(records)
+            for record in records:
                 counts["failed: " + record["error"].split(":")[0] if "error" in record else "done"] += 1
-            bar.update(len(chunk))
+            bar.update(len(records))
+
+        for chunk in chunks(todo, chunk_size):
+            work(chunk, write)
     return counts
 
 
@@ -218,12 +222,12 @@ def candidates(
                 continue
             model = build() if callable(build) else build
 
-            def work(chunk: list) -> list[dict]:
+            def work(chunk: list, write) -> None:
                 replies = model.generate([item_chat(store, item, item["question"]) for _, item in chunk], sampling)
-                return [
+                write([
                     reply_record({"key": key, "item": item["id"], "model": name, "decoding": decoding}, reply, lambda texts: {"answers": texts})
                     for (key, item), reply in zip(chunk, replies)
-                ]
+                ])
 
             counts.update(run_units(out, units, work, chunk_size, f"candidates {name}/{decoding}"))
             model = None
@@ -259,11 +263,11 @@ def captions(
         cost.check("captions", [item_chat(store, item, prompt) for key, item in units if not out.done(key)], sampling, prices, max_usd=max_usd)
     model = None
 
-    def work(chunk: list) -> list[dict]:
+    def work(chunk: list, write) -> None:
         nonlocal model
         model = model or captioner()
         replies = model.generate([item_chat(store, item, prompt) for _, item in chunk], sampling)
-        return [reply_record({"key": key, "image": item["image"]}, reply, lambda texts: {"caption": texts[0].strip()}) for (key, item), reply in zip(chunk, replies)]
+        write([reply_record({"key": key, "image": item["image"]}, reply, lambda texts: {"caption": texts[0].strip()}) for (key, item), reply in zip(chunk, replies)])
 
     counts = run_units(out, units, work, chunk_size, "captions")
     return summarize("captions", counts)
@@ -336,7 +340,7 @@ def judge(
     image_detail: str = "auto",
     max_usd: float | None = None,
     estimate_only: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = 1024,
 ) -> dict:
     """The strong LVLM (paper: GPT-4o) judges every pair: a verdict and an explanation.
 
@@ -355,7 +359,8 @@ def judge(
         image_detail: GPT-4o image detail for the estimate ("low", "high", "auto").
         max_usd: refuse to start when the expected cost is above this.
         estimate_only: print the estimate and stop.
-        chunk_size: pairs per generate call (and per write to disk) in live mode.
+        chunk_size: pairs per generate call in live mode. Replies from a live endpoint are written
+            as they arrive, so a kill loses only the requests in flight.
     """
     if (model is None) == (batch is None):
         raise ValueError("give exactly one of `model` (live) and `batch` (Batch API)")
@@ -402,11 +407,10 @@ def judge(
 
     live = None
 
-    def work(chunk: list) -> list[dict]:
+    def work(chunk: list, write) -> None:
         nonlocal live
         live = live or model()
-        replies = live.generate([chat(unit) for _, unit in chunk], sampling, schema)
-        return [record(key, unit, reply) for (key, unit), reply in zip(chunk, replies)]
+        live.generate_each([chat(unit) for _, unit in chunk], sampling, schema, lambda i, reply: write([record(*chunk[i], reply)]))
 
     return summarize("judge", run_units(out, units, work, chunk_size, "judge"))
 
@@ -446,13 +450,13 @@ def votes(workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_siz
             continue
         expert = build() if callable(build) else build
 
-        def work(chunk: list) -> list[dict]:
+        def work(chunk: list, write) -> None:
             conversations = [prompts.expert_conversation(items[item]["question"], captions_[items[item]["image"]], text) for _, (item, text) in chunk]
             scores = expert.score(conversations)
-            return [
+            write([
                 {"key": key, "expert": name, "item": item, "answer": text, **({"score": s} if s is not None else {"error": "unscored"})}
                 for (key, (item, text)), s in zip(chunk, scores)
-            ]
+            ])
 
         counts.update(run_units(out, units, work, chunk_size, f"votes {name}"))
         expert = None
