@@ -76,6 +76,21 @@ ANSWERS = {
 }
 
 
+ANSWER_STYLES = ("sentence", "short", "verbose")
+
+
+def answer(attribute: str, value: str, style: str = "sentence") -> str:
+    """An answer stating `value` in one of the styles the world's answerers use."""
+    sentence = ANSWERS[attribute].format(value)
+    if style == "short":
+        return value.capitalize() + "."
+    if style == "verbose":
+        return "Looking at the image carefully, " + sentence[0].lower() + sentence[1:]
+    if style != "sentence":
+        raise ValueError(f"style must be one of {ANSWER_STYLES}, got {style!r}")
+    return sentence
+
+
 def attribute_values(attribute: str) -> list[str]:
     return {
         "colour": list(COLOURS),
@@ -210,12 +225,13 @@ def quote_task(rng: random.Random) -> tuple[str, str]:
 
     Real language models arrive able to copy and look up words of their prompt; a tiny random one
     does not, and learning that inside the long judge prompt takes far longer than the judgement.
+    The answers come in every style of `ANSWER_STYLES`, as candidate models' answers do.
     """
     attribute = rng.choice(ATTRIBUTES)
     picked = rng.sample(attribute_values(attribute), 2)
     truth = rng.choice(picked)
-    template = ANSWERS[attribute]
-    prompt = f"Answer 1: {template.format(picked[0])}\nAnswer 2: {template.format(picked[1])}\nWhich answer says {truth}?"
+    lines = [answer(attribute, value, rng.choice(ANSWER_STYLES)) for value in picked]
+    prompt = f"Answer 1: {lines[0]}\nAnswer 2: {lines[1]}\nWhich answer says {truth}?"
     return prompt, recall_critique(picked, truth, "reference")
 
 
@@ -236,7 +252,12 @@ def write_world(
     attributes: tuple[str, ...] = JUDGE_ATTRIBUTES,
 ) -> dict[str, int]:
     """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, and ``pretrain``
-    instruct samples for the tiny base model (``captions`` captions plus as many quoting tasks).
+    instruct samples for the tiny base model: ``captions`` captions, as many questions about the
+    image answered in one sentence (what the candidate models do), and as many quoting tasks.
+
+    The answered questions are what lets SFT find the asked attribute's value fast: with captions
+    and quoting only, the tiny judge reached 72.5% held-out verdict accuracy after 5 epochs of
+    2,000 samples and 88.5% after 10; with them, 91.5% after 4 (same pretraining cost).
 
     Seeds differ per split, so held-out images never appear in training.
     """
@@ -251,9 +272,15 @@ def write_world(
                 writer.write(SFTSample(**item.fields(), target=item.critique(), source="shapes-world"))
     rng = random.Random(seed + 2)
     with ShardWriter(out / "pretrain", prefix="pretrain", max_count=shard_size, kind="instruct") as writer:
-        for index in range(2 * captions):
+        for index in range(3 * captions):
             scene = random_scene(rng)
-            prompt, target = (CAPTION_PROMPT, caption_target(scene)) if index % 2 == 0 else quote_task(rng)
+            if index % 3 == 0:
+                prompt, target = CAPTION_PROMPT, caption_target(scene)
+            elif index % 3 == 1:
+                attribute = rng.choice(attributes)
+                prompt, target = QUESTIONS[attribute], ANSWERS[attribute].format(scene.value(attribute))
+            else:
+                prompt, target = quote_task(rng)
             writer.write(
                 InstructSample(
                     id=f"shapes-pretrain-{index:06d}",
@@ -263,7 +290,7 @@ def write_world(
                     image=png_bytes(render(scene, rng)),
                 )
             )
-    return {"train": train, "heldout": heldout, "pretrain": 2 * captions}
+    return {"train": train, "heldout": heldout, "pretrain": 3 * captions}
 
 
 # The shapes world in the benchmarks' formats, so `carevl test` runs on the demo judge. The

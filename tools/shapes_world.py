@@ -12,7 +12,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output directory (train/, heldout/, pretrain/ go under it)")
     parser.add_argument("--train", type=int, default=2000, help="judge training samples")
     parser.add_argument("--heldout", type=int, default=200, help="held-out judge samples")
-    parser.add_argument("--captions", type=int, default=2000, help="caption samples (and as many quoting tasks) for base-model pretraining")
+    parser.add_argument("--captions", type=int, default=2000, help="caption samples (and as many answered questions and quoting tasks) for base-model pretraining")
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     parser.add_argument("--benchmark", type=int, default=120, help="records of the world in each benchmark format (bench/)")
     parser.add_argument("--groups", type=int, default=800, help="DPO preference groups (correct vs simulated worse critiques, groups/)")

@@ -42,20 +42,17 @@ class WorldTruth:
         return self._scenes.get(hashlib.sha256(image).hexdigest())
 
 
-STYLES = {
-    "short": lambda attribute, value: value.capitalize() + ".",
-    "sentence": lambda attribute, value: shapes.ANSWERS[attribute].format(value),
-    "verbose": lambda attribute, value: "Looking at the image carefully, " + shapes.ANSWERS[attribute].format(value)[0].lower() + shapes.ANSWERS[attribute].format(value)[1:],
-}
-
-
 class SimulatedAnswerer(ChatModel):
     """A simulated candidate model: states the true value of the asked attribute, or with probability
-    `error_rate` (doubled when sampling at temperature > 0) a wrong one, in one of `STYLES`."""
+    `error_rate` (doubled when sampling at temperature > 0) a wrong one, in one of
+    `shapes.ANSWER_STYLES`, or in a style drawn per answer (`style: mixed`).
+
+    The shapes pipeline gives every model the same style mix: were better models also the longer
+    ones, a judge trained on their pairs could get most labels right from length alone."""
 
     def __init__(self, name: str, world: str, error_rate: float = 0.3, style: str = "sentence", latency: float = 0.0):
-        if style not in STYLES:
-            raise ValueError(f"style must be one of {sorted(STYLES)}")
+        if style not in (*shapes.ANSWER_STYLES, "mixed"):
+            raise ValueError(f"style must be one of {sorted(shapes.ANSWER_STYLES)} or 'mixed'")
         self.name, self.truth, self.error_rate, self.style, self.latency = name, WorldTruth(world), error_rate, style, latency
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
@@ -73,7 +70,8 @@ class SimulatedAnswerer(ChatModel):
             for index in range(sampling.n):
                 rng = seeded(self.name, chat.text(), chat.images[0], sampling.seed, sampling.temperature, index)
                 value = rng.choice([v for v in shapes.attribute_values(attribute) if v != truth]) if rng.random() < error else truth
-                texts.append(STYLES[self.style](attribute, value))
+                style = rng.choice(shapes.ANSWER_STYLES) if self.style == "mixed" else self.style
+                texts.append(shapes.answer(attribute, value, style))
             replies.append(Reply(texts))
         return replies
 

@@ -1,0 +1,168 @@
+"""tools/pipeline.py: steps run in order, finished steps are skipped on a rerun, a changed or failed
+step reruns with everything after it, `together` steps run as parallel processes."""
+
+import importlib.util
+import json
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("pipeline", ROOT / "tools" / "pipeline.py")
+pipeline = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pipeline)
+
+# A step script: appends "<name> <pid> <OMP_NUM_THREADS>" to runs.txt; fails when the file `fail-<name>` exists.
+STEP = """
+import os, sys
+name = sys.argv[1]
+if os.path.exists(f"fail-{name}"):
+    sys.exit(3)
+with open("runs.txt", "a") as f:
+    f.write(f"{name} {os.getpid()} {os.environ.get('OMP_NUM_THREADS')}\\n")
+"""
+
+
+def write_pipeline(tmp_path, steps, in_process=True):
+    (tmp_path / "step.py").write_text(STEP)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "in_process": in_process, "steps": steps}))
+    return str(config)
+
+
+def step(name, extra=""):
+    return {"name": name, "run": f"python step.py {name}{extra}"}
+
+
+def ran(tmp_path):
+    path = tmp_path / "runs.txt"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_runs_in_order_in_process_and_skips_finished_steps(in_tmp):
+    config = write_pipeline(in_tmp, [step("a"), step("b"), step("c")])
+    pipeline.main(["--config", config])
+    assert [r[0] for r in ran(in_tmp)] == ["a", "b", "c"]
+    assert {r[1] for r in ran(in_tmp)} == {str(os.getpid())}  # in_process: no new Python process
+    assert json.loads((in_tmp / "work" / "pipeline" / "b.done").read_text())["run"] == "python step.py b"
+    pipeline.main(["--config", config])
+    assert len(ran(in_tmp)) == 3
+
+
+def test_a_changed_step_reruns_with_every_later_step(in_tmp):
+    pipeline.main(["--config", write_pipeline(in_tmp, [step("a"), step("b"), step("c")])])
+    pipeline.main(["--config", write_pipeline(in_tmp, [step("a"), step("b", " --changed"), step("c")])])
+    assert [r[0] for r in ran(in_tmp)] == ["a", "b", "c", "b", "c"]
+
+
+def test_a_failed_step_stops_the_run_and_the_rerun_resumes_there(in_tmp):
+    config = write_pipeline(in_tmp, [step("a"), step("b"), step("c")], in_process=False)
+    (in_tmp / "fail-b").touch()
+    with pytest.raises(SystemExit, match="pipeline step b failed"):
+        pipeline.main(["--config", config])
+    assert [r[0] for r in ran(in_tmp)] == ["a"]
+    assert not (in_tmp / "work" / "pipeline" / "b.done").exists()
+    (in_tmp / "fail-b").unlink()
+    pipeline.main(["--config", config])
+    assert [r[0] for r in ran(in_tmp)] == ["a", "b", "c"]
+    assert str(os.getpid()) not in {r[1] for r in ran(in_tmp)}  # in_process false: each step its own process
+
+
+def test_from_and_to(in_tmp):
+    config = write_pipeline(in_tmp, [step("a"), step("b"), step("c")])
+    pipeline.main(["--config", config, "--to", "b"])
+    assert [r[0] for r in ran(in_tmp)] == ["a", "b"]
+    pipeline.main(["--config", config, "--from", "b"])
+    assert [r[0] for r in ran(in_tmp)] == ["a", "b", "b", "c"]
+    with pytest.raises(SystemExit):
+        pipeline.main(["--config", config, "--from", "nope"])
+
+
+def test_together_steps_run_as_processes_sharing_the_threads(in_tmp):
+    config = write_pipeline(in_tmp, [step("a"), {"together": [step("b"), step("c")]}, step("d")])
+    pipeline.main(["--config", config])
+    rows = {r[0]: r for r in ran(in_tmp)}
+    assert set(rows) == {"a", "b", "c", "d"}
+    assert rows["b"][1] != rows["c"][1] != str(os.getpid())
+    assert rows["b"][2] == rows["c"][2] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert (in_tmp / "work" / "pipeline" / "c.log").exists()
+
+
+def test_a_failing_together_step_leaves_its_batch_undone(in_tmp):
+    config = write_pipeline(in_tmp, [{"together": [step("b"), step("c")]}, step("d")])
+    (in_tmp / "fail-c").touch()
+    with pytest.raises(SystemExit, match="c failed"):
+        pipeline.main(["--config", config])
+    assert [r[0] for r in ran(in_tmp)] == ["b"]
+    assert not (in_tmp / "work" / "pipeline" / "b.done").exists()
+
+
+@pytest.mark.parametrize(
+    "steps, message",
+    [([step("a"), step("a")], "used twice"), ([{"name": "a"}], "exactly `name` and `run`"), ([], "non-empty")],
+)
+def test_bad_pipelines_are_refused(in_tmp, steps, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.load(write_pipeline(in_tmp, steps))
+
+
+def test_shipped_pipelines_name_every_step_once():
+    for path in sorted((ROOT / "configs" / "pipeline").glob("*.yaml")):
+        spec = pipeline.load(str(path))
+        assert spec["steps"], path
+
+
+def test_accuracy_table_reads_the_newest_run_and_shows_missing_ones(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("accuracy_table", ROOT / "tools" / "accuracy_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    for version, accuracy in ((1, 0.8), (10, 0.9)):  # version_10 is newer than version_1 (not by string order)
+        run = tmp_path / "sft" / f"version_{version}"
+        run.mkdir(parents=True)
+        (run / "metrics.csv").write_text(
+            "epoch,step,train/loss,val/unparseable,val/verdict_accuracy\n0,9,0.5,,\n"
+            f"0,9,,3.0,{accuracy / 2}\n1,19,0.2,,\n1,19,,1.0,{accuracy}\n"
+        )
+    table.main(["--logs", str(tmp_path), "--rows", "sft=SFT judge", "dpo=+ DPO"])
+    out = capsys.readouterr().out
+    assert "| SFT judge | 90.0% | 1 |" in out and "| + DPO | missing | |" in out
+    saved = json.loads((tmp_path / "accuracy_table.json").read_text())
+    assert saved[0] == {"run": "sft", "model": "SFT judge", "accuracy": 0.9, "unparseable": 1.0}
+    with pytest.raises(SystemExit):
+        table.main(["--logs", str(tmp_path), "--rows", "no-label"])
+
+
+@pytest.mark.parametrize("config", ["shapes.yaml", "real.yaml"])
+def test_every_carevl_and_curate_step_of_the_shipped_pipelines_parses(config, monkeypatch, capsys):
+    """Each training step's config and overrides, and each curation stage's options, are accepted."""
+    from carevl.cli import main as carevl_main
+
+    curate_spec = importlib.util.spec_from_file_location("curate", ROOT / "tools" / "curate.py")
+    curate = importlib.util.module_from_spec(curate_spec)
+    curate_spec.loader.exec_module(curate)
+    monkeypatch.chdir(ROOT)
+    checked = 0
+    for batch in pipeline.load(str(ROOT / "configs" / "pipeline" / config))["steps"]:
+        for step in batch:
+            argv = shlex.split(step["run"])
+            if argv[0] == "carevl":
+                run = lambda: carevl_main([*argv[1:], "--print_config"])  # noqa: E731
+            elif argv[-2:-1] != ["-m"] and argv[1:2] == ["tools/curate.py"]:
+                run = lambda: curate.main([*argv[2:], "--print_config"])  # noqa: E731
+            else:
+                continue
+            with pytest.raises(SystemExit) as exit_info:
+                run()
+            assert exit_info.value.code in (0, None), step
+            checked += 1
+    capsys.readouterr()
+    assert checked >= 10

@@ -1,0 +1,54 @@
+"""The shapes world's base-model pretraining mixture and answer styles."""
+
+import json
+import random
+import tarfile
+from collections import Counter
+
+import pytest
+
+from carevl import shapes
+
+
+@pytest.mark.parametrize("attribute", shapes.ATTRIBUTES)
+def test_every_answer_style_states_its_value(attribute):
+    for value in shapes.attribute_values(attribute):
+        for style in shapes.ANSWER_STYLES:
+            assert shapes.mentioned_value(shapes.answer(attribute, value, style), attribute) == value
+    with pytest.raises(ValueError, match="style must be one of"):
+        shapes.answer(attribute, value, "shouting")
+
+
+def test_quoting_tasks_name_the_answer_that_gives_the_value_in_every_style():
+    rng, styles = random.Random(3), Counter()
+    for _ in range(200):
+        prompt, target = shapes.quote_task(rng)
+        lines = dict(line.split(": ", 1) for line in prompt.splitlines()[:2])
+        asked = prompt.rsplit("says ", 1)[1].rstrip("?")
+        attribute = next(a for a in shapes.ATTRIBUTES if asked in shapes.attribute_values(a))
+        values = [shapes.mentioned_value(lines[f"Answer {n}"], attribute) for n in (1, 2)]
+        assert target.endswith(f"The reference has {asked}, as Answer {values.index(asked) + 1} says.")
+        styles.update("short" if len(line.split()) == 1 else "verbose" if line.startswith("Looking") else "sentence" for line in lines.values())
+    assert set(styles) == set(shapes.ANSWER_STYLES)
+
+
+def test_pretraining_mixes_captions_answered_questions_and_quoting(tmp_path):
+    counts = shapes.write_world(str(tmp_path), train=0, heldout=2, captions=20, shard_size=100)
+    assert counts["pretrain"] == 60
+    kinds = Counter()
+    with tarfile.open(next((tmp_path / "pretrain").glob("*.tar"))) as tar:
+        for member in tar.getmembers():
+            if not member.name.endswith(".json"):
+                continue
+            sample = json.loads(tar.extractfile(member).read())
+            if sample["prompt"] == shapes.CAPTION_PROMPT:
+                kinds["caption"] += 1
+            elif sample["prompt"] in shapes.QUESTIONS.values():
+                attribute = next(a for a, q in shapes.QUESTIONS.items() if q == sample["prompt"])
+                assert attribute in shapes.JUDGE_ATTRIBUTES
+                assert shapes.mentioned_value(sample["target"], attribute) is not None
+                kinds["question"] += 1
+            else:
+                assert "Which answer says" in sample["prompt"]
+                kinds["quote"] += 1
+    assert kinds == {"caption": 20, "question": 20, "quote": 20}
