@@ -278,7 +278,7 @@ def write_world(
                 prompt, target = CAPTION_PROMPT, caption_target(scene)
             elif index % 3 == 1:
                 attribute = rng.choice(attributes)
-                prompt, target = QUESTIONS[attribute], ANSWERS[attribute].format(scene.value(attribute))
+                prompt, target = QUESTIONS[attribute], answer(attribute, scene.value(attribute))
             else:
                 prompt, target = quote_task(rng)
             writer.write(
@@ -288,6 +288,7 @@ def write_world(
                     target=target,
                     source="shapes-world",
                     image=png_bytes(render(scene, rng)),
+                    meta={"scene": scene.__dict__},
                 )
             )
     return {"train": train, "heldout": heldout, "pretrain": 3 * captions}

@@ -16,7 +16,7 @@ the CPU threads: two 1-thread trainings of the tiny judge finish ~1.5x sooner th
 other with 2 threads each, since its small matrices keep two threads only partly busy.
 
 `in_process: true` runs `carevl ...` and `python ...` commands inside this process, which saves the
-~10 s each new Python process spends importing torch and Lightning (on the tiny CPU pipeline that
+seconds each new Python process spends importing torch and Lightning (on the tiny CPU pipeline that
 is minutes). Keep it false wherever a step launches several processes itself (Lightning's DDP or
 DeepSpeed launcher re-runs the command line of the process that started it) or needs another
 Python environment (vLLM): each step is then its own process.
