@@ -171,9 +171,10 @@ class JudgeItem:
         has, then give the verdict.
 
         The decisive step is a recall, not a comparison: after "The image has purple, as Answer" the
-        judge copies the number quoted next to "purple" a sentence earlier. A tiny model learns that
-        lookup in minutes; asked instead to write "correct" or "wrong" after each quoted value, the
-        same model stayed at chance on the first decision after 1,250 steps.
+        judge names the answer that says purple. A tiny model learns that lookup in minutes (from
+        where the value stands in a sentence-style prompt: tools/lookup_probe.py); asked instead to
+        write "correct" or "wrong" after each quoted value, the same model stayed at chance on the
+        first decision after 1,250 steps.
         """
         truth = self.scene.value(self.attribute)
         return " ".join([f"The image shows {self.scene.caption()}.", recall_critique(self.values, truth, "image"), verdict_line(self.label)])
@@ -225,12 +226,16 @@ def quote_task(rng: random.Random) -> tuple[str, str]:
 
     Real language models arrive able to copy and look up words of their prompt; a tiny random one
     does not, and learning that inside the long judge prompt takes far longer than the judgement.
-    The answers come in every style of `ANSWER_STYLES`, as candidate models' answers do.
+    The answers are sentences, the style of the world's answerers. The tiny model finds the answer
+    that says a value by where the value stands in the prompt, not by matching its own quotes: with
+    sentence-only quoting here and in the judge data it reached 91.5% held-out verdict accuracy;
+    with quoting in every style of `ANSWER_STYLES` 57.0%, and on judge pairs whose answers mix the
+    styles it stayed at chance in every run (46.5-56.0%).
     """
     attribute = rng.choice(ATTRIBUTES)
     picked = rng.sample(attribute_values(attribute), 2)
     truth = rng.choice(picked)
-    lines = [answer(attribute, value, rng.choice(ANSWER_STYLES)) for value in picked]
+    lines = [answer(attribute, value) for value in picked]
     prompt = f"Answer 1: {lines[0]}\nAnswer 2: {lines[1]}\nWhich answer says {truth}?"
     return prompt, recall_critique(picked, truth, "reference")
 

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,19 @@ def test_together_steps_run_as_processes_sharing_the_threads(in_tmp):
     assert rows["b"][1] != rows["c"][1] != str(os.getpid())
     assert rows["b"][2] == rows["c"][2] == str(max(1, (os.cpu_count() or 1) // 2))
     assert (in_tmp / "work" / "pipeline" / "c.log").exists()
+
+
+def test_steps_run_with_this_pythons_tools_when_path_lacks_them(in_tmp, monkeypatch):
+    # `.venv/bin/python tools/pipeline.py ...` without an activated venv: PATH has no python/carevl
+    monkeypatch.setenv("PATH", str(in_tmp / "empty"))
+    config = write_pipeline(in_tmp, [{"together": [step("b"), step("c")]}, step("d")], in_process=False)
+    pipeline.main(["--config", config])
+    assert sorted(r[0] for r in ran(in_tmp)) == ["b", "c", "d"]
+    bin_dir = Path(sys.executable).parent
+    assert pipeline.resolve(["python", "-V"]) == [sys.executable, "-V"]
+    assert pipeline.resolve(["carevl", "fit"]) == [str(bin_dir / "carevl"), "fit"]
+    assert pipeline.resolve(["no-such-tool", "x"]) == ["no-such-tool", "x"]
+    assert pipeline.resolve(["/bin/echo", "x"]) == ["/bin/echo", "x"]
 
 
 def test_a_failing_together_step_leaves_its_batch_undone(in_tmp):

@@ -81,12 +81,22 @@ def run_in_process(argv: list[str]) -> None:
             sys.argv = args
             runpy.run_path(args[0], run_name="__main__")
         else:
-            subprocess.run(argv, check=True)
+            subprocess.run(resolve(argv), check=True)
     except SystemExit as exit_:
         if exit_.code not in (None, 0):
             raise RuntimeError(f"exited with status {exit_.code}") from None
     finally:
         sys.argv = saved
+
+
+def resolve(argv: list[str]) -> list[str]:
+    """The command line with its program taken from this Python's environment: `python` is this
+    interpreter and `carevl` (any console script beside it) its own copy, so `.venv/bin/python
+    tools/pipeline.py ...` runs the steps with .venv's tools without activating it."""
+    if argv[0] in ("python", "python3"):
+        return [sys.executable, *argv[1:]]
+    beside = Path(sys.executable).parent / argv[0]
+    return [str(beside), *argv[1:]] if "/" not in argv[0] and beside.exists() else argv
 
 
 def run_together(steps: list[dict], workdir: str) -> None:
@@ -98,7 +108,7 @@ def run_together(steps: list[dict], workdir: str) -> None:
     for step, log in zip(steps, logs):
         print(f"   {step['name']} (log: {log})", flush=True)
         with open(log, "w") as out:
-            running.append(subprocess.Popen(shlex.split(step["run"]), env=env, stdout=out, stderr=subprocess.STDOUT))
+            running.append(subprocess.Popen(resolve(shlex.split(step["run"])), env=env, stdout=out, stderr=subprocess.STDOUT))
     failed = [step["name"] for step, process in zip(steps, running) if process.wait() != 0]
     if failed:
         raise RuntimeError(f"{', '.join(failed)} failed; see {', '.join(str(log) for log in logs)}")
@@ -110,7 +120,7 @@ def run_batch(batch: list[dict], workdir: str, in_process: bool) -> None:
     elif in_process:
         run_in_process(shlex.split(batch[0]["run"]))
     else:
-        subprocess.run(shlex.split(batch[0]["run"]), check=True)
+        subprocess.run(resolve(shlex.split(batch[0]["run"])), check=True)
 
 
 def main(argv: list[str] | None = None) -> None:

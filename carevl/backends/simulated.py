@@ -47,8 +47,9 @@ class SimulatedAnswerer(ChatModel):
     `error_rate` (doubled when sampling at temperature > 0) a wrong one, in one of
     `shapes.ANSWER_STYLES`, or in a style drawn per answer (`style: mixed`).
 
-    The shapes pipeline gives every model the same style mix: were better models also the longer
-    ones, a judge trained on their pairs could get most labels right from length alone."""
+    The shapes pipeline has every model answer in sentences: were better models also the longer
+    ones, a judge trained on their pairs could get most labels right from length alone, and on pairs
+    of mixed styles the tiny judge never learned the task (see `shapes.quote_task`)."""
 
     def __init__(self, name: str, world: str, error_rate: float = 0.3, style: str = "sentence", latency: float = 0.0):
         if style not in (*shapes.ANSWER_STYLES, "mixed"):
