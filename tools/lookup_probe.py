@@ -21,26 +21,28 @@ import webdataset as wds
 from carevl import prompts, shapes
 from carevl.backends.hf import HFChat
 from carevl.inference import Chat, load_image
+from carevl.losses import response_token_logprobs
 
 
-def critiques(scene: shapes.Scene, attribute: str, values: list[str], label: int) -> tuple[str, str]:
-    """The right critique and the one naming the other answer (with the matching verdict)."""
-    caption = f"The image shows {scene.caption()}."
-    right = shapes.recall_critique(values, scene.value(attribute), "image")
-    wrong = right.replace(f"as Answer {label} says", f"as Answer {3 - label} says")
-    return f"{caption} {right} {prompts.verdict_line(label)}", f"{caption} {wrong} {prompts.verdict_line(3 - label)}"
+def judge_item(sample: dict, responses: list[str]) -> shapes.JudgeItem:
+    """The shard sample as a world item, its answers rewritten as `responses`."""
+    scene, attribute = shapes.scene_of(sample["meta"]["scene"]), sample["meta"]["attribute"]
+    values = tuple(shapes.mentioned_value(text, attribute) for text in sample["responses"])
+    return shapes.JudgeItem(sample["id"], scene, attribute, sample["question"], tuple(responses), values, sample["label"], sample["image"])
 
 
 @torch.no_grad()
-def prefers_right(judge: HFChat, image: bytes, question: str, responses: list[str], targets: tuple[str, str]) -> bool:
-    chat = Chat.user(prompts.judge_prompt(question, responses), image)
+def prefers_right(judge: HFChat, item: shapes.JudgeItem) -> bool:
+    """Whether the judge gives the right critique a higher log-probability than the same critique
+    naming the other answer (`shapes.worse_critiques`' first flaw)."""
+    chat = Chat.user(prompts.judge_prompt(item.question, item.responses), item.image)
+    targets = [item.critique(), shapes.worse_critiques(item)[0]]
     scores = []
-    for inputs in judge.encoder.encode_many(load_image(image), chat.messages, list(targets)):
-        labels = inputs.pop("labels")[0]
-        inputs.pop("prompt_length")
-        logits = judge.model(**inputs).logits[0, :-1]
-        keep = labels[1:] != -100
-        scores.append(torch.log_softmax(logits[keep], -1).gather(1, labels[1:][keep, None]).sum().item())
+    for inputs in judge.encoder.encode_many(load_image(item.image), chat.messages, targets):
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "prompt_length")}
+        hidden = judge.model.model(**model_inputs, use_cache=False).last_hidden_state
+        logps, _ = response_token_logprobs(hidden, inputs["labels"], judge.model.lm_head)
+        scores.append(logps.sum().item())
     return scores[0] > scores[1]
 
 
@@ -56,10 +58,9 @@ def main() -> None:
     for style in (*shapes.ANSWER_STYLES, "mixed"):
         rng, right = random.Random(0), 0
         for sample in samples:
-            scene, attribute = shapes.scene_of(sample["meta"]["scene"]), sample["meta"]["attribute"]
-            values = [shapes.mentioned_value(text, attribute) for text in sample["responses"]]
-            responses = [shapes.answer(attribute, value, rng.choice(shapes.ANSWER_STYLES) if style == "mixed" else style) for value in values]
-            right += prefers_right(judge, sample["image"], sample["question"], responses, critiques(scene, attribute, values, sample["label"]))
+            item = judge_item(sample, sample["responses"])
+            responses = [shapes.answer(item.attribute, value, rng.choice(shapes.ANSWER_STYLES) if style == "mixed" else style) for value in item.values]
+            right += prefers_right(judge, judge_item(sample, responses))
         results[style] = right / len(samples)
         print(f"{style:>8}: right answer named in {right}/{len(samples)} ({100 * right / len(samples):.1f}%)", flush=True)
     print(json.dumps({"model": args.model, "samples": len(samples), "prefers_right": results}))
