@@ -2,6 +2,7 @@
 simulated evaluator, grouped by every strategy into preference-group shards."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,37 @@ def test_rerun_skips_finished_work(curated):
     again = critiques.critiques(curated, lambda: pytest.fail("the judge must not be built: nothing is left to do"), name="sim-sft", samples=6)
     assert "done" not in again
     assert again["skipped"] == len(critiques.low_confidence(curated))
+
+
+def test_a_retrained_checkpoint_is_sampled_afresh_and_only_its_critiques_are_grouped(curated, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(curated, workdir)
+    checkpoint = tmp_path / "sft"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"first weights")
+    pairs = len(critiques.low_confidence(workdir))
+
+    def run(accuracy: float) -> dict:
+        return critiques.critiques(workdir, lambda: SimulatedJudge("sft", workdir, accuracy=accuracy), name="sim-sft", checkpoint=str(checkpoint), samples=6)
+
+    assert run(0.0)["done"] == pairs
+    assert run(0.0)["skipped"] == pairs  # same weights: nothing to do
+    old = critiques.checkpoint_revision(checkpoint)
+    (checkpoint / "model.safetensors").write_bytes(b"retrained weights")
+    assert run(1.0)["done"] == pairs
+    # both checkpoints' critiques stay on disk; only the retrained one's reach the evaluator and the groups
+    records = Records(Path(workdir) / critiques.CRITIQUES).ok()
+    revision = critiques.checkpoint_revision(checkpoint)
+    texts = {rev: {s["text"] for r in records if r.get("revision") == rev for s in r["samples"]} for rev in {r.get("revision") for r in records}}
+    stale = texts[old] - texts[revision]  # what only the old checkpoint wrote
+    assert len(texts) == 3 and revision != old and stale
+    assert {r["key"] for r in critiques.selected_critiques(workdir)} == {r["key"] for r in records if r.get("revision") == revision}
+    critiques.evaluate(workdir, lambda: SimulatedEvaluator("eval"), name="sim-eval")
+    critiques.groups(workdir, strategies=["best_to_worse"], out=str(tmp_path / "groups"))
+    grouped = {text for group in read_groups(tmp_path / "groups" / "best_to_worse") for text in [group.chosen, *group.rejected]}
+    assert grouped and grouped <= texts[revision] and not grouped & stale
+
+
+def test_checkpoint_revision_needs_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        critiques.checkpoint_revision(tmp_path)

@@ -5,11 +5,17 @@ pairs, their multi-dimensional scores, and preference groups -> DPO shards.
     evaluate -> evaluations.jsonl    an evaluator's 0-100 score of every critique
     groups -> groups/<strategy>/     preference-group shards (carevl.curation.groups)
 
-Resumable like curation I: records carry content keys, reruns skip finished work.
+Resumable like curation I: records carry content keys, reruns skip finished work. The critiques
+stage also writes `critiques.selection.json`, the keys of the critiques it was asked for; `evaluate`
+and `groups` read those only, so critiques of an older checkpoint, another judge name or pairs no
+longer selected stay on disk but never enter the groups.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,7 +27,37 @@ from carevl.curation.records import ImageStore, Records, content_key
 from carevl.curation.stages import caption_by_image, item_chat, items_by_id, records, reply_record, run_units, summarize
 from carevl.inference import ChatModel, Sampling
 
-CRITIQUES, EVALUATIONS = "critiques.jsonl", "evaluations.jsonl"
+log = logging.getLogger(__name__)
+CRITIQUES, EVALUATIONS, SELECTION = "critiques.jsonl", "evaluations.jsonl", "critiques.selection.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def checkpoint_revision(directory: str | Path) -> str:
+    """A short sha256 of a local checkpoint's weight files (names and bytes): it changes whenever
+    the checkpoint is retrained or replaced, whatever the directory is called."""
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) under {directory}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(directory)).encode())
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def selected_critiques(workdir: str | Path) -> list[dict]:
+    """The successful critique records of the last critiques run's selection (judge, checkpoint, pairs)."""
+    path = Path(workdir) / SELECTION
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the critiques stage first")
+    keys = set(json.loads(path.read_text())["keys"])
+    found = Records(Path(workdir) / CRITIQUES).ok()
+    chosen = [r for r in found if r["key"] in keys]
+    if len(chosen) < len(found):
+        log.info("%d critique records of another judge, checkpoint or pair selection are left out", len(found) - len(chosen))
+    return chosen
 
 
 def low_confidence(workdir: str | Path) -> list[dict]:
@@ -29,7 +65,16 @@ def low_confidence(workdir: str | Path) -> list[dict]:
     return [r for r in records(workdir, "split").ok() if r["confidence"] == "low" and r["label"] in (1, 2)]
 
 
-def critiques(workdir: str, judge: Callable[[], ChatModel], name: str, samples: int = 10, sampling: Sampling | None = None, max_pairs: int | None = None, chunk_size: int = 16) -> dict:
+def critiques(
+    workdir: str,
+    judge: Callable[[], ChatModel],
+    name: str,
+    checkpoint: str | None = None,
+    samples: int = 10,
+    sampling: Sampling | None = None,
+    max_pairs: int | None = None,
+    chunk_size: int = 16,
+) -> dict:
     """The SFT judge writes `samples` critiques of every low-confidence pair (paper: m = 10).
 
     The judge is asked exactly as it was trained (carevl.prompts.judge_prompt); each verdict is parsed and compared
@@ -38,7 +83,10 @@ def critiques(workdir: str, judge: Callable[[], ChatModel], name: str, samples: 
     Args:
         workdir: the curation work directory.
         judge: the SFT judge as a chat model (transformers on CPU, vLLM at scale).
-        name: the judge's name in records and keys: change it when the checkpoint changes.
+        name: the judge's name in records and keys.
+        checkpoint: the judge's local checkpoint directory: a hash of its weights joins every key, so
+            after retraining (`tools/pipeline.py --from sft`) critiques are sampled afresh instead of
+            the old checkpoint's being reused. Without it, change `name` when the checkpoint changes.
         samples: critiques per pair.
         sampling: decoding settings (default temperature 1.0, 512 tokens); n is set to `samples`.
         max_pairs: only the first this many low-confidence pairs (by key), for a pilot run.
@@ -47,7 +95,9 @@ def critiques(workdir: str, judge: Callable[[], ChatModel], name: str, samples: 
     sampling = Sampling(**{**asdict(sampling or Sampling(temperature=1.0, max_tokens=512)), "n": samples})
     store, items, out = ImageStore(workdir), items_by_id(workdir), Records(Path(workdir) / CRITIQUES)
     rows = sorted(low_confidence(workdir), key=lambda r: r["key"])[:max_pairs]
-    units = [(content_key("critiques", name, row["key"], row["label"], asdict(sampling)), row) for row in rows]
+    revision = checkpoint_revision(checkpoint) if checkpoint else None
+    units = [(content_key("critiques", name, revision, row["key"], row["label"], asdict(sampling)), row) for row in rows]
+    (Path(workdir) / SELECTION).write_text(json.dumps({"judge": name, "revision": revision, "keys": [key for key, _ in units]}))
     model = None
 
     def work(chunk: list, write) -> None:
@@ -58,10 +108,10 @@ def critiques(workdir: str, judge: Callable[[], ChatModel], name: str, samples: 
         def fields(texts: list[str]) -> dict:
             return {"samples": [{"text": t, "verdict": prompts.parse_verdict(t)} for t in texts]}
 
-        write([reply_record({"key": key, "pair": row["key"], "label": row["label"], "judge": name}, reply, fields) for (key, row), reply in zip(chunk, model.generate(chats, sampling))])
+        write([reply_record({"key": key, "pair": row["key"], "label": row["label"], "judge": name, "revision": revision}, reply, fields) for (key, row), reply in zip(chunk, model.generate(chats, sampling))])
 
     counts = run_units(out, units, work, chunk_size, "critiques")
-    found = [r for r in out.ok() if r["pair"] in {row["key"] for _, row in units}]
+    found = selected_critiques(workdir)
     counts["samples"] = sum(len(r["samples"]) for r in found)
     counts["samples correct"] = sum(s["verdict"] == r["label"] for r in found for s in r["samples"])
     counts["samples unparseable"] = sum(s["verdict"] is None for r in found for s in r["samples"])
@@ -94,7 +144,7 @@ def evaluate(workdir: str, evaluator: Callable[[], ChatModel], name: str, sampli
     pairs = {r["key"]: r for r in low_confidence(workdir)}
     out = Records(Path(workdir) / EVALUATIONS)
     units = []
-    for record in Records(Path(workdir) / CRITIQUES).ok():
+    for record in selected_critiques(workdir):
         pair = pairs.get(record["pair"])
         if pair is None:
             continue
@@ -149,7 +199,7 @@ def groups(workdir: str, strategies: list[str] | None = None, evaluator: str | N
     scores = {r["context"]: r["score"] for r in evaluations.ok() if evaluator is None or r["evaluator"] == evaluator}
     captions_ = caption_by_image(workdir)
     counts = Counter()
-    found = sorted((r for r in Records(Path(workdir) / CRITIQUES).ok() if r["pair"] in pairs), key=lambda r: r["pair"])
+    found = sorted((r for r in selected_critiques(workdir) if r["pair"] in pairs), key=lambda r: r["pair"])
     root = Path(out or Path(workdir) / "groups")
     for strategy in strategies:
         with ShardWriter(root / strategy, prefix="groups", max_count=shard_size, kind="preference_group") as writer:
