@@ -1,4 +1,4 @@
-"""The README's main job: the whole pipeline on the shapes world (slow: 15-17 minutes on 2 cores)."""
+"""The README's main job: the whole pipeline on the shapes world (slow: ~14 minutes on 2 cores)."""
 
 import importlib.util
 import json
