@@ -206,3 +206,17 @@ def test_reference_copy_is_refused_under_a_sharding_strategy(tiny_qwen):
     with pytest.raises(ValueError, match="does not work under FSDP"):
         module.configure_model()
     assert module.reference_model is None
+
+
+def test_benchmark_groups_hold_exactly_the_asked_number_of_distinct_worse_critiques():
+    """The speed benchmark's pairs count (groups x rejected) is what it trains on: every group gets
+    `rejected` distinct critiques other than the chosen one, or a clear error."""
+    from carevl.shapes import judge_items
+    from tools.bench_dpo import n_worse
+
+    for item in judge_items(24, seed=0):  # "count" and "shape" items have too few values for nine misreadings alone
+        worse = n_worse(item, 9)
+        assert len(worse) == len(set(worse)) == 9
+        assert item.critique() not in worse
+    with pytest.raises(ValueError, match="distinct worse critiques"):
+        n_worse(judge_items(1, seed=0)[0], 40)

@@ -6,9 +6,15 @@ Three runs, one after the other, each in its own process (so peak memory is its 
   groups  carevl on the groups (one chosen against `--rejected` rejected, image and prompt shared)
   groups-unpacked  (optional) the same with `pack_prompts: false`: the image is encoded once, but the
           prompt tokens run through the language model once per critique
+  pairs-precomputed, groups-precomputed  (optional) pairs or groups with `reference: precomputed`:
+          `python -m carevl.reference` runs first (timed apart, and counted in the ratios that say
+          so), then training loads no reference model (TRL cannot do this with images)
 Each run trains one epoch over the same pairs with the same number of pairs per optimizer step,
 a frozen-copy reference, fp32 on CPU (bf16 on GPU), and reports the epoch's wall time and peak
-memory. Then the ratios are printed.
+memory. The epoch's wall time is the training loop alone, loading models, processors and data
+left out on both sides: TRL's `trainer.train()` (its optimizer, loaders and steps), carevl's
+Lightning run from `on_train_start` to `on_train_end` (its loaders and steps; the model and the
+reference copy are built before). Then the ratios are printed.
 
     python tools/bench_dpo.py --groups 24 --rejected 9 --profile
 """
@@ -20,6 +26,7 @@ import copy
 import io
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,7 +49,14 @@ def n_worse(item, n: int) -> list[str]:
             candidate = f"{text} {shapes.verdict_line(label)}"
             if candidate not in critiques and candidate != item.critique() and len(critiques) < n:
                 critiques.append(candidate)
-    return critiques[:n]
+    caption, recall = f"The image shows {item.scene.caption()}.", shapes.recall_critique(item.values, item.scene.value(item.attribute), "image")
+    for text in (recall, caption, f"{caption} {recall}"):  # fewer values than n - 4: shortened analyses, wrong verdict
+        candidate = f"{text} {shapes.verdict_line(3 - item.label)}"
+        if candidate not in critiques and len(critiques) < n:
+            critiques.append(candidate)
+    if len(critiques) < n:
+        raise ValueError(f"{item.id}: only {len(critiques)} distinct worse critiques, {n} asked for")
+    return critiques
 
 
 def write_data(out: Path, groups: int, rejected: int, seed: int = 0) -> None:
@@ -116,24 +130,31 @@ def run_trl(model_dir: str, data: Path, pairs_per_step: int) -> float:
     return time.perf_counter() - start
 
 
-def run_carevl(model_dir: str, shards: Path, groups_per_step: int, pack: bool = True) -> float:
+def run_carevl(model_dir: str, shards: Path, groups_per_step: int, pack: bool = True, reference: str = "copy") -> float:
     import torch
-    from lightning import Trainer
+    from lightning import Callback, Trainer
 
     from carevl.backbone import Backbone
     from carevl.dpo import DPOJudge
     from datamodules import JudgeDataModule
 
+    class EpochTimer(Callback):
+        def on_train_start(self, trainer, module) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, module) -> None:
+            self.seconds = time.perf_counter() - self.start
+
+    timer = EpochTimer()
     gpu = torch.cuda.is_available()
-    module = DPOJudge(Backbone(model=model_dir), reference="copy", beta=0.1, lr=1e-5, warmup_ratio=0.0, global_batch_size=None, pack_prompts=pack)
+    module = DPOJudge(Backbone(model=model_dir), reference=reference, beta=0.1, lr=1e-5, warmup_ratio=0.0, global_batch_size=None, pack_prompts=pack)
     data = JudgeDataModule(processor=model_dir, train=str(shards), kind="preference_group", batch_size=groups_per_step, num_workers=1, shuffle_buffer=1)
     trainer = Trainer(
         accelerator="gpu" if gpu else "cpu", devices=1, max_epochs=1, precision="bf16-mixed" if gpu else "32-true", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
     )
-    start = time.perf_counter()
     trainer.fit(module, data)
-    return time.perf_counter() - start
+    return timer.seconds
 
 
 def profile_carevl(model_dir: str, data: Path, rejected: int, pairs_per_step: int, steps: int = 5) -> None:
@@ -180,13 +201,23 @@ def child(mode: str, model_dir: str, data: Path, rejected: int, pairs_per_step: 
     import torch
 
     torch.manual_seed(0)
-    if mode == "trl":
-        seconds = run_trl(model_dir, data, pairs_per_step)
-    elif mode == "pairs":
-        seconds = run_carevl(model_dir, data / "pairs", pairs_per_step)
+    result = {"mode": mode}
+    kind, _, variant = mode.partition("-")
+    if kind == "trl":
+        result["epoch_s"] = run_trl(model_dir, data, pairs_per_step)
     else:
-        seconds = run_carevl(model_dir, data / "groups", max(1, pairs_per_step // rejected), pack=mode == "groups")
-    print(json.dumps({"mode": mode, "epoch_s": seconds, "peak_mb": peak_memory_mb()}))
+        shards, per_step = (data / "pairs", pairs_per_step) if kind == "pairs" else (data / "groups", max(1, pairs_per_step // rejected))
+        reference = "copy"
+        if variant == "precomputed":
+            from carevl.reference import precompute_reference
+
+            shards, reference = shutil.copytree(shards, data / mode), "precomputed"
+            start = time.perf_counter()
+            precompute_reference(model_dir, shards, batch_size=per_step)
+            result["precompute_s"] = time.perf_counter() - start
+        result["epoch_s"] = run_carevl(model_dir, shards, per_step, pack=variant != "unpacked", reference=reference)
+    result["peak_mb"] = peak_memory_mb()
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -218,17 +249,24 @@ def main() -> None:
         if out.returncode != 0:
             sys.exit(f"{mode} failed:\n{out.stderr[-4000:]}")
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{mode:15s} epoch {results[mode]['epoch_s']:8.2f} s   peak memory {results[mode]['peak_mb']:8.0f} MB", flush=True)
+        precompute = f"   (+ {results[mode]['precompute_s']:.2f} s precomputing the reference)" if "precompute_s" in results[mode] else ""
+        print(f"{mode:18s} epoch {results[mode]['epoch_s']:8.2f} s   peak memory {results[mode]['peak_mb']:8.0f} MB{precompute}", flush=True)
     pairs = args.groups * args.rejected
     print(f"\n{pairs} pairs ({args.groups} groups x {args.rejected} rejected), {args.pairs_per_step} pairs per step")
-    if "trl" in results and "pairs" in results:
-        print(f"carevl pairs vs TRL: {results['trl']['epoch_s'] / results['pairs']['epoch_s']:.2f}x faster per epoch")
-    if "pairs" in results and "groups" in results:
-        print(f"carevl groups vs carevl pairs: {results['pairs']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
-    if "groups-unpacked" in results and "groups" in results:
-        print(f"carevl groups packed vs unpacked: {results['groups-unpacked']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
-    if "trl" in results and "groups" in results:
-        print(f"carevl groups vs TRL: {results['trl']['epoch_s'] / results['groups']['epoch_s']:.2f}x faster per epoch")
+
+    def ratio(slow: str, fast: str, label: str) -> None:
+        if slow in results and fast in results:
+            print(f"{label}: {results[slow]['epoch_s'] / results[fast]['epoch_s']:.2f}x faster per epoch")
+            if "precompute_s" in results[fast]:
+                with_precompute = results[fast]["epoch_s"] + results[fast]["precompute_s"]
+                print(f"{label}, the precompute counted: {results[slow]['epoch_s'] / with_precompute:.2f}x")
+
+    ratio("trl", "pairs", "carevl pairs vs TRL")
+    ratio("pairs", "groups", "carevl groups vs carevl pairs")
+    ratio("groups-unpacked", "groups", "carevl groups packed vs unpacked")
+    ratio("trl", "groups", "carevl groups vs TRL")
+    ratio("trl", "pairs-precomputed", "carevl pairs, precomputed reference, vs TRL")
+    ratio("trl", "groups-precomputed", "carevl groups, precomputed reference, vs TRL")
     if args.profile:
         profile_carevl(args.model, work / "data", args.rejected, args.pairs_per_step)
 
