@@ -34,26 +34,27 @@ import time
 from pathlib import Path
 
 
+MODES = ("trl", "pairs", "groups", "groups-unpacked", "pairs-precomputed", "groups-precomputed")
+
+
 def n_worse(item, n: int) -> list[str]:
-    """n distinct worse critiques of a shapes-world item (the simulated ones, then misread scenes)."""
+    """n distinct worse critiques of a shapes-world item, in this order: the simulated ones, the scene
+    misread as each other value of the asked attribute (under either verdict), then shortened
+    analyses under the wrong verdict (for attributes with few values)."""
+    from itertools import chain
+
     from carevl import shapes
 
-    critiques = shapes.worse_critiques(item)
-    values = [v for v in shapes.attribute_values(item.attribute) if v != item.scene.value(item.attribute)]
-    for value in values * 3:
-        if len(critiques) >= n:
-            break
-        scene = shapes.with_value(item.scene, item.attribute, value)
-        text = f"The image shows {scene.caption()}. " + shapes.recall_critique(item.values, item.scene.value(item.attribute), "image")
-        for label in (1, 2):
-            candidate = f"{text} {shapes.verdict_line(label)}"
-            if candidate not in critiques and candidate != item.critique() and len(critiques) < n:
-                critiques.append(candidate)
-    caption, recall = f"The image shows {item.scene.caption()}.", shapes.recall_critique(item.values, item.scene.value(item.attribute), "image")
-    for text in (recall, caption, f"{caption} {recall}"):  # fewer values than n - 4: shortened analyses, wrong verdict
-        candidate = f"{text} {shapes.verdict_line(3 - item.label)}"
-        if candidate not in critiques and len(critiques) < n:
-            critiques.append(candidate)
+    truth = item.scene.value(item.attribute)
+    caption, recall = f"The image shows {item.scene.caption()}.", shapes.recall_critique(item.values, truth, "image")
+    misread = (
+        f"The image shows {shapes.with_value(item.scene, item.attribute, value).caption()}. {recall} {shapes.verdict_line(label)}"
+        for value in shapes.attribute_values(item.attribute) if value != truth
+        for label in (1, 2)
+    )
+    shortened = (f"{text} {shapes.verdict_line(3 - item.label)}" for text in (recall, caption))
+    candidates = chain(shapes.worse_critiques(item), misread, shortened)
+    critiques = list(dict.fromkeys(c for c in candidates if c != item.critique()))[:n]
     if len(critiques) < n:
         raise ValueError(f"{item.id}: only {len(critiques)} distinct worse critiques, {n} asked for")
     return critiques
@@ -226,11 +227,14 @@ def main() -> None:
     parser.add_argument("--rejected", type=int, default=9, help="rejected critiques per group (pairs = groups x rejected)")
     parser.add_argument("--pairs-per-step", type=int, default=9, help="pairs per optimizer step (a multiple of --rejected)")
     parser.add_argument("--model", help="a Qwen2-VL checkpoint; default: a tiny random one built here")
-    parser.add_argument("--modes", default="trl,pairs,groups")
+    parser.add_argument("--modes", default="trl,pairs,groups", help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--profile", action="store_true", help="also print where carevl's step time goes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
     if args.child:
         child(args.child, args.model, Path(args.data), args.rejected, args.pairs_per_step)
         return
