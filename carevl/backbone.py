@@ -19,6 +19,7 @@ from torch import nn
 
 from carevl.encoding import TOKEN_KEYS
 from carevl.losses import response_token_logprobs, sequence_logprobs
+from carevl.strategies import zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,28 @@ class Backbone(nn.Module):
 
     # -- building -------------------------------------------------------------------------------
 
-    def build(self) -> None:
-        """Load the model and processor, freeze, add adapters. Idempotent."""
+    def build(self, deepspeed_config: dict | None = None) -> None:
+        """Load the model and processor, freeze, add adapters. Idempotent.
+
+        Under DeepSpeed, pass the strategy's config. DeepSpeed's optimizers flatten the trainable
+        weights into one buffer, so LoRA adapters keep the model's dtype (peft would otherwise
+        upcast them to float32; DeepSpeed keeps float32 master weights itself). Under ZeRO-3 modules
+        are built inside its `zero.Init`, each parameter partitioned as it is created, and
+        transformers can only load checkpoint weights into partitioned parameters when it knows the
+        config (it gathers each module's parameters, copies, and re-partitions; without it loading
+        fails).
+        """
         if self.model is not None:
             return
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        zero3 = zero_stage(deepspeed_config) == 3
+        if zero3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # transformers keeps only a weak reference: hold it while the model lives (generate
+            # also reads it, to keep ranks in step under ZeRO-3).
+            self._zero3 = HfDeepSpeedConfig(deepspeed_config)
 
         options = dict(dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code)
         if self.random_init:  # a model of the checkpoint's shape with fresh random weights (throughput checks)
@@ -141,7 +159,7 @@ class Backbone(nn.Module):
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             hf.config.use_cache = False
         if self.lora is not None:
-            hf = self._add_lora(hf, family)
+            hf = self._add_lora(hf, family, zero3=zero3, adapter_float32=deepspeed_config is None)
         self.model = hf
         trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
         total = sum(p.numel() for p in hf.parameters())
@@ -162,8 +180,9 @@ class Backbone(nn.Module):
             if (is_vision and self.freeze_vision) or (is_projector and self.freeze_projector):
                 param.requires_grad_(False)
 
-    def _add_lora(self, hf: nn.Module, family: Family) -> nn.Module:
+    def _add_lora(self, hf: nn.Module, family: Family, zero3: bool = False, adapter_float32: bool = True) -> nn.Module:
         from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
 
         targets = [
             name
@@ -173,7 +192,19 @@ class Backbone(nn.Module):
         if not targets:
             raise ValueError(f"no LoRA target layers {self.lora.layers} under {family.language}")
         config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout, target_modules=targets)
-        return get_peft_model(hf, config)
+        peft_model = get_peft_model(hf, config, autocast_adapter_dtype=adapter_float32)
+        if zero3:
+            # peft initialises the adapters after zero.Init has partitioned them, which writes into
+            # empty tensors: B keeps nn.Linear's random init and the model no longer starts at its
+            # checkpoint. Initialise again on the gathered weights.
+            import deepspeed
+
+            layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+            params = [p for layer in layers for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                for layer in layers:
+                    layer.reset_lora_parameters("default", init_lora_weights=True)
+        return peft_model
 
     @property
     def hf(self) -> nn.Module:

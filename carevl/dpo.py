@@ -23,6 +23,7 @@ from carevl.backbone import Backbone
 from carevl.encoding import IGNORE_INDEX
 from carevl.losses import dpo_group_loss
 from carevl.sft import JudgeModule
+from carevl.strategies import deepspeed_config, zero_stage
 
 REFERENCE_MODES = ("copy", "lora_disabled", "precomputed")
 VALIDATION_STATS = ("loss", "reward_accuracy", "chosen_beats_all", "margin")
@@ -32,7 +33,7 @@ def sharded_strategy(strategy: object) -> str | None:
     """The name of a strategy that shards parameters (DeepSpeed ZeRO-3, FSDP), None for the others."""
     if strategy is None:
         return None
-    if type(strategy).__name__ == "DeepSpeedStrategy" and (getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage") == 3:
+    if zero_stage(deepspeed_config(strategy)) == 3:
         return "DeepSpeed ZeRO-3"
     if any(cls.__name__ == "FSDPStrategy" for cls in type(strategy).__mro__):
         return "FSDP"
@@ -64,7 +65,7 @@ class DPOJudge(JudgeModule):
         self.val_groups = torch.nn.ModuleDict({name: MeanMetric() for name in VALIDATION_STATS})
 
     def configure_model(self) -> None:
-        self.backbone.build()
+        super().configure_model()
         mode = self.hparams.reference
         if mode == "lora_disabled" and self.backbone.lora is None:
             raise ValueError("reference 'lora_disabled' needs LoRA on the backbone (backbone.init_args.lora)")

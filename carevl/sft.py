@@ -17,6 +17,7 @@ from carevl.evaluation import MODES, BenchmarkEvaluation, markdown_table, score_
 from carevl.losses import sft_loss
 from carevl.metrics import VerdictAccuracy
 from carevl.prompts import parse_verdict
+from carevl.strategies import deepspeed_config
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -85,7 +86,7 @@ class JudgeModule(LightningModule):
         self._last_batch_end: float | None = None
 
     def configure_model(self) -> None:
-        self.backbone.build()
+        self.backbone.build(deepspeed_config=deepspeed_config(self._trainer.strategy if self._trainer else None))
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

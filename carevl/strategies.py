@@ -14,6 +14,16 @@ from torch import nn
 BLOCK_SUFFIXES = ("DecoderLayer", "VisionBlock", "EncoderLayer", "CrossAttentionDecoderLayer")
 
 
+def deepspeed_config(strategy: object) -> dict | None:
+    """The config of a DeepSpeed strategy, None for any other strategy or none."""
+    return getattr(strategy, "config", None) if type(strategy).__name__ == "DeepSpeedStrategy" else None
+
+
+def zero_stage(config: dict | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (under stage 3 parameters are partitioned as modules are built)."""
+    return (config or {}).get("zero_optimization", {}).get("stage")
+
+
 def transformer_blocks(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """FSDP auto-wrap policy: descend everywhere; wrap a module when its class is a transformer block."""
     if recurse:

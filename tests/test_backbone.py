@@ -129,6 +129,21 @@ def test_lora_adapters_only_on_language_model_and_merge(tiny_qwen, tmp_path):
     torch.testing.assert_close(after, before, atol=1e-4, rtol=0)
 
 
+def test_lora_adapters_take_the_model_dtype_under_deepspeed(tiny_qwen):
+    # DeepSpeed flattens the trainable weights into one buffer of one dtype (it keeps float32 master
+    # weights itself); elsewhere peft's float32 adapters train more precisely beside bf16 weights.
+    def adapter_dtypes(backbone):
+        return {p.dtype for n, p in backbone.model.named_parameters() if "lora_" in n}
+
+    plain = Backbone(tiny_qwen, dtype="bfloat16", lora=LoraSettings(r=4))
+    plain.build()
+    assert adapter_dtypes(plain) == {torch.float32}
+    under_deepspeed = Backbone(tiny_qwen, dtype="bfloat16", lora=LoraSettings(r=4))
+    under_deepspeed.build(deepspeed_config={"zero_optimization": {"stage": 2}})
+    assert adapter_dtypes(under_deepspeed) == {torch.bfloat16}
+    assert {p.dtype for p in under_deepspeed.model.parameters() if p.requires_grad} == {torch.bfloat16}
+
+
 def test_unknown_family_is_a_clear_error(tiny_qwen):
     model = AutoModelForImageTextToText.from_pretrained(tiny_qwen)
     model.config.model_type = "mystery_vlm"

@@ -1,25 +1,37 @@
 """GPU smoke and throughput check: SFT and DPO steps of a Qwen2-VL-2B- or 7B-shaped judge with
-random weights (built from a config, nothing downloaded), through the real CLI, modules, data
-pipeline and DeepSpeed. Prints tokens/s, peak memory and MFU, and checks that a run resumed from a
-saved checkpoint continues from its step.
+random weights (built from a config and saved as a checkpoint, nothing downloaded), through the
+real CLI, modules, data pipeline and DeepSpeed, loading that checkpoint the way a user's run loads
+theirs. Prints tokens/s, peak memory and MFU, and checks that a run resumed from a saved
+checkpoint continues from its step.
 
     python tools/gpu_smoke.py --shape 2b --strategy zero2            # full fine-tuning
     python tools/gpu_smoke.py --shape 7b --strategy zero3 --lora      # 7B on one 80 GB GPU
     python tools/gpu_smoke.py --shape tiny --strategy ddp --accelerator cpu --steps 2   # CPU dry run
 
-MFU counts the FLOPs the step really does: 6 per trainable weight and token (forward, input and
-weight gradients), 4 per frozen language-model weight and token (forward and input gradients;
-LoRA), 2 per vision weight and image patch (frozen: forward only), 2 per reference weight and token
-with reference 'copy', the language-model head only at response positions (where carevl computes
-it), and attention (QK^T and AV) as 4 x layers x width x length^2 per sequence forward, three times
-that with backward.
-Gradient-checkpointing recomputation is not counted. Peak: 989 TFLOP/s bf16 dense on H100/H200,
-312 on A100 (--peak-tflops otherwise).
+The DPO reference is, by default, what the configs use: a frozen copy under DDP and ZeRO-2; under
+ZeRO-3 the policy with its adapters off (LoRA) or log-probs precomputed by `carevl.reference`
+(timed apart). Gradient checkpointing is on (--no-gradient-checkpointing turns it off). Each phase
+(timed steps, resume) runs in its own process: a finished DeepSpeed run keeps its GPU memory until
+its process ends. --profile prints torch.profiler's top operators over three steps.
+
+MFU counts the model FLOPs of the tokens the step really computes (a DPO group's prompt once when
+prompts are packed): 6 per trainable weight and token (forward, input and weight gradients), 4 per
+frozen language-model weight and token (forward and input gradients; LoRA), 2 per vision weight
+and image patch (frozen: forward only), 2 per weight and token for a reference forward ('copy' or
+'lora_disabled'), the language-model head only at response positions (where carevl computes it),
+and attention (QK^T and AV) as 4 x layers x width x (query length x key length) per forward,
+three times that with backward. Gradient-checkpointing recomputation is not counted (model FLOPs,
+not hardware FLOPs). Peak: 989 TFLOP/s bf16 dense on H100/H200, 312 on A100 (--peak-tflops
+otherwise).
 """
 
 import argparse
+import gc
 import json
 import random
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +43,7 @@ from lightning.pytorch.callbacks import Callback
 from carevl import shapes
 from carevl.cli import run
 from carevl.encoding import IGNORE_INDEX
+from carevl.reference import precompute_reference
 from carevl.schema import PreferenceGroupSample, SFTSample, ShardWriter
 from carevl.tiny import build_tiny_model
 
@@ -40,14 +53,18 @@ SHAPES = {
     "2b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True},
     "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
 }
+QWEN2_VL_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}  # Qwen2-VL's min_pixels and max_pixels
 VISION = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
 
 
-def shaped_checkpoint(out: Path, shape: str) -> Path:
-    """The tiny checkpoint's processor with a config of the requested size (weights come from random_init)."""
+def shaped_checkpoint(out: Path, shape: str, device: str) -> Path:
+    """A checkpoint of the requested size with random weights: the tiny checkpoint's processor, the
+    shape's config, and weights drawn on `device` and saved in bf16 (runs then load it like a real one)."""
     build_tiny_model(out, family="qwen2_vl")
     if SHAPES[shape] is None:
         return out
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
     config = json.loads((out / "config.json").read_text())
     text = {**config["text_config"], **SHAPES[shape], "max_position_embeddings": 32768, "rope_theta": 1000000.0}
     text["layer_types"] = ["full_attention"] * text["num_hidden_layers"]
@@ -56,7 +73,15 @@ def shaped_checkpoint(out: Path, shape: str) -> Path:
     config["vision_config"] = {**config["vision_config"], **VISION, "hidden_size": SHAPES[shape]["hidden_size"]}
     config.update({k: v for k, v in SHAPES[shape].items() if k in ("hidden_size", "vocab_size", "tie_word_embeddings")})
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    (out / "model.safetensors").unlink(missing_ok=True)
+    processor = json.loads((out / "processor_config.json").read_text())
+    processor["image_processor"]["size"] = QWEN2_VL_PIXELS  # the tiny processor shrinks images to 56 x 56
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=1))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out), dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    print(f"{shape}-shaped checkpoint: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
+    del model
     return out
 
 
@@ -74,7 +99,8 @@ def write_data(out: Path, groups: int, image_size: int, repeat: int) -> None:
 
 
 class Throughput(Callback):
-    """Step times after `warmup` steps, tokens and image patches per step, peak memory."""
+    """Step times after `warmup` steps; per step, the tokens the language model computes, the sum of
+    their attention spans, response tokens and image patches."""
 
     def __init__(self, warmup: int):
         self.warmup, self.steps = warmup, []
@@ -87,27 +113,65 @@ class Throughput(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        inputs = batch["inputs"]
         if trainer.global_step > self.warmup:
-            lengths = inputs["attention_mask"].sum(dim=1)
+            inputs = batch["inputs"]
+            packed = "prompt_lengths" in batch and module.hparams.get("pack_prompts") and module.backbone.packs_prompts
+            tokens, spans = computed_tokens(inputs["attention_mask"].sum(dim=1), batch["prompt_lengths"] if packed else None, batch.get("image_index"))
             self.steps.append(
                 {
                     "seconds": time.perf_counter() - self.start,
-                    "tokens": int(lengths.sum()),
-                    "squares": float((lengths.float() ** 2).sum()),
+                    "tokens": tokens,
+                    "spans": spans,
                     "response_tokens": int((inputs["labels"] != IGNORE_INDEX).sum()),
                     "patches": int(inputs["pixel_values"].shape[0]),  # the vision tower runs once per image
                 }
             )
 
 
-def flops_per_step(step: dict, model: torch.nn.Module, reference_copy: bool) -> float:
+class Profile(Callback):
+    """torch.profiler over `steps` steps after `warmup`: the top operators by GPU and by CPU time."""
+
+    def __init__(self, warmup: int, steps: int = 3):
+        self.first, self.last, self.profiler = warmup + 1, warmup + steps, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step + 1 == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.profiler is not None and trainer.global_step == self.last:
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            for key in (["cuda_time_total"] if torch.cuda.is_available() else []) + ["cpu_time_total"]:
+                print(events.table(sort_by=key, row_limit=15, max_name_column_width=60), flush=True)
+            self.profiler = None
+
+
+def computed_tokens(lengths: torch.Tensor, prompt_lengths: torch.Tensor | None, image_index: torch.Tensor | None) -> tuple[int, float]:
+    """Tokens through the language model and the sum of (query x key) attention spans, counted as
+    full squares per sequence. Packed groups compute their prompt once: p + sum(r) tokens, and
+    p^2 + sum(2 p r + r^2) spans (each critique sees the prompt and itself)."""
+    if prompt_lengths is None:
+        return int(lengths.sum()), float((lengths.double() ** 2).sum())
+    tokens = spans = 0
+    for group in image_index.unique().tolist():
+        members = image_index == group
+        p = int(prompt_lengths[members][0])
+        r = (lengths[members] - p).double()
+        tokens += p + int(r.sum())
+        spans += p * p + float((2 * p * r + r * r).sum())
+    return tokens, spans
+
+
+def flops_per_step(step: dict, model: torch.nn.Module, reference_forward: bool) -> float:
     text = model.config.text_config
     head_size = text.vocab_size * text.hidden_size
     vision = merger = body = body_weights = 0.0
     head_trainable = False
     for name, param in model.named_parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 keeps only a partition in .data
         if "visual" in name and "merger" not in name:
             vision += 2 * n  # frozen: forward only, per patch
         elif "merger" in name:
@@ -119,10 +183,10 @@ def flops_per_step(step: dict, model: torch.nn.Module, reference_copy: bool) -> 
             body_weights += n
     flops = body * step["tokens"] + (6 if head_trainable else 4) * head_size * step["response_tokens"]
     flops += vision * step["patches"] + merger * step["patches"] / 4
-    attention = 2 * text.num_hidden_layers * text.hidden_size * step["squares"]  # QK^T and AV, forward
-    flops += 6 * attention
-    if reference_copy:
-        flops += 2 * body_weights * step["tokens"] + 2 * head_size * step["response_tokens"] + 2 * attention
+    attention = 4 * text.num_hidden_layers * text.hidden_size * step["spans"]  # QK^T and AV, forward
+    flops += 3 * attention
+    if reference_forward:
+        flops += 2 * body_weights * step["tokens"] + 2 * head_size * step["response_tokens"] + attention
     return flops
 
 
@@ -133,58 +197,92 @@ def peak_flops(override: float | None) -> float:
     return 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else float("nan")
 
 
+def reference_mode(args) -> str:
+    """The DPO reference the configs would use with this strategy (or the one asked for)."""
+    if args.reference != "auto":
+        return args.reference
+    if args.strategy.startswith("zero3"):
+        return "lora_disabled" if args.lora else "precomputed"
+    return "copy"
+
+
 def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: int, ckpt_path: Path | None = None):
+    """`carevl fit` of one stage; saves a checkpoint at `max_steps` unless it resumes from `ckpt_path`."""
     strategy = "ddp" if args.strategy == "ddp" else {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"config": str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{args.strategy}.json")}}
     lora = {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}} if args.lora else {}
     gpu = args.accelerator == "gpu"
+    callbacks = [{"class_path": "__main__.Throughput", "init_args": {"warmup": args.warmup}}]
+    if args.profile and ckpt_path is None:
+        callbacks.append({"class_path": "__main__.Profile", "init_args": {"warmup": args.warmup}})
+    if ckpt_path is None:
+        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "every_n_train_steps": max_steps}})
     config = {
         "seed_everything": 0,
         "trainer": {
             "accelerator": args.accelerator, "devices": 1, "strategy": strategy, "max_steps": max_steps,
             "precision": "bf16-mixed" if gpu else "32-true", "logger": False, "enable_progress_bar": False,
-            "num_sanity_val_steps": 0, "limit_val_batches": 0, "default_root_dir": str(root),
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "every_n_train_steps": max_steps}},
-                {"class_path": "__main__.Throughput", "init_args": {"warmup": args.warmup}},
-            ],
+            "num_sanity_val_steps": 0, "limit_val_batches": 0, "default_root_dir": str(root), "callbacks": callbacks,
+            "enable_checkpointing": ckpt_path is None,  # the resumed run saves nothing more
         },
         "model": {
             "class_path": {"sft": "carevl.sft.SFTJudge", "dpo": "carevl.dpo.DPOJudge"}[stage],
             "init_args": {
                 "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {
-                    "model": str(checkpoint), "random_init": True, "gradient_checkpointing": args.gradient_checkpointing,
+                    "model": str(checkpoint), "gradient_checkpointing": args.gradient_checkpointing,
                     "freeze_projector": stage == "dpo", "dtype": "bfloat16" if gpu else "float32", **lora}},
                 "lr": 1e-5, "global_batch_size": None, "val_generate": False,
-                **({"reference": args.reference} if stage == "dpo" else {}),
+                **({"reference": reference_mode(args)} if stage == "dpo" else {}),
             },
         },
         "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {
             "train": str(data / ("sft" if stage == "sft" else "groups")), "kind": "sft" if stage == "sft" else "preference_group",
-            "batch_size": args.batch_size, "num_workers": 2, "max_length": 8192}},
+            "batch_size": args.batch_size if stage == "sft" else args.groups_per_step, "num_workers": 4, "max_length": 8192}},
     }
-    path = root / f"{stage}.yaml"
+    path = root / f"{stage}{'-resumed' if ckpt_path else ''}.yaml"
     path.write_text(yaml.safe_dump(config))
     return run(["fit", "--config", str(path)] + ([f"--ckpt_path={ckpt_path}"] if ckpt_path else []))
 
 
-def measure(stage: str, args, checkpoint: Path, data: Path, work: Path) -> None:
-    root = work / stage
-    root.mkdir(parents=True, exist_ok=True)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    cli = fit(stage, args, checkpoint, data, root, max_steps=args.steps)
+def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path) -> None:
+    """Time `args.steps` steps of one stage and save a checkpoint at the last one."""
+    reference = reference_mode(args) if stage == "dpo" else None
+    if reference == "precomputed":
+        start = time.perf_counter()
+        device = "cuda" if args.accelerator == "gpu" else "cpu"
+        precompute_reference(str(checkpoint), data / "groups", batch_size=args.groups_per_step, max_length=8192, dtype="bfloat16" if device == "cuda" else "float32", device=device)
+        print(f"dpo: reference log-probs precomputed in {time.perf_counter() - start:.1f} s (not in the step times)", flush=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    try:
+        cli = fit(stage, args, checkpoint, data, root, max_steps=args.steps)
+    except torch.cuda.OutOfMemoryError as error:
+        print(f"{stage}: out of GPU memory ({str(error).splitlines()[0]}); try a smaller batch, --lora, or an offload strategy", flush=True)
+        return
     steps = next(c for c in cli.trainer.callbacks if isinstance(c, Throughput)).steps
     if not steps:
-        print(f"{stage}: no timed steps (raise --steps above --warmup)")
+        print(f"{stage}: no timed steps (raise --steps above --warmup)", flush=True)
         return
+    memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     seconds = sum(s["seconds"] for s in steps)
     tokens = sum(s["tokens"] for s in steps)
-    flops = sum(flops_per_step(s, cli.model.backbone.hf, stage == "dpo" and args.reference == "copy") for s in steps)
-    memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    print(f"{stage}: {len(steps)} timed steps, {tokens / seconds:,.0f} tokens/s, {seconds / len(steps):.3f} s/step, peak memory {memory:.1f} GiB, MFU {flops / seconds / peak_flops(args.peak_tflops):.1%}", flush=True)
+    flops = sum(flops_per_step(s, cli.model.backbone.hf, reference in ("copy", "lora_disabled")) for s in steps)
+    label = f"{stage}{f' (reference {reference})' if reference else ''}"
+    print(f"{label}: {len(steps)} timed steps, {tokens / len(steps):,.0f} tokens/step, {tokens / seconds:,.0f} tokens/s, {seconds / len(steps):.3f} s/step, peak memory {memory:.1f} GiB, MFU {flops / seconds / peak_flops(args.peak_tflops):.1%}", flush=True)
+
+
+def resume(stage: str, args, checkpoint: Path, data: Path, root: Path) -> None:
+    """Resume from the checkpoint `time_steps` saved and train two steps more."""
+    if not (root / "ckpt" / "last.ckpt").exists():
+        print(f"{stage}: no checkpoint to resume from", flush=True)
+        return
     resumed = fit(stage, args, checkpoint, data, root, max_steps=args.steps + 2, ckpt_path=root / "ckpt" / "last.ckpt")
     ok = resumed.trainer.global_step == args.steps + 2
     print(f"{stage}: resumed from step {args.steps} to step {resumed.trainer.global_step}: {'ok' if ok else 'FAILED'}", flush=True)
+
+
+PHASES = {"time": time_steps, "resume": resume}
 
 
 def main() -> None:
@@ -192,24 +290,36 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="2b")
     parser.add_argument("--strategy", default="zero2", help="zero2, zero3, zero2_offload, zero3_offload (configs/deepspeed) or ddp")
     parser.add_argument("--stages", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
-    parser.add_argument("--reference", default="copy", choices=["copy", "lora_disabled"], help="DPO reference (precomputed needs a pass of its own)")
+    parser.add_argument("--reference", default="auto", choices=["auto", "copy", "lora_disabled", "precomputed"], help="DPO reference (auto: copy, or under ZeRO-3 lora_disabled with LoRA and precomputed without)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the full language model")
-    parser.add_argument("--batch-size", type=int, default=4, help="SFT samples or DPO groups per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="SFT samples per step")
+    parser.add_argument("--groups-per-step", type=int, default=2, help="DPO groups (1 chosen + 9 rejected critiques) per step")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     parser.add_argument("--image-size", type=int, default=448, help="image side in pixels (448: 256 image tokens)")
-    parser.add_argument("--repeat", type=int, default=8, help="critique length multiplier (8: ~500 response tokens)")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--repeat", type=int, default=8, help="critique length multiplier (8: ~250 response tokens with the tiny tokenizer)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="as the 7B configs (on by default)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators over three steps")
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
+    parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # STAGE:PHASE, run in a child process
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="carevl-smoke-"))
-    checkpoint = shaped_checkpoint(work / "model", args.shape)
-    write_data(work / "data", groups=max(64, 2 * args.batch_size * (args.steps + 2)), image_size=args.image_size, repeat=args.repeat)
-    print(f"{args.shape}-shaped Qwen2-VL, {args.strategy}, {'LoRA' if args.lora else 'full'}, batch {args.batch_size}, work dir {work}")
+    if args.phase:
+        stage, phase = args.phase.split(":")
+        (work / stage).mkdir(parents=True, exist_ok=True)
+        PHASES[phase](stage, args, work / "model", work / "data", work / stage)
+        return
+    checkpoint = shaped_checkpoint(work / "model", args.shape, "cuda" if args.accelerator == "gpu" else "cpu")
+    per_step = max(args.batch_size, args.groups_per_step)
+    write_data(work / "data", groups=max(64, 2 * per_step * (args.steps + 2)), image_size=args.image_size, repeat=args.repeat)
+    print(f"{args.shape}-shaped Qwen2-VL, {args.strategy}, {'LoRA' if args.lora else 'full'}, SFT batch {args.batch_size}, DPO {args.groups_per_step} group(s) per step, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, work dir {work}", flush=True)
     for stage in args.stages:
-        measure(stage, args, checkpoint, work / "data", work)
+        # One process per phase: a finished DeepSpeed run keeps its GPU memory until its process ends.
+        for phase in PHASES:
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--work", str(work), "--phase", f"{stage}:{phase}"], check=False)
+        shutil.rmtree(work / stage / "ckpt", ignore_errors=True)  # a full-model ZeRO checkpoint is tens of GB
 
 
 if __name__ == "__main__":
