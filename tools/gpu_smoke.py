@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--reference", default="auto", choices=["auto", "copy", "lora_disabled", "precomputed"], help="DPO reference (auto: copy, or under ZeRO-3 lora_disabled with LoRA and precomputed without)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the full language model")
     parser.add_argument("--batch-size", type=int, default=8, help="SFT samples per step")
-    parser.add_argument("--groups-per-step", type=int, default=2, help="DPO groups (1 chosen + 9 rejected critiques) per step")
+    parser.add_argument("--groups-per-step", type=int, default=2, help="DPO groups (1 chosen + 4 worse critiques each) per step")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     parser.add_argument("--image-size", type=int, default=448, help="image side in pixels (448: 256 image tokens)")
