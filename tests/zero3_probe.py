@@ -22,11 +22,11 @@ from carevl.dpo import DPOJudge  # noqa: E402
 def main(checkpoint: str, port: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")
-    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    config = {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 1}
     # The checkpoint loaded plainly, before anything registers the ZeRO-3 config with transformers.
-    saved = dict(AutoModelForImageTextToText.from_pretrained(checkpoint).named_parameters())
+    saved = dict(AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.bfloat16).named_parameters())
     strategy = DeepSpeedStrategy(config=config)
-    module = DPOJudge(Backbone(checkpoint, lora=LoraSettings(dropout=0.0)), reference="lora_disabled")
+    module = DPOJudge(Backbone(checkpoint, lora=LoraSettings(dropout=0.0), dtype="bfloat16"), reference="lora_disabled")
     module._trainer = SimpleNamespace(strategy=strategy)
     with deepspeed.zero.Init(config_dict_or_path=config):  # what strategy.model_sharded_context() enters
         module.configure_model()
@@ -40,7 +40,7 @@ def main(checkpoint: str, port: str) -> None:
             key = name.replace(".base_layer", "")
             if key in saved:
                 compared += 1
-                equal += torch.equal(param.data, saved[key].to(param.dtype))
+                equal += torch.equal(param.data, saved[key])
     print(json.dumps({
         "parameters": len(params),
         "partitioned": sum(hasattr(p, "ds_id") for p in params.values()),
