@@ -88,6 +88,12 @@ class Backbone(nn.Module):
         dtype: weight dtype at load time: float32, bfloat16 or float16.
         attn_implementation: "sdpa", "eager" or "flash_attention_2".
         trust_remote_code: run code shipped with the checkpoint (off unless a config says so).
+        compile: compile each decoder layer of the language model with torch.compile (regional
+            compilation): the norms, rotary embeddings, activations and residual adds around each
+            layer's matrix products fuse into a few kernels, so a step launches far fewer of them
+            (small-batch steps are bound by launches, not by the GPU). The first steps compile, and
+            compile once more when sequence lengths first change. Not under sharded strategies
+            (ZeRO-3, FSDP), whose parameter gathering runs around every submodule.
         random_init: build the checkpoint's architecture from its config with random weights (for
             throughput checks at a real size without downloading weights).
     """
@@ -102,6 +108,7 @@ class Backbone(nn.Module):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
+        compile: bool = False,
         random_init: bool = False,
     ):
         super().__init__()
@@ -115,6 +122,7 @@ class Backbone(nn.Module):
         self.dtype = dtype
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
+        self.compile = compile
         self.random_init = random_init
         self.model: nn.Module | None = None
         self.processor = None
@@ -160,10 +168,22 @@ class Backbone(nn.Module):
             hf.config.use_cache = False
         if self.lora is not None:
             hf = self._add_lora(hf, family, zero3=zero3, adapter_float32=deepspeed_config is None)
+        if self.gradient_checkpointing and self.freeze_vision:
+            self._keep_vision_out_of_the_graph(hf.get_base_model() if self.lora is not None else hf, family)
+        if self.compile:
+            self.compile_layers(hf.get_base_model() if self.lora is not None else hf)
         self.model = hf
         trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
         total = sum(p.numel() for p in hf.parameters())
         log.info("loaded %s (%s): %.1fM of %.1fM parameters trainable", self.name, hf.config.model_type, trainable / 1e6, total / 1e6)
+
+    @staticmethod
+    def compile_layers(hf: nn.Module) -> None:
+        """Compile the language model's decoder layers in place (parameter names are unchanged, so
+        checkpoints and exports are too). Layers share one compiled graph: their code is the same
+        and their weights are graph inputs."""
+        for layer in hf.model.language_model.layers:
+            layer.compile()
 
     @staticmethod
     def family_of(hf: nn.Module) -> Family:
@@ -179,6 +199,19 @@ class Backbone(nn.Module):
             is_vision = name.startswith(family.vision) and not is_projector
             if (is_vision and self.freeze_vision) or (is_projector and self.freeze_projector):
                 param.requires_grad_(False)
+
+    @staticmethod
+    def _keep_vision_out_of_the_graph(hf: nn.Module, family: Family) -> None:
+        """Gradient checkpointing in transformers (and peft after it) hooks the input embeddings of
+        every sub-model to make their outputs require grad, the vision tower's patch embedding
+        included. The frozen tower would then record a graph, and be recomputed and backpropagated
+        through in every step (three times its forward). carevl checkpoints non-reentrantly, which
+        needs no grad on inputs: the vision side's hooks go."""
+        for name, module in hf.named_modules():
+            if (name + ".").startswith(family.vision) and not (name + ".").startswith(family.projector):
+                for key, hook in list(module._forward_hooks.items()):
+                    if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                        del module._forward_hooks[key]
 
     def _add_lora(self, hf: nn.Module, family: Family, zero3: bool = False, adapter_float32: bool = True) -> nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -298,12 +331,13 @@ class Backbone(nn.Module):
         """
         hf = self.hf if model is None else model
         inputs, index = batch["inputs"], batch["image_index"]
-        ids, lengths, prompt_lengths = inputs["input_ids"], inputs["attention_mask"].sum(dim=1), batch["prompt_lengths"]
-        device = ids.device
+        ids, device = inputs["input_ids"], inputs["input_ids"].device
+        # the layout is read on the host once (three transfers, not a sync per group and sequence)
+        lengths, prompt_lengths, owner = inputs["attention_mask"].sum(dim=1).tolist(), batch["prompt_lengths"].tolist(), index.tolist()
         rows, positions, blocks, predictors, targets, owners = [], [], [], [], [], []
-        for group in range(int(index.max()) + 1):
-            members = (index == group).nonzero()[:, 0].tolist()
-            first, prompt_length = members[0], int(prompt_lengths[members[0]])
+        for group in range(max(owner) + 1):
+            members = [sequence for sequence, g in enumerate(owner) if g == group]
+            first, prompt_length = members[0], prompt_lengths[members[0]]
             prompt = ids[first, :prompt_length]
             position, _ = hf.model.get_rope_index(
                 prompt[None], inputs["mm_token_type_ids"][first, :prompt_length][None], inputs["image_grid_thw"][group : group + 1]
@@ -313,7 +347,7 @@ class Backbone(nn.Module):
             offset = prompt_length
             row_predictors, row_targets, row_owners = [], [], []
             for block, sequence in enumerate(members):
-                response = ids[sequence, prompt_length : int(lengths[sequence])]
+                response = ids[sequence, prompt_length : lengths[sequence]]
                 n = response.numel()
                 row.append(response)
                 row_positions.append((start + torch.arange(n, device=device)).expand(3, n))

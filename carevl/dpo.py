@@ -23,21 +23,10 @@ from carevl.backbone import Backbone
 from carevl.encoding import IGNORE_INDEX
 from carevl.losses import dpo_group_loss
 from carevl.sft import JudgeModule
-from carevl.strategies import deepspeed_config, zero_stage
+from carevl.strategies import sharded_strategy
 
 REFERENCE_MODES = ("copy", "lora_disabled", "precomputed")
 VALIDATION_STATS = ("loss", "reward_accuracy", "chosen_beats_all", "margin")
-
-
-def sharded_strategy(strategy: object) -> str | None:
-    """The name of a strategy that shards parameters (DeepSpeed ZeRO-3, FSDP), None for the others."""
-    if strategy is None:
-        return None
-    if zero_stage(deepspeed_config(strategy)) == 3:
-        return "DeepSpeed ZeRO-3"
-    if any(cls.__name__ == "FSDPStrategy" for cls in type(strategy).__mro__):
-        return "FSDP"
-    return None
 
 
 class DPOJudge(JudgeModule):
@@ -79,6 +68,9 @@ class DPOJudge(JudgeModule):
                 )
             reference = copy.deepcopy(self.backbone.hf).eval()
             reference.requires_grad_(False)
+            if self.backbone.compile:
+                # deepcopy drops the compiled forward: the copy's layers get their own
+                self.backbone.compile_layers(reference)
             object.__setattr__(self, "_reference", reference)
 
     @property

@@ -17,7 +17,7 @@ from carevl.evaluation import MODES, BenchmarkEvaluation, markdown_table, score_
 from carevl.losses import sft_loss
 from carevl.metrics import VerdictAccuracy
 from carevl.prompts import parse_verdict
-from carevl.strategies import deepspeed_config
+from carevl.strategies import deepspeed_config, sharded_strategy
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -86,7 +86,14 @@ class JudgeModule(LightningModule):
         self._last_batch_end: float | None = None
 
     def configure_model(self) -> None:
-        self.backbone.build(deepspeed_config=deepspeed_config(self._trainer.strategy if self._trainer else None))
+        strategy = self._trainer.strategy if self._trainer else None
+        sharded = sharded_strategy(strategy)
+        if self.backbone.compile and sharded:
+            raise ValueError(
+                f"backbone compile does not work under {sharded}: parameters are gathered by hooks around every "
+                "submodule, which split the compiled layers apart. Use DDP or DeepSpeed ZeRO-2, or set compile: false."
+            )
+        self.backbone.build(deepspeed_config=deepspeed_config(strategy))
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

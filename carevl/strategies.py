@@ -24,6 +24,17 @@ def zero_stage(config: dict | None) -> int | None:
     return (config or {}).get("zero_optimization", {}).get("stage")
 
 
+def sharded_strategy(strategy: object) -> str | None:
+    """The name of a strategy that shards parameters (DeepSpeed ZeRO-3, FSDP), None for the others."""
+    if strategy is None:
+        return None
+    if zero_stage(deepspeed_config(strategy)) == 3:
+        return "DeepSpeed ZeRO-3"
+    if any(cls.__name__ == "FSDPStrategy" for cls in type(strategy).__mro__):
+        return "FSDP"
+    return None
+
+
 def transformer_blocks(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """FSDP auto-wrap policy: descend everywhere; wrap a module when its class is a transformer block."""
     if recurse:

@@ -36,6 +36,20 @@ def image_of(item) -> "Image.Image":
     return Image.open(io.BytesIO(item.image)).convert("RGB")
 
 
+def compiled_graph(output: torch.Tensor) -> bool:
+    """Whether a compiled region (torch.compile's autograd function) produced part of `output`."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in type(node).__name__:
+            return True
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return False
+
+
 @pytest.fixture(scope="session", params=["qwen2_vl", "llava_onevision", "mllama"])
 def tiny_any(request, tmp_path_factory) -> str:
     """A tiny checkpoint of each family in the backbone's family table."""

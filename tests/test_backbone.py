@@ -6,7 +6,7 @@ from carevl import shapes
 from carevl.backbone import Backbone, LoraSettings
 from carevl.encoding import Encoder, collate, prompt_only
 from carevl.prompts import judge_prompt, user_turn, verdict_line
-from tests.conftest import image_of
+from tests.conftest import compiled_graph, image_of
 
 
 def encoded_items(backbone, n=3, seed=5):
@@ -164,3 +164,62 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_qwen):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_layers_give_eager_log_probs_and_gradients(tiny_qwen):
+    """compile=True runs the decoder layers compiled (gradient checkpointing on, as in the 7B
+    configs); log-probs, gradients and parameter names are eager's."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        backbone = Backbone(tiny_qwen, gradient_checkpointing=True, compile=compiled)
+        backbone.build()
+        encoder, _, features = encoded_items(backbone, n=2)
+        batch = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], encoder.pad_token_id)
+        logps = backbone.sequence_logprobs(batch)
+        assert compiled_graph(logps) == compiled
+        logps.sum().backward()
+        runs.append((logps.detach(), {n: p.grad.clone() for n, p in backbone.hf.named_parameters() if p.requires_grad}))
+    (eager, eager_grads), (compiled, compiled_grads) = runs
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_is_refused_under_a_sharding_strategy(tiny_qwen):
+    from types import SimpleNamespace
+
+    from carevl.sft import SFTJudge
+    from carevl.strategies import FSDP
+
+    module = SFTJudge(Backbone(tiny_qwen, compile=True))
+    module._trainer = SimpleNamespace(strategy=FSDP())  # what configure_model sees inside trainer.fit
+    with pytest.raises(ValueError, match="compile does not work under FSDP"):
+        module.configure_model()
+    assert module.backbone.model is None
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, dropout=0.0)], ids=["full", "lora"])
+def test_frozen_vision_tower_stays_out_of_the_graph_under_checkpointing(tiny_qwen, lora):
+    """With gradient checkpointing the frozen vision blocks record no graph (no recompute, no
+    backward through them), while the trainable projector still gets its gradient."""
+    backbone = Backbone(tiny_qwen, gradient_checkpointing=True, lora=lora)
+    backbone.build()
+    visual = backbone.hf.model.visual
+    needs_grad = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            needs_grad[name] = output.requires_grad
+
+        return hook
+
+    visual.blocks[-1].register_forward_hook(record("blocks"))
+    visual.merger.register_forward_hook(record("projector"))
+    encoder, _, features = encoded_items(backbone, n=2)
+    batch = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], encoder.pad_token_id)
+    backbone.sequence_logprobs(batch).sum().backward()
+    assert needs_grad == {"blocks": False, "projector": lora is None}
+    if lora is None:
+        assert all(p.grad is not None for p in visual.merger.parameters())

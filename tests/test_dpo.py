@@ -9,6 +9,7 @@ from carevl.backbone import Backbone, LoraSettings
 from carevl.dpo import DPOJudge
 from carevl.reference import precompute_reference
 from datamodules import JudgeDataModule
+from tests.conftest import compiled_graph
 from tests.test_training import fit, metrics
 
 
@@ -196,8 +197,7 @@ def test_reference_copy_is_refused_under_a_sharding_strategy(tiny_qwen):
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    from carevl.dpo import sharded_strategy
-    from carevl.strategies import FSDP
+    from carevl.strategies import FSDP, sharded_strategy
 
     assert sharded_strategy(FSDP()) == "FSDP"
     assert sharded_strategy(DDPStrategy()) is None and sharded_strategy(None) is None
@@ -206,6 +206,28 @@ def test_reference_copy_is_refused_under_a_sharding_strategy(tiny_qwen):
     with pytest.raises(ValueError, match="does not work under FSDP"):
         module.configure_model()
     assert module.reference_model is None
+
+
+def test_compiled_copy_reference_keeps_the_starting_model(tiny_qwen, groups_dir):
+    """With compiled layers the frozen copy compiles its own: it scores with its weights (the
+    starting model) while the policy's compiled layers see the policy's."""
+    batch = first_batch(tiny_qwen, groups_dir)
+    eager = DPOJudge(Backbone(model=tiny_qwen), reference="copy")
+    eager.configure_model()
+    start = eager.backbone.group_logprobs(batch, eager.backbone.image_features(batch["inputs"]))
+    module = DPOJudge(Backbone(model=tiny_qwen, compile=True), reference="copy")
+    module.configure_model()
+    with torch.no_grad():
+        for layer in module.backbone.hf.model.language_model.layers:
+            layer.mlp.down_proj.weight.mul_(3.0)
+    features = module.backbone.image_features(batch["inputs"])
+    reference = module.reference_logprobs(batch, features)
+    policy = module.backbone.group_logprobs(batch, features)
+    assert compiled_graph(policy)
+    torch.testing.assert_close(reference, start, atol=1e-4, rtol=1e-5)
+    assert (policy - start).abs().max() > 1e-2, "the policy's weights were changed, its log-probs must move"
+    layers = module.reference_model.model.language_model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers), "the copy runs eager"
 
 
 def test_benchmark_groups_hold_exactly_the_asked_number_of_distinct_worse_critiques():

@@ -7,12 +7,16 @@ checkpoint continues from its step.
     python tools/gpu_smoke.py --shape 2b --strategy zero2            # full fine-tuning
     python tools/gpu_smoke.py --shape 7b --strategy zero3 --lora      # 7B on one 80 GB GPU
     python tools/gpu_smoke.py --shape tiny --strategy ddp --accelerator cpu --steps 2   # CPU dry run
+    python tools/gpu_smoke.py --shape 2b --narrow --strategy ddp --accelerator cpu --batch-size 4 \
+        --steps 3 --warmup 2 --count-ops [--compile]   # a 2B step's kernel-sized operations, on CPU
 
 The DPO reference is, by default, what the configs use: a frozen copy under DDP and ZeRO-2; under
 ZeRO-3 the policy with its adapters off (LoRA) or log-probs precomputed by `carevl.reference`
 (timed apart). Gradient checkpointing is on (--no-gradient-checkpointing turns it off). Each phase
 (timed steps, resume) runs in its own process: a finished DeepSpeed run keeps its GPU memory until
-its process ends. --profile prints torch.profiler's top operators over three steps.
+its process ends. --profile prints torch.profiler's top operators over three steps. --count-ops
+counts each step's kernel-sized operations by phase; with --narrow (the shape's depth and images,
+small widths) a CPU counts what a real-size step launches. --compile compiles the decoder layers.
 
 MFU counts the model FLOPs of the tokens the step really computes (a DPO group's prompt once when
 prompts are packed): 6 per trainable weight and token (forward, input and weight gradients), 4 per
@@ -55,23 +59,30 @@ SHAPES = {
 }
 QWEN2_VL_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}  # Qwen2-VL's min_pixels and max_pixels
 VISION = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+# --narrow: the same depth, heads' sizes and images with small widths. A step then dispatches the
+# same operators as the real shape (their number follows layers, sequences and images, not width),
+# so a CPU run counts the host-side work that bounds small-batch GPU steps.
+NARROW_TEXT = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2, "num_key_value_heads": 1}
+NARROW_VISION = {"embed_dim": 128, "num_heads": 2}
 
 
-def shaped_checkpoint(out: Path, shape: str, device: str) -> Path:
+def shaped_checkpoint(out: Path, shape: str, device: str, narrow: bool = False) -> Path:
     """A checkpoint of the requested size with random weights: the tiny checkpoint's processor, the
-    shape's config, and weights drawn on `device` and saved in bf16 (runs then load it like a real one)."""
+    shape's config (`narrow`: its small-width twin), and weights drawn on `device` and saved in bf16
+    (runs then load it like a real one)."""
     build_tiny_model(out, family="qwen2_vl")
     if SHAPES[shape] is None:
         return out
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = json.loads((out / "config.json").read_text())
-    text = {**config["text_config"], **SHAPES[shape], "max_position_embeddings": 32768, "rope_theta": 1000000.0}
+    sizes = {**SHAPES[shape], **(NARROW_TEXT if narrow else {})}
+    text = {**config["text_config"], **sizes, "max_position_embeddings": 32768, "rope_theta": 1000000.0}
     text["layer_types"] = ["full_attention"] * text["num_hidden_layers"]
     text["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}
     config["text_config"] = text
-    config["vision_config"] = {**config["vision_config"], **VISION, "hidden_size": SHAPES[shape]["hidden_size"]}
-    config.update({k: v for k, v in SHAPES[shape].items() if k in ("hidden_size", "vocab_size", "tie_word_embeddings")})
+    config["vision_config"] = {**config["vision_config"], **VISION, **(NARROW_VISION if narrow else {}), "hidden_size": sizes["hidden_size"]}
+    config.update({k: v for k, v in sizes.items() if k in ("hidden_size", "vocab_size", "tie_word_embeddings")})
     (out / "config.json").write_text(json.dumps(config, indent=1))
     processor = json.loads((out / "processor_config.json").read_text())
     processor["image_processor"]["size"] = QWEN2_VL_PIXELS  # the tiny processor shrinks images to 56 x 56
@@ -80,7 +91,7 @@ def shaped_checkpoint(out: Path, shape: str, device: str) -> Path:
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out), dtype=torch.bfloat16)
     model.save_pretrained(out)
-    print(f"{shape}-shaped checkpoint: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
+    print(f"{shape}-shaped{' (narrow)' if narrow else ''} checkpoint: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
     del model
     return out
 
@@ -149,6 +160,90 @@ class Profile(Callback):
             self.profiler = None
 
 
+class OperatorCount(Callback):
+    """Kernel-sized operations per step after `warmup`, by phase (forward, backward, optimizer),
+    from torch.profiler's CPU events: the innermost operators (views and allocations left out: they
+    launch nothing) and the kernels torch.compile generated. On a GPU each is at least one kernel
+    launch, so the count bounds how fast a step can be issued when the host, not the GPU, is the
+    limit; it follows depth, sequences and images, not width (see --narrow)."""
+
+    PHASES = ("forward", "backward", "optimizer")
+    ALLOCATIONS = {"empty", "empty_strided", "empty_like", "resize_", "set_", "lift_fresh", "resolve_conj", "resolve_neg", "_reshape_alias"}
+
+    def __init__(self, warmup: int):
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True  # compiled CPU kernels become profiler events
+        self.warmup, self.steps, self.profiler = warmup, [], None
+
+    @staticmethod
+    def mark(phase: str) -> None:
+        """An empty profiler range whose start time marks where `phase` begins."""
+        with torch.autograd.profiler.record_function(f"phase::{phase}"):
+            pass
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step >= self.warmup:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+            self.mark("forward")
+
+    def on_before_backward(self, trainer, module, loss):
+        if self.profiler is not None:
+            self.mark("backward")
+
+    def on_after_backward(self, trainer, module):
+        if self.profiler is not None:
+            self.mark("optimizer")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.steps.append(self.count(self.profiler.events()))
+            self.profiler = None
+
+    @staticmethod
+    def kernel(name: str) -> bool:
+        return "cpp_fused" in name or name.startswith("triton_")  # CPU kernels are named graph_<n>_cpp_fused_...
+
+    @classmethod
+    def launches(cls, name: str) -> bool:
+        if cls.kernel(name):
+            return True
+        if not name.startswith("aten::") or name[6:] in cls.ALLOCATIONS:
+            return False
+        packet = getattr(torch.ops.aten, name[6:], None)
+        return packet is None or not any(getattr(packet, overload).is_view for overload in packet.overloads())
+
+    @classmethod
+    def count(cls, events) -> dict[str, dict[str, int]]:
+        """{phase: {operator: count}} of the innermost launching events."""
+        counts = {phase: {} for phase in cls.PHASES}
+        marks = sorted((e.time_range.start, e.name.removeprefix("phase::")) for e in events if e.name.startswith("phase::"))
+        for event in events:
+            if not cls.launches(event.name) or any(child.name.startswith("aten::") or cls.kernel(child.name) for child in event.cpu_children):
+                continue
+            phase = next((name for start, name in reversed(marks) if start <= event.time_range.start), cls.PHASES[0])
+            name = "compiled kernels" if cls.kernel(event.name) else event.name.removeprefix("aten::")
+            counts[phase][name] = counts[phase].get(name, 0) + 1
+        return counts
+
+    def report(self, label: str) -> None:
+        if not self.steps:
+            return
+        n = len(self.steps)
+        lines = []
+        for phase in self.PHASES:
+            ops: dict[str, int] = {}
+            for step in self.steps:
+                for name, count in step[phase].items():
+                    ops[name] = ops.get(name, 0) + count
+            top = ", ".join(f"{name} {count / n:,.0f}" for name, count in sorted(ops.items(), key=lambda kv: -kv[1])[:8])
+            lines.append(f"  {phase} {sum(ops.values()) / n:,.0f}: {top}")
+        total = sum(sum(sum(step[phase].values()) for phase in self.PHASES) for step in self.steps) / n
+        print(f"{label}: {total:,.0f} kernel-sized operations/step\n" + "\n".join(lines), flush=True)
+
+
 def computed_tokens(lengths: torch.Tensor, prompt_lengths: torch.Tensor | None, image_index: torch.Tensor | None) -> tuple[int, float]:
     """Tokens through the language model and the sum of (query x key) attention spans, counted as
     full squares per sequence. Packed groups compute their prompt once: p + sum(r) tokens, and
@@ -206,6 +301,11 @@ def reference_mode(args) -> str:
     return "copy"
 
 
+def per_step(stage: str, args) -> int:
+    """SFT samples or DPO groups per step (a child process times one size)."""
+    return (args.batch_size if stage == "sft" else args.groups_per_step)[0]
+
+
 def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: int, ckpt_path: Path | None = None):
     """`carevl fit` of one stage; saves a checkpoint at `max_steps` unless it resumes from `ckpt_path`."""
     strategy = "ddp" if args.strategy == "ddp" else {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"config": str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{args.strategy}.json")}}
@@ -214,6 +314,8 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
     callbacks = [{"class_path": "__main__.Throughput", "init_args": {"warmup": args.warmup}}]
     if args.profile and ckpt_path is None:
         callbacks.append({"class_path": "__main__.Profile", "init_args": {"warmup": args.warmup}})
+    if args.count_ops and ckpt_path is None:
+        callbacks.append({"class_path": "__main__.OperatorCount", "init_args": {"warmup": args.warmup}})
     if ckpt_path is None:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "every_n_train_steps": max_steps}})
     config = {
@@ -228,7 +330,7 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
             "class_path": {"sft": "carevl.sft.SFTJudge", "dpo": "carevl.dpo.DPOJudge"}[stage],
             "init_args": {
                 "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {
-                    "model": str(checkpoint), "gradient_checkpointing": args.gradient_checkpointing,
+                    "model": str(checkpoint), "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
                     "freeze_projector": stage == "dpo", "dtype": "bfloat16" if gpu else "float32", **lora}},
                 "lr": 1e-5, "global_batch_size": None, "val_generate": False,
                 **({"reference": reference_mode(args)} if stage == "dpo" else {}),
@@ -236,7 +338,7 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
         },
         "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {
             "train": str(data / ("sft" if stage == "sft" else "groups")), "kind": "sft" if stage == "sft" else "preference_group",
-            "batch_size": args.batch_size if stage == "sft" else args.groups_per_step, "num_workers": 4, "max_length": 8192}},
+            "batch_size": per_step(stage, args), "num_workers": 4, "max_length": 8192}},
     }
     path = root / f"{stage}{'-resumed' if ckpt_path else ''}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -249,7 +351,7 @@ def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path) -> No
     if reference == "precomputed":
         start = time.perf_counter()
         device = "cuda" if args.accelerator == "gpu" else "cpu"
-        precompute_reference(str(checkpoint), data / "groups", batch_size=args.groups_per_step, max_length=8192, dtype="bfloat16" if device == "cuda" else "float32", device=device)
+        precompute_reference(str(checkpoint), data / "groups", batch_size=per_step(stage, args), max_length=8192, dtype="bfloat16" if device == "cuda" else "float32", device=device)
         print(f"dpo: reference log-probs precomputed in {time.perf_counter() - start:.1f} s (not in the step times)", flush=True)
         gc.collect()
         if torch.cuda.is_available():
@@ -268,7 +370,11 @@ def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path) -> No
     seconds = sum(s["seconds"] for s in steps)
     tokens = sum(s["tokens"] for s in steps)
     flops = sum(flops_per_step(s, cli.model.backbone.hf, reference in ("copy", "lora_disabled")) for s in steps)
-    label = f"{stage}{f' (reference {reference})' if reference else ''}"
+    size = per_step(stage, args)
+    label = f"sft batch {size}" if stage == "sft" else f"dpo {size} group{'s' if size > 1 else ''} (reference {reference})"
+    for callback in cli.trainer.callbacks:
+        if isinstance(callback, OperatorCount):
+            callback.report(label)
     print(f"{label}: {len(steps)} timed steps, {tokens / len(steps):,.0f} tokens/step, {tokens / seconds:,.0f} tokens/s, {seconds / len(steps):.3f} s/step, peak memory {memory:.1f} GiB, MFU {flops / seconds / peak_flops(args.peak_tflops):.1%}", flush=True)
 
 
@@ -292,14 +398,17 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
     parser.add_argument("--reference", default="auto", choices=["auto", "copy", "lora_disabled", "precomputed"], help="DPO reference (auto: copy, or under ZeRO-3 lora_disabled with LoRA and precomputed without)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the full language model")
-    parser.add_argument("--batch-size", type=int, default=8, help="SFT samples per step")
-    parser.add_argument("--groups-per-step", type=int, default=2, help="DPO groups (1 chosen + 4 worse critiques each) per step")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[8], help="SFT samples per step; several sizes are timed one after another (MFU against tokens per step), the last one resumed")
+    parser.add_argument("--groups-per-step", type=int, nargs="+", default=[2], help="DPO groups (1 chosen + 4 worse critiques each) per step; several like --batch-size")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     parser.add_argument("--image-size", type=int, default=448, help="image side in pixels (448: 256 image tokens)")
     parser.add_argument("--repeat", type=int, default=8, help="critique length multiplier (8: ~250 response tokens with the tiny tokenizer)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="as the 7B configs (on by default)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators over three steps")
+    parser.add_argument("--count-ops", action="store_true", help="count the kernel-sized operations of each step (see --narrow); slows the timed steps")
+    parser.add_argument("--compile", action="store_true", help="compile the decoder layers (backbone compile: true)")
+    parser.add_argument("--narrow", action="store_true", help="the shape's depth and image sizes at small widths: counts a real shape's operators on CPU")
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
@@ -311,15 +420,18 @@ def main() -> None:
         (work / stage).mkdir(parents=True, exist_ok=True)
         PHASES[phase](stage, args, work / "model", work / "data", work / stage)
         return
-    checkpoint = shaped_checkpoint(work / "model", args.shape, "cuda" if args.accelerator == "gpu" else "cpu")
-    per_step = max(args.batch_size, args.groups_per_step)
-    write_data(work / "data", groups=max(64, 2 * per_step * (args.steps + 2)), image_size=args.image_size, repeat=args.repeat)
-    print(f"{args.shape}-shaped Qwen2-VL, {args.strategy}, {'LoRA' if args.lora else 'full'}, SFT batch {args.batch_size}, DPO {args.groups_per_step} group(s) per step, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, work dir {work}", flush=True)
+    checkpoint = shaped_checkpoint(work / "model", args.shape, "cuda" if args.accelerator == "gpu" else "cpu", narrow=args.narrow)
+    most = max(args.batch_size + args.groups_per_step)
+    write_data(work / "data", groups=max(64, 2 * most * (args.steps + 2)), image_size=args.image_size, repeat=args.repeat)
+    print(f"{args.shape}-shaped Qwen2-VL, {args.strategy}, {'LoRA' if args.lora else 'full'}, SFT batch {'/'.join(map(str, args.batch_size))}, DPO {'/'.join(map(str, args.groups_per_step))} group(s) per step, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {'compiled' if args.compile else 'eager'} layers, work dir {work}", flush=True)
     for stage in args.stages:
         # One process per phase: a finished DeepSpeed run keeps its GPU memory until its process ends.
-        for phase in PHASES:
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--work", str(work), "--phase", f"{stage}:{phase}"], check=False)
-        shutil.rmtree(work / stage / "ckpt", ignore_errors=True)  # a full-model ZeRO checkpoint is tens of GB
+        option, sizes = ("--batch-size", args.batch_size) if stage == "sft" else ("--groups-per-step", args.groups_per_step)
+        for size in sizes:
+            phases = ["time", "resume"] if size == sizes[-1] else ["time"]
+            for phase in phases:  # the later option wins in the child's parse
+                subprocess.run([sys.executable, __file__, *sys.argv[1:], option, str(size), "--work", str(work), "--phase", f"{stage}:{phase}"], check=False)
+            shutil.rmtree(work / stage / "ckpt", ignore_errors=True)  # a full-model ZeRO checkpoint is tens of GB
 
 
 if __name__ == "__main__":
