@@ -88,12 +88,13 @@ class Backbone(nn.Module):
         dtype: weight dtype at load time: float32, bfloat16 or float16.
         attn_implementation: "sdpa", "eager" or "flash_attention_2".
         trust_remote_code: run code shipped with the checkpoint (off unless a config says so).
-        compile: compile each decoder layer of the language model with torch.compile (regional
+        compile_layers: compile each decoder layer of the language model with torch.compile (regional
             compilation): the norms, rotary embeddings, activations and residual adds around each
             layer's matrix products fuse into a few kernels, so a step launches far fewer of them
-            (small-batch steps are bound by launches, not by the GPU). The first steps compile, and
-            compile once more when sequence lengths first change. Not under sharded strategies
-            (ZeRO-3, FSDP), whose parameter gathering runs around every submodule.
+            (a 2B step at batch 4 was bound by its launches; the GPU speed-up is not yet measured).
+            The first steps compile, and compile once more when sequence lengths first change. Not
+            under sharded strategies (ZeRO-3, FSDP), whose parameter gathering runs around every
+            submodule.
         random_init: build the checkpoint's architecture from its config with random weights (for
             throughput checks at a real size without downloading weights).
     """
@@ -108,7 +109,7 @@ class Backbone(nn.Module):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         trust_remote_code: bool = False,
-        compile: bool = False,
+        compile_layers: bool = False,
         random_init: bool = False,
     ):
         super().__init__()
@@ -122,7 +123,7 @@ class Backbone(nn.Module):
         self.dtype = dtype
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
-        self.compile = compile
+        self.compile_layers = compile_layers
         self.random_init = random_init
         self.model: nn.Module | None = None
         self.processor = None
@@ -170,15 +171,15 @@ class Backbone(nn.Module):
             hf = self._add_lora(hf, family, zero3=zero3, adapter_float32=deepspeed_config is None)
         if self.gradient_checkpointing and self.freeze_vision:
             self._keep_vision_out_of_the_graph(hf.get_base_model() if self.lora is not None else hf, family)
-        if self.compile:
-            self.compile_layers(hf.get_base_model() if self.lora is not None else hf)
+        if self.compile_layers:
+            self.compile_decoder_layers(hf.get_base_model() if self.lora is not None else hf)
         self.model = hf
         trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
         total = sum(p.numel() for p in hf.parameters())
         log.info("loaded %s (%s): %.1fM of %.1fM parameters trainable", self.name, hf.config.model_type, trainable / 1e6, total / 1e6)
 
     @staticmethod
-    def compile_layers(hf: nn.Module) -> None:
+    def compile_decoder_layers(hf: nn.Module) -> None:
         """Compile the language model's decoder layers in place (parameter names are unchanged, so
         checkpoints and exports are too). Layers share one compiled graph: their code is the same
         and their weights are graph inputs."""

@@ -68,9 +68,9 @@ class DPOJudge(JudgeModule):
                 )
             reference = copy.deepcopy(self.backbone.hf).eval()
             reference.requires_grad_(False)
-            if self.backbone.compile:
+            if self.backbone.compile_layers:
                 # deepcopy drops the compiled forward: the copy's layers get their own
-                self.backbone.compile_layers(reference)
+                self.backbone.compile_decoder_layers(reference)
             object.__setattr__(self, "_reference", reference)
 
     @property

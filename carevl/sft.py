@@ -88,10 +88,10 @@ class JudgeModule(LightningModule):
     def configure_model(self) -> None:
         strategy = self._trainer.strategy if self._trainer else None
         sharded = sharded_strategy(strategy)
-        if self.backbone.compile and sharded:
+        if self.backbone.compile_layers and sharded:
             raise ValueError(
-                f"backbone compile does not work under {sharded}: parameters are gathered by hooks around every "
-                "submodule, which split the compiled layers apart. Use DDP or DeepSpeed ZeRO-2, or set compile: false."
+                f"compile_layers does not work under {sharded}: parameters are gathered by hooks around every "
+                "submodule, which split the compiled layers apart. Use DDP or DeepSpeed ZeRO-2, or set compile_layers: false."
             )
         self.backbone.build(deepspeed_config=deepspeed_config(strategy))
 

@@ -167,12 +167,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_qwen):
 
 
 def test_compiled_layers_give_eager_log_probs_and_gradients(tiny_qwen):
-    """compile=True runs the decoder layers compiled (gradient checkpointing on, as in the 7B
+    """compile_layers=True runs the decoder layers compiled (gradient checkpointing on, as in the 7B
     configs); log-probs, gradients and parameter names are eager's."""
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        backbone = Backbone(tiny_qwen, gradient_checkpointing=True, compile=compiled)
+        backbone = Backbone(tiny_qwen, gradient_checkpointing=True, compile_layers=compiled)
         backbone.build()
         encoder, _, features = encoded_items(backbone, n=2)
         batch = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], encoder.pad_token_id)
@@ -193,9 +193,9 @@ def test_compile_is_refused_under_a_sharding_strategy(tiny_qwen):
     from carevl.sft import SFTJudge
     from carevl.strategies import FSDP
 
-    module = SFTJudge(Backbone(tiny_qwen, compile=True))
+    module = SFTJudge(Backbone(tiny_qwen, compile_layers=True))
     module._trainer = SimpleNamespace(strategy=FSDP())  # what configure_model sees inside trainer.fit
-    with pytest.raises(ValueError, match="compile does not work under FSDP"):
+    with pytest.raises(ValueError, match="compile_layers does not work under FSDP"):
         module.configure_model()
     assert module.backbone.model is None
 

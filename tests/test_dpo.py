@@ -215,7 +215,7 @@ def test_compiled_copy_reference_keeps_the_starting_model(tiny_qwen, groups_dir)
     eager = DPOJudge(Backbone(model=tiny_qwen), reference="copy")
     eager.configure_model()
     start = eager.backbone.group_logprobs(batch, eager.backbone.image_features(batch["inputs"]))
-    module = DPOJudge(Backbone(model=tiny_qwen, compile=True), reference="copy")
+    module = DPOJudge(Backbone(model=tiny_qwen, compile_layers=True), reference="copy")
     module.configure_model()
     with torch.no_grad():
         for layer in module.backbone.hf.model.language_model.layers:

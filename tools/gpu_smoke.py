@@ -162,13 +162,14 @@ class Profile(Callback):
 
 class OperatorCount(Callback):
     """Kernel-sized operations per step after `warmup`, by phase (forward, backward, optimizer),
-    from torch.profiler's CPU events: the innermost operators (views and allocations left out: they
-    launch nothing) and the kernels torch.compile generated. On a GPU each is at least one kernel
-    launch, so the count bounds how fast a step can be issued when the host, not the GPU, is the
-    limit; it follows depth, sequences and images, not width (see --narrow)."""
+    from torch.profiler's events: on a CPU the innermost operators (views, allocations and type
+    queries left out: they launch nothing) and the kernels torch.compile generated; on a GPU the
+    kernel launches themselves. Their number bounds how fast a step can be issued when the host,
+    not the GPU, is the limit, and follows depth, sequences and images, not width (see --narrow)."""
 
     PHASES = ("forward", "backward", "optimizer")
-    ALLOCATIONS = {"empty", "empty_strided", "empty_like", "resize_", "set_", "lift_fresh", "resolve_conj", "resolve_neg", "_reshape_alias"}
+    # return tensors but launch nothing: allocation and metadata
+    NO_KERNEL = {"empty", "empty_strided", "empty_like", "resize_", "set_", "lift_fresh", "resolve_conj", "resolve_neg", "_reshape_alias", "_unsafe_view", "alias", "detach_", "as_strided_"}
 
     def __init__(self, warmup: int):
         import torch._inductor.config
@@ -184,7 +185,8 @@ class OperatorCount(Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step >= self.warmup:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            cuda = [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []  # launches show as runtime calls
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, *cuda])
             self.profiler.__enter__()
             self.mark("forward")
 
@@ -204,27 +206,42 @@ class OperatorCount(Callback):
 
     @staticmethod
     def kernel(name: str) -> bool:
-        return "cpp_fused" in name or name.startswith("triton_")  # CPU kernels are named graph_<n>_cpp_fused_...
+        """A compiled CPU kernel (graph_<n>_cpp_fused_...) or, on a GPU, the runtime call of any launch."""
+        return "cpp_fused" in name or name.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaMemcpyAsync", "cudaMemsetAsync"))
 
     @classmethod
     def launches(cls, name: str) -> bool:
-        if cls.kernel(name):
+        """Whether an event stands for work on the device: a compiled kernel, a host read of a device
+        scalar (a sync), or an operator that computes a tensor (not a view, allocation or a type query)."""
+        if cls.kernel(name) or name == "aten::_local_scalar_dense":
             return True
-        if not name.startswith("aten::") or name[6:] in cls.ALLOCATIONS:
+        if not name.startswith("aten::") or name[6:] in cls.NO_KERNEL:
             return False
         packet = getattr(torch.ops.aten, name[6:], None)
-        return packet is None or not any(getattr(packet, overload).is_view for overload in packet.overloads())
+        if packet is None:
+            return True
+        overloads = [getattr(packet, overload) for overload in packet.overloads()]
+        computes = any(str(r.type) == "Tensor" for o in overloads for r in o._schema.returns)
+        return computes and not any(o.is_view for o in overloads)
 
     @classmethod
     def count(cls, events) -> dict[str, dict[str, int]]:
-        """{phase: {operator: count}} of the innermost launching events."""
+        """{phase: {operator: count}} of the innermost events that launch: an operator built from
+        others (linear from mm, to from copy_) counts through them, once."""
+        below: dict[int, bool] = {}
+
+        def launches_below(event) -> bool:  # whether anything under `event` launches
+            if id(event) not in below:
+                below[id(event)] = any(cls.launches(child.name) or launches_below(child) for child in event.cpu_children)
+            return below[id(event)]
+
         counts = {phase: {} for phase in cls.PHASES}
         marks = sorted((e.time_range.start, e.name.removeprefix("phase::")) for e in events if e.name.startswith("phase::"))
         for event in events:
-            if not cls.launches(event.name) or any(child.name.startswith("aten::") or cls.kernel(child.name) for child in event.cpu_children):
+            if not cls.launches(event.name) or launches_below(event):
                 continue
             phase = next((name for start, name in reversed(marks) if start <= event.time_range.start), cls.PHASES[0])
-            name = "compiled kernels" if cls.kernel(event.name) else event.name.removeprefix("aten::")
+            name = ("launches" if event.name.startswith("cu") else "compiled kernels") if cls.kernel(event.name) else event.name.removeprefix("aten::")
             counts[phase][name] = counts[phase].get(name, 0) + 1
         return counts
 
@@ -330,7 +347,7 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
             "class_path": {"sft": "carevl.sft.SFTJudge", "dpo": "carevl.dpo.DPOJudge"}[stage],
             "init_args": {
                 "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {
-                    "model": str(checkpoint), "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
+                    "model": str(checkpoint), "gradient_checkpointing": args.gradient_checkpointing, "compile_layers": args.compile,
                     "freeze_projector": stage == "dpo", "dtype": "bfloat16" if gpu else "float32", **lora}},
                 "lr": 1e-5, "global_batch_size": None, "val_generate": False,
                 **({"reference": reference_mode(args)} if stage == "dpo" else {}),
@@ -407,7 +424,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="as the 7B configs (on by default)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators over three steps")
     parser.add_argument("--count-ops", action="store_true", help="count the kernel-sized operations of each step (see --narrow); slows the timed steps")
-    parser.add_argument("--compile", action="store_true", help="compile the decoder layers (backbone compile: true)")
+    parser.add_argument("--compile", action="store_true", help="compile the decoder layers (backbone compile_layers: true)")
     parser.add_argument("--narrow", action="store_true", help="the shape's depth and image sizes at small widths: counts a real shape's operators on CPU")
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--peak-tflops", type=float, default=None)
