@@ -169,10 +169,11 @@ class Backbone(nn.Module):
             hf.config.use_cache = False
         if self.lora is not None:
             hf = self._add_lora(hf, family, zero3=zero3, adapter_float32=deepspeed_config is None)
+        base = hf.get_base_model() if self.lora is not None else hf
         if self.gradient_checkpointing and self.freeze_vision:
-            self._keep_vision_out_of_the_graph(hf.get_base_model() if self.lora is not None else hf, family)
+            self._keep_vision_out_of_the_graph(base, family)
         if self.compile_layers:
-            self.compile_decoder_layers(hf.get_base_model() if self.lora is not None else hf)
+            self.compile_decoder_layers(base)
         self.model = hf
         trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
         total = sum(p.numel() for p in hf.parameters())

@@ -30,6 +30,7 @@ otherwise).
 """
 
 import argparse
+import functools
 import gc
 import json
 import random
@@ -210,6 +211,7 @@ class OperatorCount(Callback):
         return "cpp_fused" in name or name.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaMemcpyAsync", "cudaMemsetAsync"))
 
     @classmethod
+    @functools.cache
     def launches(cls, name: str) -> bool:
         """Whether an event stands for work on the device: a compiled kernel, a host read of a device
         scalar (a sync), or an operator that computes a tensor (not a view, allocation or a type query)."""
@@ -249,7 +251,7 @@ class OperatorCount(Callback):
         if not self.steps:
             return
         n = len(self.steps)
-        lines = []
+        lines, total = [], 0.0
         for phase in self.PHASES:
             ops: dict[str, int] = {}
             for step in self.steps:
@@ -257,7 +259,7 @@ class OperatorCount(Callback):
                     ops[name] = ops.get(name, 0) + count
             top = ", ".join(f"{name} {count / n:,.0f}" for name, count in sorted(ops.items(), key=lambda kv: -kv[1])[:8])
             lines.append(f"  {phase} {sum(ops.values()) / n:,.0f}: {top}")
-        total = sum(sum(sum(step[phase].values()) for phase in self.PHASES) for step in self.steps) / n
+            total += sum(ops.values()) / n
         print(f"{label}: {total:,.0f} kernel-sized operations/step\n" + "\n".join(lines), flush=True)
 
 
