@@ -128,6 +128,27 @@ class JudgeModule(LightningModule):
         for reason, count in self.skipped.items():
             self.log(f"skipped/{reason}", float(count), rank_zero_only=True)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._batch_ids = batch.get("ids", [])
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Stop at the first non-finite loss, on every rank at once, before its backward pass: the
+        optimizer never steps on it, so no NaN reaches the weights or a later checkpoint."""
+        nonfinite = self.trainer.strategy.reduce((~torch.isfinite(loss.detach())).float(), reduce_op="sum")
+        if nonfinite > 0:
+            here = f"this rank's samples: {self._batch_ids}" if not torch.isfinite(loss) else "the loss was non-finite on another rank"
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch}); {here}. The optimizer "
+                "did not step on it: the last checkpoint is finite. A resumed run (--ckpt_path) meets the same batches in the "
+                "same order: look at those samples, or lower the learning rate, first."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped"] = dict(self.skipped)  # a resumed run's totals go on from these
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped = dict(checkpoint.get("skipped", {}))
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._last_batch_end is not None:

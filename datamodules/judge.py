@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from carevl import benchmarks, schema
@@ -153,7 +154,29 @@ class JudgeDataModule(LightningDataModule):
             raise ValueError(f"{manifest['samples']} samples cannot fill one batch of {self.batch_size} on each of {world} processes")
         preparer, collate_fn = self._pieces(self.kind, self.train_dir, evaluation=False)
         stream = TrainStream(urls[rank::world], preparer, collate_fn, self.batch_size, self.shuffle_buffer, self.seed, rank)
-        return EpochLoader(stream, batches, self.num_workers)
+        return EpochLoader(stream, batches, self.num_workers, position=self._position if self.trainer is not None else None)
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on), where the trainer stands; after a resume, where
+        the checkpoint left it."""
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def _stream_layout(self) -> dict[str, int]:
+        """What fixes the training batches besides the shards: a resumed run must match it to continue
+        an epoch's order."""
+        _, world = self._rank()
+        return {"processes": world, "num_workers": self.num_workers, "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer, "seed": self.seed}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_stream": self._stream_layout()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, now = state_dict.get("train_stream"), self._stream_layout()
+        if saved is not None and saved != now:
+            rank_zero_warn(
+                f"the checkpoint's run read its training shards with {saved}, this run with {now}: the interrupted "
+                "epoch's order cannot be continued, so until it ends some of its samples may repeat and others be missed"
+            )
 
     def val_dataloader(self) -> DataLoader | list:
         if isinstance(self.val_dir, (list, tuple)):

@@ -6,6 +6,10 @@ the number of workers), so every sample of the rank is decoded once per pass wha
 sizes. Workers stream endlessly and `EpochLoader` cuts exactly `batches` batches per epoch, the
 same number on every rank, so no collective ever waits on a rank that ran out of data.
 
+Resuming: a rank's batches are a function of the seed, the epoch and the worker count alone, so a
+run resumed from a checkpoint mid-epoch regenerates the epoch's batches that were already trained on
+and drops them: it trains on exactly the batches the uninterrupted run would have.
+
 Validation: every rank reads every shard and keeps sample i when i % world_size == rank (and
 splits further by worker), so each sample is seen exactly once across the job.
 """
@@ -81,9 +85,7 @@ class SamplePreparer:
 def read_samples(urls: list[str], preparer: SamplePreparer, share: int = 0, shares: int = 1) -> Iterator[dict[str, Any]]:
     """Prepared samples of the shards, in order; only every `shares`-th sample from `share` on is decoded."""
     raw = wds.tarfile_to_samples(handler=preparer.unreadable)({"url": url} for url in urls)
-    for index, sample in enumerate(raw):
-        if index % shares != share:
-            continue
+    for sample in islice(raw, share, None, shares):
         yield from preparer(sample)
 
 
@@ -110,30 +112,43 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainStream(IterableDataset):
-    """Endless batches from this rank's shards, split by sample between workers, reshuffled every pass."""
+    """Endless batches from this rank's shards, split by sample between workers, reshuffled every pass.
+
+    `epoch` (numbered from 1) seeds the order; `done` batches of it, already trained on, are
+    regenerated and dropped."""
 
     def __init__(self, urls: list[str], preparer: SamplePreparer, collate: Callable, batch_size: int, shuffle_buffer: int, seed: int, rank: int):
         self.urls, self.preparer, self.collate = urls, preparer, collate
         self.batch_size, self.shuffle_buffer, self.seed, self.rank = batch_size, shuffle_buffer, seed, rank
-        self.epoch = 0
+        self.epoch, self.done = 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = _worker()
+        # The DataLoader takes the workers' batches in turn, so batch j of an epoch is batch j // workers
+        # of share j % workers. After `done` batches the turn is share done % workers's: shares rotate
+        # over the workers to match, and each drops its batches among the first `done`.
+        share = (worker + self.done) % workers
+        batches = self._batches(share, workers)
+        for _ in islice(batches, (self.done - share + workers - 1) // workers):
+            pass
+        yield from batches
+
+    def _batches(self, share: int, shares: int) -> Iterator[dict[str, Any]]:
         order_rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}")  # the same in every worker
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{share}")
         pending: list[dict[str, Any]] = []
         while True:
             order = list(self.urls)
             order_rng.shuffle(order)
             usable = 0
-            for item in shuffled(read_samples(order, self.preparer, worker, workers), self.shuffle_buffer, rng):
+            for item in shuffled(read_samples(order, self.preparer, share, shares), self.shuffle_buffer, rng):
                 usable += 1
                 pending.append(item)
                 if len(pending) == self.batch_size:
                     yield self.collate(pending, self.preparer.take_skipped())
                     pending = []
             if usable == 0:
-                raise RuntimeError(f"no usable sample for worker {worker} in shards {order}: every sample was skipped")
+                raise RuntimeError(f"no usable sample in share {share} of {shares} of shards {order}: every sample was skipped")
 
 
 class ValStream(IterableDataset):
@@ -157,16 +172,27 @@ class ValStream(IterableDataset):
 
 
 class EpochLoader:
-    """Exactly `batches` batches per epoch from an endless `TrainStream`, decoded in `num_workers` workers."""
+    """Exactly `batches` batches per epoch from an endless `TrainStream`, decoded in `num_workers` workers.
 
-    def __init__(self, stream: TrainStream, batches: int, num_workers: int):
-        self.stream, self.batches, self.num_workers = stream, batches, num_workers
+    `position` says where training stands when an epoch's iteration begins: (epoch from 0, batches
+    of it already trained on); Lightning restores both from a checkpoint before it iterates. Without
+    it, each iteration is a new epoch from its start.
+    """
+
+    def __init__(self, stream: TrainStream, batches: int, num_workers: int, position: Callable[[], tuple[int, int]] | None = None):
+        self.stream, self.batches, self.num_workers, self.position = stream, batches, num_workers, position
+        self.iterations = 0
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.stream.epoch += 1  # set before the workers start, so each epoch reshuffles differently
+        epoch, done = self.position() if self.position is not None else (self.iterations, 0)
+        self.iterations += 1
+        if done:
+            log.info("resuming epoch %d after %d of its %d batches: the loader regenerates them and drops them", epoch, done, self.batches)
+        # set before the workers start, so each epoch reshuffles differently
+        self.stream.epoch, self.stream.done = epoch + 1, done
         loader = DataLoader(
             self.stream,
             batch_size=None,
@@ -174,4 +200,4 @@ class EpochLoader:
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
         )
-        yield from islice(loader, self.batches)
+        yield from islice(loader, self.batches - done)

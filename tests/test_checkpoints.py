@@ -1,11 +1,16 @@
 """Saving, resuming and exporting training checkpoints (the CPU half of the scale-out recipe)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForImageTextToText
 
+from carevl.cli import run
+from tests.test_datamodule import write_bad_shards
 from tests.test_training import fit, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +38,59 @@ def test_resume_continues_from_the_saved_step_and_export_matches(tiny_qwen, worl
     assert all(torch.equal(exported[k], saved[k]) for k in saved if k in exported) and len(exported) > 10
 
     # resume to step 4: two more optimizer steps, logged at steps 2 and 3
-    from carevl.cli import run
-
     resumed = run(["fit", "--config", str(config), "--trainer.max_steps=4", f"--trainer.logger.init_args.save_dir={tmp_path / 'b'}", f"--ckpt_path={checkpoints / 'last.ckpt'}"])
     assert resumed.trainer.global_step == 4
     steps = sorted({int(row["step"]) for row in metrics(tmp_path / "b") if row.get("train/loss")})
     assert steps == [2, 3]
     moved = [k for k, v in resumed.model.backbone.hf.state_dict().items() if not torch.equal(v, saved[k])]
     assert moved  # training went on from the saved weights
+
+
+class BatchRecorder(Callback):
+    """Appends [global step, sample ids] of every training batch to a JSONL file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(self.path, "a") as f:
+            f.write(json.dumps([trainer.global_step, batch["ids"]]) + "\n")
+
+
+def last_skip_totals(log_dir) -> dict:
+    totals = {}
+    for row in metrics(log_dir):
+        totals.update({k: v for k, v in row.items() if k.startswith("skipped/") and v})
+    return totals
+
+
+def test_a_resumed_run_trains_on_the_batches_of_the_uninterrupted_one(tiny_qwen, tmp_path):
+    write_bad_shards(tmp_path / "shards")  # 20 usable samples: epochs of 5 batches of 4
+    checkpoints = tmp_path / "ckpt"
+
+    def train(name, max_steps, every=None):
+        (tmp_path / name).mkdir()
+        callbacks = [{"class_path": "tests.test_checkpoints.BatchRecorder", "init_args": {"path": str(tmp_path / f"{name}.jsonl")}}]
+        if every:
+            callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                              "init_args": {"dirpath": str(checkpoints), "filename": "{step}", "every_n_train_steps": every, "save_top_k": -1}})
+        trainer = {"enable_checkpointing": bool(every), "callbacks": callbacks, "limit_val_batches": 0}
+        fit(tmp_path / name, tiny_qwen, tmp_path / "shards", trainer=trainer, max_steps=max_steps, num_workers=2, shuffle_buffer=8)
+
+    def batches(name):
+        return [tuple(json.loads(line)) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+
+    train("whole", 8)
+    train("killed", 5, every=1)
+    expected = batches("whole")
+    assert [step for step, _ in expected] == list(range(8))
+    assert batches("killed") == expected[:5]
+    for step in (3, 5):  # mid-epoch, and at the end of the first epoch
+        resumed = tmp_path / f"resumed{step}"
+        config = yaml.safe_load((tmp_path / "killed" / "config.yaml").read_text())
+        config["trainer"].update(max_steps=8, enable_checkpointing=False, callbacks=[{"class_path": "tests.test_checkpoints.BatchRecorder", "init_args": {"path": f"{resumed}.jsonl"}}])
+        config["trainer"]["logger"]["init_args"]["save_dir"] = str(resumed)
+        (tmp_path / f"{resumed}.yaml").write_text(yaml.safe_dump(config))
+        run(["fit", "--config", f"{resumed}.yaml", f"--ckpt_path={checkpoints / f'step={step}.ckpt'}"])
+        assert batches(resumed.name) == expected[step:], f"resumed from step {step}"
+        assert last_skip_totals(resumed) == last_skip_totals(tmp_path / "whole"), "skip totals go on from the checkpoint's"

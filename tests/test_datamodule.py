@@ -69,6 +69,31 @@ def test_training_batches_are_masked_and_epoch_length_is_exact(tiny_qwen, world)
     assert second != seen, "each epoch reshuffles"
 
 
+@pytest.mark.parametrize("workers", [0, 3])
+def test_an_epoch_resumed_after_some_batches_continues_their_order(tiny_qwen, tmp_path, workers):
+    write_bad_shards(tmp_path)  # 23 samples of which 20 usable, in 3 shards: 5 batches of 4
+    module = make_module(tiny_qwen, tmp_path, batch_size=4, num_workers=workers, shuffle_buffer=6)
+    loader = module.train_dataloader()
+    loader.position = lambda: (1, 0)
+    whole = [(b["ids"], b["skipped"]) for b in loader]
+    assert len(whole) == 5 and any(skipped for _, skipped in whole)
+    for done in (1, 2, 4):
+        loader.position = lambda done=done: (1, done)
+        assert [(b["ids"], b["skipped"]) for b in loader] == whole[done:], f"resumed after {done} batches"
+    loader.position = lambda: (2, 0)
+    assert [b["ids"] for b in loader] != [ids for ids, _ in whole], "the epoch, not the iteration count, seeds the order"
+
+
+def test_resuming_with_another_stream_layout_warns(tiny_qwen, tmp_path):
+    write_bad_shards(tmp_path)
+    module = make_module(tiny_qwen, tmp_path, num_workers=2)
+    state = module.state_dict()
+    module.load_state_dict(state)  # the same layout: silent
+    module.num_workers = 4
+    with pytest.warns(UserWarning, match="cannot be continued"):
+        module.load_state_dict(state)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_rank_gets_the_same_number_of_batches(tiny_qwen, tmp_path, world_size):
     # Uneven shards: 5 + 5 + 5 + 2 samples.

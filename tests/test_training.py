@@ -2,10 +2,13 @@
 bad samples are skipped and counted in the logs, and the loss falls on data with a known answer."""
 
 import csv
+import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForImageTextToText
 
 from carevl.cli import main, run
@@ -77,3 +80,28 @@ def test_loss_falls_on_the_shapes_world(tiny_qwen, world, tmp_path):
     losses = [float(r["train/loss"]) for r in metrics(tmp_path) if r.get("train/loss")]
     assert losses[-1] < 0.5 * losses[0], losses
     assert cli.trainer.global_step == 40
+
+
+class PoisonHead(Callback):
+    """Sets one language-model head weight to infinity before step `at`; on the exception, writes the
+    trainable weights that changed since then to `out`."""
+
+    def __init__(self, at: int, out: str):
+        self.at, self.out = at, out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                pl_module.backbone.hf.lm_head.weight[0, 0] = float("inf")
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_exception(self, trainer, pl_module, exception):
+        changed = [n for n, p in pl_module.named_parameters() if n in self.before and not torch.equal(p, self.before[n])]
+        Path(self.out).write_text(json.dumps(changed))
+
+
+def test_a_non_finite_loss_stops_training_before_the_optimizer_steps(tiny_qwen, world, tmp_path):
+    poison = {"class_path": "tests.test_training.PoisonHead", "init_args": {"at": 2, "out": str(tmp_path / "changed.json")}}
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 2 .*samples: \['shapes"):
+        fit(tmp_path, tiny_qwen, world / "train", trainer={"callbacks": [poison], "limit_val_batches": 0}, max_steps=4)
+    assert json.loads((tmp_path / "changed.json").read_text()) == [], "no weight moved on the non-finite loss"
