@@ -29,7 +29,7 @@ def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSampl
     else:
         messages, label = user_turn(sample.prompt), None
     features = encoder.encode(image, messages, sample.target)
-    return [{"features": features, "id": sample.id, "weight": float(sample.weight), "verdict_label": label}]
+    return [{"features": features, "id": sample.id, "weight": float(sample.weight), "verdict_label": label, "length": features["input_ids"].shape[1]}]
 
 
 def collate_items(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, with_prompts: bool) -> dict[str, Any]:
@@ -75,6 +75,11 @@ class JudgeDataModule(LightningDataModule):
         val_batch_size: samples per validation batch; defaults to `batch_size`.
         num_workers: loader worker processes per rank.
         shuffle_buffer: samples held for shuffling within a worker.
+        group_by_length: 0 cuts batches in shuffled order. N > 0 gathers N batches' worth of shuffled
+            samples, sorts them by token count, cuts them into batches and shuffles those: each batch
+            holds samples of similar length, so less of it is padding. At VL-RewardBench's lengths
+            (with 256 image tokens a sample) shuffled batches of 4 are ~36% padding, grouped over
+            16 batches ~5% (`tools/bench_padding.py`).
         max_length: samples with more tokens, image tokens included, are dropped (never truncated).
         seed: base seed of shard and sample shuffling.
         trust_remote_code: allow code shipped with the processor.
@@ -92,6 +97,7 @@ class JudgeDataModule(LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 2,
         shuffle_buffer: int = 1000,
+        group_by_length: int = 0,
         max_length: int = 4096,
         seed: int = 0,
         trust_remote_code: bool = False,
@@ -99,12 +105,14 @@ class JudgeDataModule(LightningDataModule):
         super().__init__()
         if kind not in TRAIN_KINDS:
             raise ValueError(f"kind must be one of {TRAIN_KINDS}, got {kind!r}")
+        if group_by_length < 0:
+            raise ValueError(f"group_by_length counts batches (0: no grouping), got {group_by_length}")
         benchmarks.views("", ["", ""], order)  # validates the order name
         self.processor_name = processor
         self.train_dir, self.val_dir, self.test_dir, self.kind, self.order = train, val, test, kind, order
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.num_workers, self.shuffle_buffer, self.group_by_length = num_workers, shuffle_buffer, group_by_length
         self.max_length, self.seed, self.trust_remote_code = max_length, seed, trust_remote_code
         self.encoder: Encoder | None = None
 
@@ -153,7 +161,7 @@ class JudgeDataModule(LightningDataModule):
         if batches == 0:
             raise ValueError(f"{manifest['samples']} samples cannot fill one batch of {self.batch_size} on each of {world} processes")
         preparer, collate_fn = self._pieces(self.kind, self.train_dir, evaluation=False)
-        stream = TrainStream(urls[rank::world], preparer, collate_fn, self.batch_size, self.shuffle_buffer, self.seed, rank)
+        stream = TrainStream(urls[rank::world], preparer, collate_fn, self.batch_size, self.shuffle_buffer, self.seed, rank, self.group_by_length)
         return EpochLoader(stream, batches, self.num_workers, position=self._position if self.trainer is not None else None)
 
     def _position(self) -> tuple[int, int]:
@@ -165,7 +173,10 @@ class JudgeDataModule(LightningDataModule):
         """What fixes the training batches besides the shards: a resumed run must match it to continue
         an epoch's order."""
         _, world = self._rank()
-        return {"processes": world, "num_workers": self.num_workers, "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer, "seed": self.seed}
+        return {
+            "processes": world, "num_workers": self.num_workers, "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer, "group_by_length": self.group_by_length, "seed": self.seed,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_stream": self._stream_layout()}

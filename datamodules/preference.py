@@ -32,7 +32,8 @@ def build_group(encoder: Encoder, reference: dict[str, list[float]] | None, samp
     """One item per group: the chosen and every rejected critique after one shared prompt."""
     messages = user_turn(judge_prompt(sample.question, sample.responses))
     encodings = encoder.encode_many(image, messages, [sample.chosen, *sample.rejected])
-    item = {"id": sample.id, "encodings": encodings, "verdict_label": sample.label}
+    length = sum(encoding["input_ids"].shape[1] for encoding in encodings)
+    item = {"id": sample.id, "encodings": encodings, "verdict_label": sample.label, "length": length}
     if reference is not None:
         if sample.id not in reference:
             raise schema.SchemaError(f"{sample.id}: no precomputed reference log-probs (rerun the precompute command)")

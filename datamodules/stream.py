@@ -106,6 +106,17 @@ def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
     yield from pool
 
 
+def cut_batches(pool: list[dict[str, Any]], batch_size: int, group_by_length: int, rng: random.Random) -> list[list[dict[str, Any]]]:
+    """A pool of shuffled items cut into batches: in order, or (grouping by length) sorted by each
+    item's `length` first, the batches then shuffled."""
+    if group_by_length:
+        pool = sorted(pool, key=lambda item: item["length"])
+    batches = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
@@ -115,11 +126,15 @@ class TrainStream(IterableDataset):
     """Endless batches from this rank's shards, split by sample between workers, reshuffled every pass.
 
     `epoch` (numbered from 1) seeds the order; `done` batches of it, already trained on, are
-    regenerated and dropped."""
+    regenerated and dropped. With `group_by_length` N, batches are cut from pools of N batches'
+    worth of samples sorted by token count, and each pool's batches come in random order."""
 
-    def __init__(self, urls: list[str], preparer: SamplePreparer, collate: Callable, batch_size: int, shuffle_buffer: int, seed: int, rank: int):
+    def __init__(
+        self, urls: list[str], preparer: SamplePreparer, collate: Callable, batch_size: int, shuffle_buffer: int, seed: int, rank: int, group_by_length: int = 0
+    ):
         self.urls, self.preparer, self.collate = urls, preparer, collate
         self.batch_size, self.shuffle_buffer, self.seed, self.rank = batch_size, shuffle_buffer, seed, rank
+        self.group_by_length = group_by_length
         self.epoch, self.done = 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -137,6 +152,7 @@ class TrainStream(IterableDataset):
         order_rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}")  # the same in every worker
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{share}")
         pending: list[dict[str, Any]] = []
+        pool = self.batch_size * max(1, self.group_by_length)
         while True:
             order = list(self.urls)
             order_rng.shuffle(order)
@@ -144,8 +160,9 @@ class TrainStream(IterableDataset):
             for item in shuffled(read_samples(order, self.preparer, share, shares), self.shuffle_buffer, rng):
                 usable += 1
                 pending.append(item)
-                if len(pending) == self.batch_size:
-                    yield self.collate(pending, self.preparer.take_skipped())
+                if len(pending) == pool:
+                    for batch in cut_batches(pending, self.batch_size, self.group_by_length, rng):
+                        yield self.collate(batch, self.preparer.take_skipped())
                     pending = []
             if usable == 0:
                 raise RuntimeError(f"no usable sample in share {share} of {shares} of shards {order}: every sample was skipped")

@@ -69,10 +69,10 @@ def test_training_batches_are_masked_and_epoch_length_is_exact(tiny_qwen, world)
     assert second != seen, "each epoch reshuffles"
 
 
-@pytest.mark.parametrize("workers", [0, 3])
-def test_an_epoch_resumed_after_some_batches_continues_their_order(tiny_qwen, tmp_path, workers):
+@pytest.mark.parametrize("workers,group", [(0, 0), (3, 0), (2, 2)])
+def test_an_epoch_resumed_after_some_batches_continues_their_order(tiny_qwen, tmp_path, workers, group):
     write_bad_shards(tmp_path)  # 23 samples of which 20 usable, in 3 shards: 5 batches of 4
-    module = make_module(tiny_qwen, tmp_path, batch_size=4, num_workers=workers, shuffle_buffer=6)
+    module = make_module(tiny_qwen, tmp_path, batch_size=4, num_workers=workers, shuffle_buffer=6, group_by_length=group)
     loader = module.train_dataloader()
     loader.position = lambda: (1, 0)
     whole = [(b["ids"], b["skipped"]) for b in loader]
@@ -82,6 +82,22 @@ def test_an_epoch_resumed_after_some_batches_continues_their_order(tiny_qwen, tm
         assert [(b["ids"], b["skipped"]) for b in loader] == whole[done:], f"resumed after {done} batches"
     loader.position = lambda: (2, 0)
     assert [b["ids"] for b in loader] != [ids for ids, _ in whole], "the epoch, not the iteration count, seeds the order"
+
+
+def test_grouping_by_length_pads_less_and_keeps_the_epoch(tiny_qwen, tmp_path):
+    with schema.ShardWriter(tmp_path, prefix="g", max_count=32, kind="sft") as writer:
+        for index, it in enumerate(shapes.judge_items(32, seed=5)):
+            writer.write(schema.SFTSample(**it.fields(), target=it.critique() + " red" * 4 * (index % 8), source="t"))
+
+    def epoch(group):
+        batches = list(make_module(tiny_qwen, tmp_path, batch_size=4, num_workers=0, group_by_length=group).train_dataloader())
+        padding = sum(int((b["inputs"]["attention_mask"] == 0).sum()) for b in batches)
+        return sorted(i for b in batches for i in b["ids"]), [len(b["ids"]) for b in batches], padding
+
+    shuffled_ids, _, shuffled_padding = epoch(0)
+    grouped_ids, sizes, grouped_padding = epoch(8)  # the whole epoch sorted at once
+    assert grouped_ids == shuffled_ids and sizes == [4] * 8
+    assert grouped_padding < shuffled_padding / 4, (grouped_padding, shuffled_padding)
 
 
 def test_resuming_with_another_stream_layout_warns(tiny_qwen, tmp_path):
@@ -115,6 +131,8 @@ def test_every_rank_gets_the_same_number_of_batches(tiny_qwen, tmp_path, world_s
 def test_datamodule_errors_are_clear(tiny_qwen, tmp_path, world):
     with pytest.raises(ValueError, match="kind"):
         JudgeDataModule(processor=tiny_qwen, kind="nope")
+    with pytest.raises(ValueError, match="group_by_length"):
+        JudgeDataModule(processor=tiny_qwen, group_by_length=-1)
     with pytest.raises(FileNotFoundError, match="manifest"):
         make_module(tiny_qwen, tmp_path).train_dataloader()
     module = make_module(tiny_qwen, world / "heldout", batch_size=64)
