@@ -1,5 +1,6 @@
 import io
 import json
+import random
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from carevl import schema, shapes
 from carevl.encoding import IGNORE_INDEX
 from datamodules import JudgeDataModule
+from datamodules.stream import cut_batches
 
 
 def write_bad_shards(directory, n_good=20):
@@ -82,6 +84,14 @@ def test_an_epoch_resumed_after_some_batches_continues_their_order(tiny_qwen, tm
         assert [(b["ids"], b["skipped"]) for b in loader] == whole[done:], f"resumed after {done} batches"
     loader.position = lambda: (2, 0)
     assert [b["ids"] for b in loader] != [ids for ids, _ in whole], "the epoch, not the iteration count, seeds the order"
+
+
+def test_cut_batches_sorts_a_pool_into_batches_of_neighbouring_lengths():
+    pool = [{"length": n, "i": i} for i, n in enumerate([7, 1, 5, 3, 8, 2, 6, 4])]
+    assert cut_batches(pool, 3, 0, random.Random(0)) == [pool[0:3], pool[3:6], pool[6:8]]
+    grouped = cut_batches(pool, 2, 4, random.Random(0))
+    assert sorted(tuple(item["length"] for item in batch) for batch in grouped) == [(1, 2), (3, 4), (5, 6), (7, 8)]
+    assert grouped == cut_batches(pool, 2, 4, random.Random(0)), "the batch order is the generator's, so a resume repeats it"
 
 
 def test_grouping_by_length_pads_less_and_keeps_the_epoch(tiny_qwen, tmp_path):
