@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
 from lightning import Callback, LightningModule, Trainer
+
+log = logging.getLogger(__name__)
+DEADLINE_ENV = "CAREVL_DEADLINE"
 
 
 class ExportHF(Callback):
     """Write the trained backbone as a Hugging Face checkpoint (model + processor) when fit ends.
+    Skipped when `TimeLimit` stopped the run: the model is not finished, and the checkpoint resumes it.
 
     Args:
         dirpath: output directory; `AutoModelForImageTextToText.from_pretrained(dirpath)` loads it.
@@ -18,6 +29,66 @@ class ExportHF(Callback):
         self.merge_lora = merge_lora
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if any(isinstance(callback, TimeLimit) and callback.stopped for callback in trainer.callbacks):
+            log.info("not exporting to %s: the run stopped for its time limit and will resume", self.dirpath)
+            return
         if trainer.is_global_zero:
             pl_module.backbone.export(self.dirpath, merge_lora=self.merge_lora)
         trainer.strategy.barrier("carevl-export")
+
+
+class TimeLimit(Callback):
+    """Checkpoint and stop at an optimizer-step boundary before the job's deadline, so that a
+    scheduler's kill at the time limit loses no steps. Under SLURM the job then requeues itself, and
+    its next start resumes from the checkpoint (`--ckpt_path=last`, see tools/slurm.sbatch), on the
+    batches an uninterrupted run would have trained on.
+
+    The deadline is read from the environment variable CAREVL_DEADLINE (Unix seconds;
+    tools/slurm.sbatch sets it to the job's end time). Without it the callback does nothing.
+
+    Args:
+        dirpath: where the checkpoint goes, as `last.ckpt`: the ModelCheckpoint's directory, so that
+            `--ckpt_path=last` finds it.
+        margin_minutes: stop this long before the deadline: time for the save, the step in flight and
+            the scheduler's grace period.
+        requeue: under SLURM (SLURM_JOB_ID set), run `scontrol requeue <job>` once the checkpoint is written.
+    """
+
+    def __init__(self, dirpath: str, margin_minutes: float = 15.0, requeue: bool = True):
+        self.dirpath, self.margin_s, self.requeue = dirpath, margin_minutes * 60, requeue
+        self.deadline: float | None = None
+        self.stopped = False
+        self._step = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        value = os.environ.get(DEADLINE_ENV)
+        self.deadline = float(value) if value else None
+        self._step = trainer.global_step
+        if self.deadline is not None:
+            log.info("time limit: stopping with a checkpoint %.0f min before %s", self.margin_s / 60, time.ctime(self.deadline))
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if self.deadline is None or self.stopped or trainer.global_step == self._step:
+            return  # no deadline, already stopping, or inside a gradient-accumulation window
+        self._step = trainer.global_step
+        late = torch.tensor(float(time.time() > self.deadline - self.margin_s), device=pl_module.device)
+        if not trainer.strategy.reduce(late, reduce_op="max"):  # every rank decides alike, whatever its clock
+            return
+        path = Path(self.dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        trainer.strategy.barrier("carevl-time-limit")
+        self.stopped = True
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            log.warning("time limit: stopped at step %d, %.0f min before the deadline; resume from %s", trainer.global_step, (self.deadline - time.time()) / 60, path)
+            job = os.environ.get("SLURM_JOB_ID")
+            if self.requeue and job:
+                try:
+                    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                    failure = done.stderr.strip() if done.returncode else None
+                except OSError as error:
+                    failure = str(error)
+                if failure is None:
+                    log.info("requeued SLURM job %s", job)
+                else:
+                    log.warning("scontrol requeue %s failed (%s): resubmit the job to resume", job, failure)

@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -94,3 +96,30 @@ def test_a_resumed_run_trains_on_the_batches_of_the_uninterrupted_one(tiny_qwen,
         run(["fit", "--config", f"{resumed}.yaml", f"--ckpt_path={checkpoints / f'step={step}.ckpt'}"])
         assert batches(resumed.name) == expected[step:], f"resumed from step {step}"
         assert last_skip_totals(resumed) == last_skip_totals(tmp_path / "whole"), "skip totals go on from the checkpoint's"
+
+
+def test_time_limit_checkpoints_at_a_step_boundary_requeues_and_the_job_resumes(tiny_qwen, world, tmp_path, monkeypatch):
+    scontrol = tmp_path / "bin" / "scontrol"  # records how it was called
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("CAREVL_DEADLINE", str(time.time() + 60))  # inside the 15-minute margin already
+    checkpoints, export = tmp_path / "ckpt", tmp_path / "hf"
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "save_last": True, "every_n_train_steps": 1000}},
+        {"class_path": "carevl.callbacks.TimeLimit", "init_args": {"dirpath": str(checkpoints)}},
+        {"class_path": "carevl.callbacks.ExportHF", "init_args": {"dirpath": str(export)}},
+    ]
+    (tmp_path / "a").mkdir()
+    trainer = {"enable_checkpointing": True, "callbacks": callbacks, "accumulate_grad_batches": 2, "limit_val_batches": 0}
+    first = fit(tmp_path / "a", tiny_qwen, world / "train", trainer=trainer, max_steps=5)
+    assert first.trainer.global_step == 1, "stopped at the first optimizer step (after two batches), not inside its window"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 1
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert not export.exists(), "an unfinished model is not exported"
+
+    monkeypatch.setenv("CAREVL_DEADLINE", str(time.time() + 86400))  # the requeued job starts with a fresh allocation
+    resumed = run(["fit", "--config", str(tmp_path / "a" / "config.yaml"), "--ckpt_path=last"])
+    assert resumed.trainer.global_step == 5 and export.exists()
