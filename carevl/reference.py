@@ -5,6 +5,12 @@ Training with ``reference: precomputed`` then loads no reference weights at all,
 makes ZeRO-3 runs simple. Run it once per (starting model, shard set):
 
     python -m carevl.reference --model runs/sft/hf --shards data/dpo/groups
+    torchrun --nproc-per-node 8 -m carevl.reference --model runs/sft/hf --shards data/dpo/groups --dtype bfloat16
+
+Under torchrun each process takes its part of the groups (every WORLD_SIZE-th from RANK) on its own
+GPU, with no communication. Each part appends every batch's log-probs to its own JSONL file beside
+the shards, so a killed run is simply started again: it skips the groups already written. The part
+that finishes last merges all of them into reference-logps.json.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import os
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -22,6 +29,7 @@ from tqdm import tqdm
 
 from carevl import schema
 from carevl.backbone import Backbone
+from carevl.curation.records import Records, content_key
 from carevl.encoding import Encoder
 from datamodules.preference import REFERENCE_FILE, build_group, collate_groups
 from datamodules.stream import SamplePreparer, ValStream
@@ -29,31 +37,90 @@ from datamodules.stream import SamplePreparer, ValStream
 log = logging.getLogger(__name__)
 
 
-def precompute_reference(model: str, shards: str | Path, batch_size: int = 4, max_length: int = 4096, dtype: str = "float32", device: str = "cpu") -> Path:
-    """Write ``<shards>/reference-logps.json`` and return its path. Skipped groups are counted in it."""
-    backbone = Backbone(model=model, dtype=dtype)
+SETTINGS, COMPLETE = "*settings*", "*complete*"  # record keys beside the group ids of a part file
+
+
+def model_fingerprint(model: str) -> str | None:
+    """sha256 of the names, sizes and modification times of a local checkpoint's weight and config
+    files (None for a hub name): a model written again at the same path has another."""
+    directory = Path(model)
+    if not directory.is_dir():
+        return None
+    files = sorted(f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+    return content_key([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def part_path(shards: str | Path, part: int, parts: int) -> Path:
+    return Path(shards) / f"reference-logps.part{part}of{parts}.jsonl"
+
+
+def precompute_reference(
+    model: str, shards: str | Path, batch_size: int = 4, max_length: int = 4096, dtype: str = "float32", device: str = "cpu", part: int = 0, parts: int = 1
+) -> Path | None:
+    """Compute the log-probs of this part's groups (every `parts`-th sample from `part`), skipping those
+    its part file already holds, then merge the parts if all are complete. Returns the merged
+    ``<shards>/reference-logps.json``, or None while another part is unfinished. Skipped groups
+    are counted in it."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part must be in [0, {parts}), got {part}")
+    settings = {"model": model, "model_files": model_fingerprint(model), "dtype": dtype, "max_length": max_length}
+    path = part_path(shards, part, parts)
+    records = Records(path)
+    saved = {r["key"]: r for r in records.ok()}.get(SETTINGS, {"key": SETTINGS})
+    if len(saved) > 1 and saved != {"key": SETTINGS, **settings}:
+        stale = path.with_suffix(".stale")
+        log.warning("%s was written with %s, not %s: starting over (the old file is now %s)", path, saved, settings, stale.name)
+        os.replace(path, stale)
+        records = Records(path)
+    done = {r["key"] for r in records.ok()}
+    if SETTINGS not in done:
+        records.append([{"key": SETTINGS, **settings}])
+    if COMPLETE not in done:
+        compute_part(records, done, settings, shards, batch_size, device, part, parts)
+    return merge_parts(shards, parts, settings)
+
+
+def compute_part(records: Records, done: set[str], settings: dict, shards: str | Path, batch_size: int, device: str, part: int, parts: int) -> None:
+    backbone = Backbone(model=settings["model"], dtype=settings["dtype"])
     backbone.build()
     backbone.eval().to(device)
-    encoder = Encoder(backbone.processor, max_length=max_length)
+    encoder = Encoder(backbone.processor, max_length=settings["max_length"])
     manifest = schema.read_manifest(shards)
-    preparer = SamplePreparer("preference_group", partial(build_group, encoder, None))
-    batches = ValStream(manifest["urls"], preparer, partial(collate_groups, pad_token_id=encoder.pad_token_id), batch_size, rank=0, world_size=1)
-    logps: dict[str, list[float]] = {}
+    build = partial(build_group, encoder, None)
+    preparer = SamplePreparer("preference_group", lambda sample, image: [] if sample.id in done else build(sample, image))
+    batches = ValStream(manifest["urls"], preparer, partial(collate_groups, pad_token_id=encoder.pad_token_id), batch_size, rank=part, world_size=parts)
     skipped: Counter = Counter()
-    for batch in tqdm(batches, total=math.ceil(manifest["samples"] / batch_size), desc="reference log-probs", unit="batch"):
+    left = math.ceil(max(0, manifest["samples"] // parts - len(done - {SETTINGS})) / batch_size)
+    for batch in tqdm(batches, total=left, desc=f"reference log-probs, part {part} of {parts}", unit="batch"):
         skipped.update(batch["skipped"])
         batch["inputs"] = {k: v.to(device) for k, v in batch["inputs"].items()}
         batch["image_index"] = batch["image_index"].to(device)
         with torch.no_grad():
             values = backbone.group_logprobs(batch, backbone.image_features(batch["inputs"])).tolist()
         sizes = torch.bincount(batch["image_index"]).tolist()  # critiques per group, in batch order
-        start = 0
-        for group_id, size in zip(batch["ids"], sizes):
-            logps[group_id] = values[start : start + size]
-            start += size
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        records.append([{"key": group, "logps": values[start : start + size]} for group, start, size in zip(batch["ids"], starts, sizes)])
     skipped.update(preparer.take_skipped())  # skips after the last batch
+    records.append([{"key": COMPLETE, "skipped": dict(skipped)}])
+
+
+def merge_parts(shards: str | Path, parts: int, settings: dict) -> Path | None:
+    """Write reference-logps.json from every part file once all are complete; None before that."""
+    logps: dict[str, list[float]] = {}
+    skipped: Counter = Counter()
+    for part in range(parts):
+        path = part_path(shards, part, parts)
+        latest = {r["key"]: r for r in Records(path).ok()} if path.exists() else {}
+        if COMPLETE not in latest:
+            log.info("part %d of %d is not finished: merge later", part, parts)
+            return None
+        skipped.update(latest.pop(COMPLETE)["skipped"])
+        latest.pop(SETTINGS)
+        logps.update({key: record["logps"] for key, record in latest.items()})
     out = Path(shards) / REFERENCE_FILE
-    out.write_text(json.dumps({"model": model, "dtype": dtype, "skipped": dict(skipped), "logps": logps}))
+    temporary = out.with_suffix(".tmp")
+    temporary.write_text(json.dumps({**settings, "skipped": dict(skipped), "logps": logps}))
+    os.replace(temporary, out)  # parts finishing together both write the same file; neither leaves half of one
     log.info("wrote reference log-probs of %d groups to %s (skipped: %s)", len(logps), out, dict(skipped) or "none")
     return out
 
@@ -65,11 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="groups per forward")
     parser.add_argument("--max-length", type=int, default=4096, help="the training max_length: longer critiques are skipped alike")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--part", type=int, default=int(os.environ.get("RANK", 0)), help="which part of the groups (default: torchrun's RANK)")
+    parser.add_argument("--parts", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="into how many parts (default: torchrun's WORLD_SIZE)")
+    gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    parser.add_argument("--device", default=gpu if torch.cuda.is_available() else "cpu", help="default: this process's GPU, else the CPU")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    out = precompute_reference(args.model, args.shards, args.batch_size, args.max_length, args.dtype, args.device)
-    print(f"wrote {out}")
+    out = precompute_reference(args.model, args.shards, args.batch_size, args.max_length, args.dtype, args.device, args.part, args.parts)
+    print(f"wrote {out}" if out else f"part {args.part} of {args.parts} done; the last part to finish writes {REFERENCE_FILE}")
 
 
 if __name__ == "__main__":

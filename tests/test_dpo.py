@@ -1,13 +1,18 @@
 """DPO on preference groups: the frozen reference stays bit-identical while the policy moves, the
 three reference modes agree, and the logged statistics are there."""
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
 from carevl.backbone import Backbone, LoraSettings
 from carevl.dpo import DPOJudge
-from carevl.reference import precompute_reference
+from carevl.reference import REFERENCE_FILE, model_fingerprint, part_path, precompute_reference
 from datamodules import JudgeDataModule
 from tests.conftest import compiled_graph
 from tests.test_training import fit, metrics
@@ -64,6 +69,46 @@ def test_precomputed_reference_equals_the_frozen_copy(tiny_qwen, groups_dir):
     precomputed.configure_model()
     assert precomputed.reference_model is None
     assert torch.equal(precomputed.reference_logprobs(batch, None), batch["reference_logps"])
+
+
+def reference_logps(shards) -> dict[str, list[float]]:
+    return json.loads((shards / REFERENCE_FILE).read_text())["logps"]
+
+
+def test_the_reference_precompute_splits_into_parts_and_resumes_after_a_kill(tiny_qwen, groups_dir, tmp_path):
+    def shards(name):  # the groups without any reference file an earlier test wrote
+        shutil.copytree(groups_dir, tmp_path / name, ignore=shutil.ignore_patterns("reference-logps*"))
+        return tmp_path / name
+
+    whole = shards("whole")
+    precompute_reference(tiny_qwen, whole, batch_size=5)
+    expected = reference_logps(whole)
+    assert len(expected) == 24
+
+    split = shards("split")  # two processes' parts, one after the other: the second merges
+    assert precompute_reference(tiny_qwen, split, batch_size=3, part=0, parts=2) is None and not (split / REFERENCE_FILE).exists()
+    assert precompute_reference(tiny_qwen, split, batch_size=3, part=1, parts=2) == split / REFERENCE_FILE
+    merged = reference_logps(split)
+    assert merged.keys() == expected.keys()
+    assert all(torch.allclose(torch.tensor(merged[k]), torch.tensor(expected[k]), atol=1e-4) for k in expected)
+
+    killed = shards("killed")  # a run killed after its first group, halfway through writing the second
+    first, second = sorted(expected)[:2]
+    marker = [123.0] * len(expected[first])  # not what the model gives: recomputing would overwrite it
+    settings = {"key": "*settings*", "model": tiny_qwen, "model_files": model_fingerprint(tiny_qwen), "dtype": "float32", "max_length": 4096}
+    lines = [settings, {"key": first, "logps": marker}]
+    part = part_path(killed, 0, 1)
+    part.write_text("".join(json.dumps(r) + "\n" for r in lines) + json.dumps({"key": second, "logps": expected[second]})[:20])
+    precompute_reference(tiny_qwen, killed, batch_size=5)
+    resumed = reference_logps(killed)
+    assert resumed[first] == marker, "a group already written is not computed again"
+    assert resumed.keys() == expected.keys() and torch.allclose(torch.tensor(resumed[second]), torch.tensor(expected[second]), atol=1e-5)
+
+    # the starting model written again at the same path: the part file is set aside, every group recomputed
+    weights = next(Path(tiny_qwen).glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    precompute_reference(tiny_qwen, killed, batch_size=5)
+    assert reference_logps(killed)[first] != marker and part.with_suffix(".stale").exists()
 
 
 def test_lora_disabled_reference_equals_the_starting_model(tiny_qwen, groups_dir):

@@ -368,6 +368,8 @@ def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path) -> No
     """Time `args.steps` steps of one stage and save a checkpoint at the last one."""
     reference = reference_mode(args) if stage == "dpo" else None
     if reference == "precomputed":
+        for earlier in (data / "groups").glob("reference-logps*"):
+            earlier.unlink()  # an earlier child's files would be reused, and the precompute not timed
         start = time.perf_counter()
         device = "cuda" if args.accelerator == "gpu" else "cpu"
         precompute_reference(str(checkpoint), data / "groups", batch_size=per_step(stage, args), max_length=8192, dtype="bfloat16" if device == "cuda" else "float32", device=device)
