@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from carevl import schema
 from carevl.backbone import Backbone
-from carevl.curation.records import Records, content_key
+from carevl.curation.records import Records, content_key, read_complete
 from carevl.encoding import Encoder
 from datamodules.preference import REFERENCE_FILE, build_group, collate_groups
 from datamodules.stream import SamplePreparer, ValStream
@@ -66,8 +66,8 @@ def precompute_reference(
     settings = {"model": model, "model_files": model_fingerprint(model), "dtype": dtype, "max_length": max_length}
     path = part_path(shards, part, parts)
     records = Records(path)
-    saved = {r["key"]: r for r in records.ok()}.get(SETTINGS, {"key": SETTINGS})
-    if len(saved) > 1 and saved != {"key": SETTINGS, **settings}:
+    saved = next((r for r in records.ok() if r["key"] == SETTINGS), None)
+    if saved is not None and saved != {"key": SETTINGS, **settings}:
         stale = path.with_suffix(".stale")
         log.warning("%s was written with %s, not %s: starting over (the old file is now %s)", path, saved, settings, stale.name)
         os.replace(path, stale)
@@ -110,7 +110,8 @@ def merge_parts(shards: str | Path, parts: int, settings: dict) -> Path | None:
     skipped: Counter = Counter()
     for part in range(parts):
         path = part_path(shards, part, parts)
-        latest = {r["key"]: r for r in Records(path).ok()} if path.exists() else {}
+        # read only: a part still running may be appending to its file
+        latest = {r["key"]: r for r in read_complete(path)[0]} if path.exists() else {}
         if COMPLETE not in latest:
             log.info("part %d of %d is not finished: merge later", part, parts)
             return None

@@ -1,6 +1,7 @@
 import io
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -114,7 +115,9 @@ def test_resuming_with_another_stream_layout_warns(tiny_qwen, tmp_path):
     write_bad_shards(tmp_path)
     module = make_module(tiny_qwen, tmp_path, num_workers=2)
     state = module.state_dict()
-    module.load_state_dict(state)  # the same layout: silent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.load_state_dict(state)  # the same layout: silent
     module.num_workers = 4
     with pytest.warns(UserWarning, match="cannot be continued"):
         module.load_state_dict(state)

@@ -23,6 +23,14 @@ def content_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def read_complete(path: str | Path) -> tuple[list[dict], int, int]:
+    """The records of a JSONL file's complete lines, where they end, and the file's size; the file is
+    left as it is (another process may still be appending to it)."""
+    data = Path(path).read_bytes()
+    end = data.rfind(b"\n") + 1
+    return [json.loads(line) for line in data[:end].decode().splitlines() if line.strip()], end, len(data)
+
+
 class Records:
     """One stage's JSONL file. `latest()` holds the last record of each key, a success never being
     replaced by a later failure."""
@@ -34,15 +42,13 @@ class Records:
             self._load()
 
     def _load(self) -> None:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            log.warning("%s: dropping a line cut short by an interrupted run (%d bytes)", self.path, len(data) - end)
+        records, end, size = read_complete(self.path)
+        if end < size:
+            log.warning("%s: dropping a line cut short by an interrupted run (%d bytes)", self.path, size - end)
             with self.path.open("r+b") as handle:
                 handle.truncate(end)
-        for line in data[:end].decode().splitlines():
-            if line.strip():
-                self._remember(json.loads(line))
+        for record in records:
+            self._remember(record)
 
     def _remember(self, record: dict) -> None:
         old = self._latest.get(record["key"])
