@@ -6,10 +6,14 @@ import logging
 import os
 import subprocess
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+
+from carevl.backbone import Backbone
+from carevl.flops import ModelFlops, peak_flops
 
 log = logging.getLogger(__name__)
 DEADLINE_ENV = "CAREVL_DEADLINE"
@@ -92,3 +96,68 @@ class TimeLimit(Callback):
                     log.info("requeued SLURM job %s", job)
                 else:
                     log.warning("scontrol requeue %s failed (%s): resubmit the job to resume", job, failure)
+
+
+class Throughput(Callback):
+    """Log training speed at every optimizer step, over the last `window` steps: `train/tokens_per_s`
+    (language-model tokens, padding left out), `train/samples_per_s` (samples or DPO groups),
+    `train/tflops_per_s` (model FLOPs, `carevl.flops`: reference forwards and the vision tower
+    counted, gradient-checkpointing recomputation not) and `train/mfu` (those over the device's dense
+    peak, when it is known). Figures are per device, on rank 0. The work is counted on the host by
+    the loaders: measuring adds no reduction and no copy from the GPU. The first step after the
+    start and after each validation is left out (warm-up, and the pause).
+
+    Args:
+        window: optimizer steps averaged.
+        peak_tflops: the device's dense peak at the run's precision, TFLOP/s. None looks the GPU up
+            in `carevl.flops.PEAK_TFLOPS` (bf16/fp16 runs only); where it is unknown, MFU is not logged.
+    """
+
+    def __init__(self, window: int = 20, peak_tflops: float | None = None):
+        if window < 1:
+            raise ValueError(f"window counts optimizer steps, got {window}")
+        self.window, self.peak_tflops = window, peak_tflops
+        self.peak: float | None = None
+        self.flops: ModelFlops | None = None
+        self.steps: deque[tuple[float, float, float, float]] = deque(maxlen=window)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        hf = pl_module.backbone.hf
+        family = Backbone.family_of(hf)
+        self.flops = ModelFlops.of(hf, family.vision, family.projector)
+        device = trainer.strategy.root_device
+        if self.peak_tflops:
+            self.peak = self.peak_tflops * 1e12
+        elif device.type == "cuda":
+            self.peak = peak_flops(torch.cuda.get_device_name(device), trainer.precision)
+            if self.peak is None:
+                log.info("throughput: no known peak for %s at precision %s: MFU not logged (set peak_tflops)", torch.cuda.get_device_name(device), trainer.precision)
+        self._restart(trainer)
+
+    def _restart(self, trainer: Trainer) -> None:
+        self._step, self._clock, self._warm = trainer.global_step, time.perf_counter(), False
+        self._pending = [0.0, 0.0, 0.0]  # tokens, samples, FLOPs of the step in progress
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and self.flops is not None:
+            self._restart(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        work, reference_forward = pl_module.step_work(batch)
+        for i, value in enumerate((work["tokens"], len(batch["ids"]), self.flops.step(work, reference_forward))):
+            self._pending[i] += value
+        if trainer.global_step == self._step:
+            return  # inside a gradient-accumulation window
+        now = time.perf_counter()
+        if self._warm:
+            self.steps.append((now - self._clock, *self._pending))
+        self._step, self._clock, self._warm = trainer.global_step, now, True
+        self._pending = [0.0, 0.0, 0.0]
+        if not self.steps:
+            return
+        seconds, tokens, samples, flops = (sum(column) for column in zip(*self.steps))
+        pl_module.log("train/tokens_per_s", tokens / seconds, on_step=True, rank_zero_only=True)
+        pl_module.log("train/samples_per_s", samples / seconds, on_step=True, rank_zero_only=True)
+        pl_module.log("train/tflops_per_s", flops / seconds / 1e12, on_step=True, rank_zero_only=True)
+        if self.peak:
+            pl_module.log("train/mfu", flops / seconds / self.peak, on_step=True, rank_zero_only=True, prog_bar=True)

@@ -82,6 +82,10 @@ class DPOJudge(JudgeModule):
         if self._reference is not None:
             self._reference.to(self.device)
 
+    def step_work(self, batch: dict) -> tuple[dict[str, float], bool]:
+        packed = self.hparams.pack_prompts and self.backbone.packs_prompts and self.backbone.shares_vision and "pixel_values" in batch["inputs"]
+        return batch["packed_work" if packed else "work"], self.hparams.reference in ("copy", "lora_disabled")
+
     # -- scoring --------------------------------------------------------------------------------
 
     def reference_logprobs(self, batch: dict, features: list[torch.Tensor] | None) -> torch.Tensor:

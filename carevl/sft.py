@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 
 class JudgeModule(LightningModule):
-    """What SFT and DPO share: the backbone, AdamW with warmup + cosine, throughput and skip logging,
+    """What SFT and DPO share: the backbone, AdamW with warmup + cosine, skip logging, the non-finite loss guard,
     validation by generation (the judge writes its critique; the verdict is parsed from it) on judge
     samples, and benchmark evaluation (VL-RewardBench, MLLM-as-a-Judge) on benchmark shards, in
     validation during training and in `carevl test`.
@@ -83,7 +82,6 @@ class JudgeModule(LightningModule):
         self.val_accuracy = VerdictAccuracy()
         self.benchmark_eval = BenchmarkEvaluation(eval_runs, unparseable)
         self.skipped: dict[str, int] = {}
-        self._last_batch_end: float | None = None
 
     def configure_model(self) -> None:
         strategy = self._trainer.strategy if self._trainer else None
@@ -150,12 +148,12 @@ class JudgeModule(LightningModule):
         self.skipped = dict(checkpoint.get("skipped", {}))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            tokens = float(batch["inputs"]["attention_mask"].sum())
-            self.log("train/tokens_per_s", tokens / (now - self._last_batch_end), on_step=True)
-        self._last_batch_end = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)
+
+    def step_work(self, batch: dict) -> tuple[dict[str, float], bool]:
+        """What a training batch asks of the model (`carevl.flops`, counted by the loader) and whether
+        a reference forward runs on the same tokens; read by `carevl.callbacks.Throughput`."""
+        return batch["work"], False
 
     # -- validation and test -----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from carevl import benchmarks, schema
 from carevl.encoding import Encoder, collate, prompt_only
+from carevl.flops import batch_work, response_count
 from carevl.prompts import judge_prompt, user_turn
 from datamodules.benchmark import build_views, collate_views
 from datamodules.preference import build_group, collate_groups, load_reference_logps
@@ -34,11 +35,13 @@ def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSampl
 
 def collate_items(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, with_prompts: bool) -> dict[str, Any]:
     """A batch: padded model inputs, ids, weights, verdict labels, skip counts since the last batch,
-    and (validation) left-padded prompt-only inputs for generation."""
+    the work it asks of the model (`carevl.flops`), and (validation) left-padded prompt-only inputs
+    for generation."""
     features = [item["features"] for item in items]
     inputs = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], pad_token_id)
     batch = {
         "inputs": inputs,
+        "work": batch_work([item["length"] for item in items], response_count(inputs["labels"]), inputs.get("image_grid_thw")),
         "ids": [item["id"] for item in items],
         "weights": torch.tensor([item["weight"] for item in items]),
         "skipped": skipped,

@@ -16,6 +16,7 @@ import torch
 
 from carevl import schema
 from carevl.encoding import TOKEN_KEYS, Encoder, collate
+from carevl.flops import batch_work, packed_work, response_count
 from carevl.prompts import judge_prompt, user_turn
 
 
@@ -44,7 +45,9 @@ def build_group(encoder: Encoder, reference: dict[str, list[float]] | None, samp
 
 
 def collate_groups(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int) -> dict[str, Any]:
-    """A DPO batch: per-sequence token inputs, per-group image inputs, and the group structure."""
+    """A DPO batch: per-sequence token inputs, per-group image inputs, the group structure, and the
+    work it asks of the model (`carevl.flops`) with each critique computed in full or with each
+    group's prompt computed once (`packed_work`)."""
     token_rows, image_rows, image_index, chosen, rejected, rejected_group, prompt_lengths = [], [], [], [], [], [], []
     for g, item in enumerate(items):
         first = item["encodings"][0]
@@ -59,6 +62,7 @@ def collate_groups(items: list[dict[str, Any]], skipped: dict[str, int], pad_tok
             image_index.append(g)
     inputs = collate(token_rows, pad_token_id)
     inputs.update(collate(image_rows, pad_token_id) if image_rows[0] else {})
+    lengths, responses, grid = [int(row["input_ids"].shape[1]) for row in token_rows], response_count(inputs["labels"]), inputs.get("image_grid_thw")
     batch = {
         "inputs": inputs,
         "image_index": torch.tensor(image_index),
@@ -66,6 +70,8 @@ def collate_groups(items: list[dict[str, Any]], skipped: dict[str, int], pad_tok
         "rejected_index": torch.tensor(rejected),
         "rejected_group": torch.tensor(rejected_group),
         "prompt_lengths": torch.tensor(prompt_lengths),
+        "work": batch_work(lengths, responses, grid),
+        "packed_work": packed_work(lengths, prompt_lengths, image_index, responses, grid),
         "ids": [item["id"] for item in items],
         "skipped": skipped,
     }

@@ -287,18 +287,3 @@ def test_benchmark_groups_hold_exactly_the_asked_number_of_distinct_worse_critiq
         assert item.critique() not in worse
     with pytest.raises(ValueError, match="distinct worse critiques"):
         n_worse(judge_items(1, seed=0)[0], 40)
-
-
-def test_smoke_counts_a_packed_prompt_once():
-    import torch
-
-    from tools.gpu_smoke import computed_tokens
-
-    # One group: a 10-token prompt with critiques of 5 and 3 tokens (rows of 15 and 13 tokens).
-    lengths, prompts, groups = torch.tensor([15, 13]), torch.tensor([10, 10]), torch.tensor([0, 0])
-    assert computed_tokens(lengths, None, groups) == (28, 15**2 + 13**2)
-    # Packed: 10 + 5 + 3 tokens; the prompt attends to itself once, each critique to the prompt and itself.
-    assert computed_tokens(lengths, prompts, groups) == (18, 10**2 + (2 * 10 * 5 + 5**2) + (2 * 10 * 3 + 3**2))
-    # Two groups count their prompts separately.
-    tokens, spans = computed_tokens(torch.tensor([15, 13, 7]), torch.tensor([10, 10, 4]), torch.tensor([0, 0, 1]))
-    assert (tokens, spans) == (18 + 7, 294 + 16 + (2 * 4 * 3 + 9))

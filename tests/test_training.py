@@ -62,7 +62,7 @@ def test_fit_keeps_vision_frozen_and_moves_trainable_weights(tiny_qwen, world, t
     unchanged = [n for n, p in trainable.items() if torch.equal(p, before[n])]
     assert not unchanged, f"trainable weights that did not change: {unchanged}"
     rows = metrics(tmp_path)
-    assert any(r.get("val/verdict_accuracy") for r in rows) and any(r.get("train/tokens_per_s") for r in rows)
+    assert any(r.get("val/verdict_accuracy") for r in rows)
 
 
 def test_fit_completes_on_bad_shards_and_logs_skips(tiny_qwen, tmp_path):

@@ -18,15 +18,10 @@ its process ends. --profile prints torch.profiler's top operators over three ste
 counts each step's kernel-sized operations by phase; with --narrow (the shape's depth and images,
 small widths) a CPU counts what a real-size step launches. --compile compiles the decoder layers.
 
-MFU counts the model FLOPs of the tokens the step really computes (a DPO group's prompt once when
-prompts are packed): 6 per trainable weight and token (forward, input and weight gradients), 4 per
-frozen language-model weight and token (forward and input gradients; LoRA), 2 per vision weight
-and image patch (frozen: forward only), 2 per weight and token for a reference forward ('copy' or
-'lora_disabled'), the language-model head only at response positions (where carevl computes it),
-and attention (QK^T and AV) as 4 x layers x width x (query length x key length) per forward,
-three times that with backward. Gradient-checkpointing recomputation is not counted (model FLOPs,
-not hardware FLOPs). Peak: 989 TFLOP/s bf16 dense on H100/H200, 312 on A100 (--peak-tflops
-otherwise).
+MFU is the model FLOPs of the work each step really computes (`carevl.flops`: a DPO group's prompt
+once when prompts are packed, reference forwards and the frozen vision tower included,
+gradient-checkpointing recomputation not) over the GPU's dense bf16 peak (`carevl.flops.PEAK_TFLOPS`;
+--peak-tflops for others). Training runs log the same figures through `carevl.callbacks.Throughput`.
 """
 
 import argparse
@@ -46,8 +41,9 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from carevl import shapes
+from carevl.backbone import Backbone
 from carevl.cli import run
-from carevl.encoding import IGNORE_INDEX
+from carevl.flops import ModelFlops, peak_flops
 from carevl.reference import precompute_reference
 from carevl.schema import PreferenceGroupSample, SFTSample, ShardWriter
 from carevl.tiny import build_tiny_model
@@ -111,8 +107,8 @@ def write_data(out: Path, groups: int, image_size: int, repeat: int) -> None:
 
 
 class Throughput(Callback):
-    """Step times after `warmup` steps; per step, the tokens the language model computes, the sum of
-    their attention spans, response tokens and image patches."""
+    """Step times after `warmup` steps, each with the work the step asked of the model
+    (`carevl.flops`: counted by the loader) and whether a reference forward ran."""
 
     def __init__(self, warmup: int):
         self.warmup, self.steps = warmup, []
@@ -126,18 +122,8 @@ class Throughput(Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if trainer.global_step > self.warmup:
-            inputs = batch["inputs"]
-            packed = "prompt_lengths" in batch and module.hparams.get("pack_prompts") and module.backbone.packs_prompts
-            tokens, spans = computed_tokens(inputs["attention_mask"].sum(dim=1), batch["prompt_lengths"] if packed else None, batch.get("image_index"))
-            self.steps.append(
-                {
-                    "seconds": time.perf_counter() - self.start,
-                    "tokens": tokens,
-                    "spans": spans,
-                    "response_tokens": int((inputs["labels"] != IGNORE_INDEX).sum()),
-                    "patches": int(inputs["pixel_values"].shape[0]),  # the vision tower runs once per image
-                }
-            )
+            work, reference_forward = module.step_work(batch)
+            self.steps.append({"seconds": time.perf_counter() - self.start, "work": work, "reference_forward": reference_forward})
 
 
 class Profile(Callback):
@@ -263,54 +249,6 @@ class OperatorCount(Callback):
         print(f"{label}: {total:,.0f} kernel-sized operations/step\n" + "\n".join(lines), flush=True)
 
 
-def computed_tokens(lengths: torch.Tensor, prompt_lengths: torch.Tensor | None, image_index: torch.Tensor | None) -> tuple[int, float]:
-    """Tokens through the language model and the sum of (query x key) attention spans, counted as
-    full squares per sequence. Packed groups compute their prompt once: p + sum(r) tokens, and
-    p^2 + sum(2 p r + r^2) spans (each critique sees the prompt and itself)."""
-    if prompt_lengths is None:
-        return int(lengths.sum()), float((lengths.double() ** 2).sum())
-    tokens = spans = 0
-    for group in image_index.unique().tolist():
-        members = image_index == group
-        p = int(prompt_lengths[members][0])
-        r = (lengths[members] - p).double()
-        tokens += p + int(r.sum())
-        spans += p * p + float((2 * p * r + r * r).sum())
-    return tokens, spans
-
-
-def flops_per_step(step: dict, model: torch.nn.Module, reference_forward: bool) -> float:
-    text = model.config.text_config
-    head_size = text.vocab_size * text.hidden_size
-    vision = merger = body = body_weights = 0.0
-    head_trainable = False
-    for name, param in model.named_parameters():
-        n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 keeps only a partition in .data
-        if "visual" in name and "merger" not in name:
-            vision += 2 * n  # frozen: forward only, per patch
-        elif "merger" in name:
-            merger += (6 if param.requires_grad else 2) * n  # per merged image token (4 patches)
-        elif "embed_tokens" in name or "lm_head" in name:
-            head_trainable |= param.requires_grad  # a lookup, and the head counted below
-        else:
-            body += (6 if param.requires_grad else 4) * n  # frozen weights still pass input gradients
-            body_weights += n
-    flops = body * step["tokens"] + (6 if head_trainable else 4) * head_size * step["response_tokens"]
-    flops += vision * step["patches"] + merger * step["patches"] / 4
-    attention = 4 * text.num_hidden_layers * text.hidden_size * step["spans"]  # QK^T and AV, forward
-    flops += 3 * attention
-    if reference_forward:
-        flops += 2 * body_weights * step["tokens"] + 2 * head_size * step["response_tokens"] + attention
-    return flops
-
-
-def peak_flops(override: float | None) -> float:
-    if override:
-        return override * 1e12
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else float("nan")
-
-
 def reference_mode(args) -> str:
     """The DPO reference the configs would use with this strategy (or the one asked for)."""
     if args.reference != "auto":
@@ -389,14 +327,19 @@ def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path) -> No
         return
     memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     seconds = sum(s["seconds"] for s in steps)
-    tokens = sum(s["tokens"] for s in steps)
-    flops = sum(flops_per_step(s, cli.model.backbone.hf, reference in ("copy", "lora_disabled")) for s in steps)
+    tokens = sum(s["work"]["tokens"] for s in steps)
+    hf = cli.model.backbone.hf
+    family = Backbone.family_of(hf)
+    model_flops = ModelFlops.of(hf, family.vision, family.projector)
+    flops = sum(model_flops.step(s["work"], s["reference_forward"]) for s in steps)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.cuda.get_device_name(), "bf16-mixed") if torch.cuda.is_available() else None
+    mfu = f"{flops / seconds / peak:.1%}" if peak else "n/a (no known peak: --peak-tflops)"
     size = per_step(stage, args)
     label = f"sft batch {size}" if stage == "sft" else f"dpo {size} group{'s' if size > 1 else ''} (reference {reference})"
     for callback in cli.trainer.callbacks:
         if isinstance(callback, OperatorCount):
             callback.report(label)
-    print(f"{label}: {len(steps)} timed steps, {tokens / len(steps):,.0f} tokens/step, {tokens / seconds:,.0f} tokens/s, {seconds / len(steps):.3f} s/step, peak memory {memory:.1f} GiB, MFU {flops / seconds / peak_flops(args.peak_tflops):.1%}", flush=True)
+    print(f"{label}: {len(steps)} timed steps, {tokens / len(steps):,.0f} tokens/step, {tokens / seconds:,.0f} tokens/s, {seconds / len(steps):.3f} s/step, peak memory {memory:.1f} GiB, {flops / seconds / 1e12:.3g} model TFLOP/s, MFU {mfu}", flush=True)
 
 
 def resume(stage: str, args, checkpoint: Path, data: Path, root: Path) -> None:
