@@ -20,6 +20,7 @@ from torch import nn
 from carevl.encoding import TOKEN_KEYS
 from carevl.losses import response_token_logprobs, sequence_logprobs
 from carevl.strategies import zero_stage
+from carevl.vision_attention import batch_vision_attention
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class Backbone(nn.Module):
             submodule.
         random_init: build the checkpoint's architecture from its config with random weights (for
             throughput checks at a real size without downloading weights).
+        batch_vision_attention: Qwen2-VL with SDPA: attend over all images of one size in one call
+            per vision layer, reading the sizes from the GPU once per forward, instead of one call and
+            one read per image and layer (`carevl.vision_attention`). The outputs are the same.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Backbone(nn.Module):
         trust_remote_code: bool = False,
         compile_layers: bool = False,
         random_init: bool = False,
+        batch_vision_attention: bool = True,
     ):
         super().__init__()
         if dtype not in DTYPES:
@@ -125,6 +130,7 @@ class Backbone(nn.Module):
         self.trust_remote_code = trust_remote_code
         self.compile_layers = compile_layers
         self.random_init = random_init
+        self.batch_vision_attention = batch_vision_attention
         self.model: nn.Module | None = None
         self.processor = None
 
@@ -164,6 +170,8 @@ class Backbone(nn.Module):
         hf.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode modules are in
         family = self.family_of(hf)
         self._freeze(hf, family)
+        if self.batch_vision_attention:
+            batch_vision_attention(hf)
         if self.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             hf.config.use_cache = False

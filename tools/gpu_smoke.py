@@ -287,7 +287,7 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
             "class_path": {"sft": "carevl.sft.SFTJudge", "dpo": "carevl.dpo.DPOJudge"}[stage],
             "init_args": {
                 "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {
-                    "model": str(checkpoint), "gradient_checkpointing": args.gradient_checkpointing, "compile_layers": args.compile,
+                    "model": str(checkpoint), "gradient_checkpointing": args.gradient_checkpointing, "compile_layers": args.compile, "batch_vision_attention": args.batch_vision_attention,
                     "freeze_projector": stage == "dpo", "dtype": "bfloat16" if gpu else "float32", **lora}},
                 "lr": 1e-5, "global_batch_size": None, "val_generate": False,
                 **({"reference": reference_mode(args)} if stage == "dpo" else {}),
@@ -372,6 +372,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators over three steps")
     parser.add_argument("--count-ops", action="store_true", help="count the kernel-sized operations of each step (see --narrow); slows the timed steps")
     parser.add_argument("--compile", action="store_true", help="compile the decoder layers (backbone compile_layers: true)")
+    parser.add_argument("--batch-vision-attention", action=argparse.BooleanOptionalAction, default=True, help="one vision attention call per image size and layer (backbone batch_vision_attention; the default)")
     parser.add_argument("--narrow", action="store_true", help="the shape's depth and image sizes at small widths: counts a real shape's operators on CPU")
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -387,7 +388,7 @@ def main() -> None:
     checkpoint = shaped_checkpoint(work / "model", args.shape, "cuda" if args.accelerator == "gpu" else "cpu", narrow=args.narrow)
     most = max(args.batch_size + args.groups_per_step)
     write_data(work / "data", groups=max(64, 2 * most * (args.steps + 2)), image_size=args.image_size, repeat=args.repeat)
-    print(f"{args.shape}-shaped Qwen2-VL, {args.strategy}, {'LoRA' if args.lora else 'full'}, SFT batch {'/'.join(map(str, args.batch_size))}, DPO {'/'.join(map(str, args.groups_per_step))} group(s) per step, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {'compiled' if args.compile else 'eager'} layers, work dir {work}", flush=True)
+    print(f"{args.shape}-shaped Qwen2-VL, {args.strategy}, {'LoRA' if args.lora else 'full'}, SFT batch {'/'.join(map(str, args.batch_size))}, DPO {'/'.join(map(str, args.groups_per_step))} group(s) per step, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {'compiled' if args.compile else 'eager'} layers, vision attention {'by image size' if args.batch_vision_attention else 'per image'}, work dir {work}", flush=True)
     for stage in args.stages:
         # One process per phase: a finished DeepSpeed run keeps its GPU memory until its process ends.
         option, sizes = ("--batch-size", args.batch_size) if stage == "sft" else ("--groups-per-step", args.groups_per_step)
