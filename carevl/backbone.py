@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from carevl.encoding import TOKEN_KEYS
-from carevl.losses import response_token_logprobs, sequence_logprobs
+from carevl.losses import response_token_logprobs, sequence_logprobs, token_logprobs
 from carevl.strategies import zero_stage
 from carevl.vision_attention import batch_vision_attention
 
@@ -101,6 +101,10 @@ class Backbone(nn.Module):
         batch_vision_attention: Qwen2-VL with SDPA: attend over all images of one size in one call
             per vision layer, reading the sizes from the GPU once per forward, instead of one call and
             one read per image and layer (`carevl.vision_attention`). The outputs are the same.
+        logit_chunk: response tokens through the language-model head at a time; each chunk is
+            recomputed in the backward pass, so the float32 log-softmax over the vocabulary is held
+            for one chunk instead of for every response token of the batch (`carevl.losses.token_logprobs`).
+            None: all at once.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class Backbone(nn.Module):
         compile_layers: bool = False,
         random_init: bool = False,
         batch_vision_attention: bool = True,
+        logit_chunk: int | None = 2048,
     ):
         super().__init__()
         if dtype not in DTYPES:
@@ -131,6 +136,9 @@ class Backbone(nn.Module):
         self.compile_layers = compile_layers
         self.random_init = random_init
         self.batch_vision_attention = batch_vision_attention
+        if logit_chunk is not None and logit_chunk < 1:
+            raise ValueError(f"logit_chunk counts response tokens (None: no chunks), got {logit_chunk}")
+        self.logit_chunk = logit_chunk
         self.model: nn.Module | None = None
         self.processor = None
 
@@ -270,7 +278,7 @@ class Backbone(nn.Module):
     def response_logprobs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of response tokens (labels != -100) and the batch row of each."""
         hidden = self.hidden_states(inputs)
-        return response_token_logprobs(hidden, inputs["labels"], self.hf.lm_head)
+        return response_token_logprobs(hidden, inputs["labels"], self.hf.lm_head, self.logit_chunk)
 
     @property
     def shares_vision(self) -> bool:
@@ -321,7 +329,7 @@ class Backbone(nn.Module):
         else:  # one entry per image along the first dimension (LLaVA-OneVision, Mllama)
             model_inputs.update({k: v[index] for k, v in images.items()})
         hidden = hf.model(**model_inputs, use_cache=False).last_hidden_state
-        logps, rows = response_token_logprobs(hidden, inputs["labels"], hf.lm_head)
+        logps, rows = response_token_logprobs(hidden, inputs["labels"], hf.lm_head, self.logit_chunk)
         return sequence_logprobs(logps, rows, inputs["labels"].shape[0])
 
     @property
@@ -392,8 +400,7 @@ class Backbone(nn.Module):
             use_cache=False,
         ).last_hidden_state
         group_rows = torch.cat([torch.full_like(p, g) for g, p in enumerate(predictors)])
-        logits = hf.lm_head(hidden[group_rows, torch.cat(predictors)]).float()
-        logps = -nn.functional.cross_entropy(logits, torch.cat(targets), reduction="none")
+        logps = token_logprobs(hidden[group_rows, torch.cat(predictors)], torch.cat(targets), hf.lm_head, self.logit_chunk)
         return sequence_logprobs(logps, torch.cat(owners), ids.shape[0])
 
     def sequence_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

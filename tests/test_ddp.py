@@ -25,7 +25,8 @@ def test_two_processes_uneven_shards(tiny_qwen, world, tmp_path):
             "accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2, "precision": "32-true", "logger": False,
             "enable_checkpointing": False, "enable_progress_bar": False, "num_sanity_val_steps": 0,
             "default_root_dir": str(tmp_path),
-            "callbacks": [{"class_path": "tests.ddp_probe.CountBatches", "init_args": {"out_dir": str(tmp_path / "counts")}}],
+            "callbacks": [{"class_path": "tests.ddp_probe.CountBatches", "init_args": {"out_dir": str(tmp_path / "counts")}},
+                          {"class_path": "carevl.callbacks.Throughput", "init_args": {"window": 2, "peak_tflops": 1.0}}],  # rank-local: no collective to hang on
         },
         "model": {
             "class_path": "carevl.sft.SFTJudge",

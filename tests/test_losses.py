@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from carevl.encoding import IGNORE_INDEX
-from carevl.losses import response_token_logprobs, sequence_logprobs, sft_loss
+from carevl.losses import response_token_logprobs, sequence_logprobs, sft_loss, token_logprobs
 from carevl.sft import warmup_cosine
 
 
@@ -20,6 +20,42 @@ def test_response_logprobs_match_hand_computation():
     assert torch.allclose(logps, torch.tensor([expected_first, expected_second]), atol=1e-6)
     assert rows.tolist() == [0, 0]
     assert sft_loss(logps).item() == pytest.approx(-(expected_first + expected_second) / 2, abs=1e-6)
+
+
+def saved_bytes(function) -> tuple[torch.Tensor, int]:
+    """What `function` returns, and the bytes autograd keeps from it for the backward pass."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        return function(), total
+
+
+def test_chunked_head_gives_the_same_logprobs_and_gradients_and_keeps_no_logits():
+    torch.manual_seed(0)
+    rows, width, vocabulary = 64, 8, 1000
+    head = torch.nn.Linear(width, vocabulary, bias=False)
+    hidden = torch.randn(rows, width, requires_grad=True)
+    targets = torch.randint(vocabulary, (rows,))
+    results = {}
+    for chunk in (None, 16, 48):
+        logps, kept = saved_bytes(lambda: token_logprobs(hidden, targets, head, chunk))
+        grads = torch.autograd.grad((logps * torch.linspace(-1, 1, rows)).sum(), (hidden, head.weight))
+        results[chunk] = (logps, grads, kept)
+    whole, _, whole_kept = results[None]
+    assert whole_kept >= rows * vocabulary * 4, "cross-entropy keeps its float32 log-softmax"
+    for chunk in (16, 48):
+        logps, grads, kept = results[chunk]
+        torch.testing.assert_close(logps, whole)
+        for got, expected in zip(grads, results[None][1]):
+            torch.testing.assert_close(got, expected)
+        assert kept < rows * vocabulary * 4 / 20, f"chunks of {chunk} keep no logits, only their inputs"
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(hidden, targets, head, 16), whole)
 
 
 def test_sequence_logprobs_and_weighted_loss():

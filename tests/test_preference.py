@@ -79,7 +79,7 @@ def test_block_mask():
     ]
 
 
-def test_packed_prompts_give_the_same_logprobs_and_gradients(tiny_qwen):
+def test_packed_prompts_and_a_chunked_head_give_the_same_logprobs_and_gradients(tiny_qwen):
     backbone = Backbone(model=tiny_qwen)
     backbone.build()
     encoder = Encoder(backbone.processor, max_length=1024)
@@ -87,15 +87,17 @@ def test_packed_prompts_give_the_same_logprobs_and_gradients(tiny_qwen):
     batch = collate_groups([item for s in samples for item in build_group(encoder, None, s, image_of(s))], {}, encoder.pad_token_id)
     assert backbone.packs_prompts
     results = {}
-    for pack in (False, True):
+    for pack, chunk in ((False, None), (True, None), (False, 7), (True, 7)):  # 7: a chunk boundary inside every critique
         backbone.hf.zero_grad()
+        backbone.logit_chunk = chunk
         features = backbone.image_features(batch["inputs"])  # the projector trains: a fresh graph each time
         logps = backbone.group_logprobs(batch, features, pack=pack)
         (logps * torch.linspace(0.5, 1.5, logps.numel())).sum().backward()
         grads = {n: p.grad.clone() for n, p in backbone.hf.named_parameters() if p.grad is not None}
-        results[pack] = (logps.detach(), grads)
-    (unpacked, grads_unpacked), (packed, grads_packed) = results[False], results[True]
-    assert torch.allclose(packed, unpacked, atol=1e-5), (packed - unpacked).abs().max()
-    assert grads_packed.keys() == grads_unpacked.keys() and len(grads_packed) > 10
-    for name, grad in grads_packed.items():
-        assert torch.allclose(grad, grads_unpacked[name], atol=1e-5, rtol=1e-4), name
+        results[pack, chunk] = (logps.detach(), grads)
+    unpacked, grads_unpacked = results[False, None]
+    for (pack, chunk), (logps, grads) in results.items():
+        assert torch.allclose(logps, unpacked, atol=1e-5), (pack, chunk, (logps - unpacked).abs().max())
+        assert grads.keys() == grads_unpacked.keys() and len(grads) > 10
+        for name, grad in grads.items():
+            assert torch.allclose(grad, grads_unpacked[name], atol=1e-5, rtol=1e-4), (pack, chunk, name)
