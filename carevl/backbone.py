@@ -104,7 +104,7 @@ class Backbone(nn.Module):
         logit_chunk: response tokens through the language-model head at a time; each chunk is
             recomputed in the backward pass, so the float32 log-softmax over the vocabulary is held
             for one chunk instead of for every response token of the batch (`carevl.losses.token_logprobs`).
-            None: all at once.
+            None: all at once. Not under ZeRO-3 (see `head_chunk`).
     """
 
     def __init__(
@@ -258,6 +258,14 @@ class Backbone(nn.Module):
         return peft_model
 
     @property
+    def head_chunk(self) -> int | None:
+        """`logit_chunk`, or None under ZeRO-3. ZeRO-3 releases the head's weight when the head's
+        forward returns and gathers it again only when the backward pass reaches the head's output;
+        a chunk recomputed inside its cross-entropy's backward would run before that, on the
+        released (empty) weight. Seen on CPU through DeepSpeed's engine (tests/test_zero3.py)."""
+        return None if getattr(self, "_zero3", None) is not None else self.logit_chunk
+
+    @property
     def hf(self) -> nn.Module:
         """The Hugging Face model (under the PEFT wrapper when LoRA is on; adapters are injected in it)."""
         if self.model is None:
@@ -278,7 +286,7 @@ class Backbone(nn.Module):
     def response_logprobs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of response tokens (labels != -100) and the batch row of each."""
         hidden = self.hidden_states(inputs)
-        return response_token_logprobs(hidden, inputs["labels"], self.hf.lm_head, self.logit_chunk)
+        return response_token_logprobs(hidden, inputs["labels"], self.hf.lm_head, self.head_chunk)
 
     @property
     def shares_vision(self) -> bool:
@@ -329,7 +337,7 @@ class Backbone(nn.Module):
         else:  # one entry per image along the first dimension (LLaVA-OneVision, Mllama)
             model_inputs.update({k: v[index] for k, v in images.items()})
         hidden = hf.model(**model_inputs, use_cache=False).last_hidden_state
-        logps, rows = response_token_logprobs(hidden, inputs["labels"], hf.lm_head, self.logit_chunk)
+        logps, rows = response_token_logprobs(hidden, inputs["labels"], hf.lm_head, self.head_chunk)
         return sequence_logprobs(logps, rows, inputs["labels"].shape[0])
 
     @property
@@ -400,7 +408,7 @@ class Backbone(nn.Module):
             use_cache=False,
         ).last_hidden_state
         group_rows = torch.cat([torch.full_like(p, g) for g, p in enumerate(predictors)])
-        logps = token_logprobs(hidden[group_rows, torch.cat(predictors)], torch.cat(targets), hf.lm_head, self.logit_chunk)
+        logps = token_logprobs(hidden[group_rows, torch.cat(predictors)], torch.cat(targets), hf.lm_head, self.head_chunk)
         return sequence_logprobs(logps, torch.cat(owners), ids.shape[0])
 
     def sequence_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -25,8 +25,9 @@ def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.M
     Cross-entropy keeps its float32 log-softmax, N x vocabulary, for the backward pass: 4.9 GB for
     8,000 response tokens over Qwen2-VL's 151,936 entries. With `chunk`, rows go through the head
     `chunk` at a time, and each chunk is recomputed in the backward pass (non-reentrant checkpoint,
-    through the head module, so sharded weights are gathered as usual): one chunk's logits exist at a
-    time, for one more head forward per chunk. The values and gradients are the same.
+    through the head module): one chunk's logits exist at a time, for one more head forward per
+    chunk. The values and gradients are the same. Not for a head whose weight is released between
+    its forward and its backward (ZeRO-3: `Backbone.head_chunk`).
     """
     if not chunk or hidden.shape[0] <= chunk:
         return _logprobs(hidden, targets, head)

@@ -1,9 +1,11 @@
-"""DeepSpeed ZeRO-3 on CPU (DeepSpeed's CPU accelerator, one gloo process): the judge is built
+"""DeepSpeed ZeRO on CPU (DeepSpeed's CPU accelerator, one gloo process): the judge is built
 inside Lightning's `zero.Init` context the way `carevl fit` builds it under
-configs/strategies/zero3.yaml. Lightning refuses DeepSpeed training without CUDA, so the training
-steps themselves are checked on a GPU by tools/gpu_smoke.py."""
+configs/strategies/zero3.yaml, and the modules' training steps run through DeepSpeed's engine under
+ZeRO-2 and ZeRO-3. Lightning refuses DeepSpeed training without CUDA, so its loop around the
+engine is checked on a GPU by tools/gpu_smoke.py."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -36,3 +38,31 @@ def test_zero3_loads_the_checkpoint_into_partitioned_weights_and_starts_lora_at_
     assert report["lora_b"] > 0 and report["lora_b_max"] == 0.0
     # One dtype for DeepSpeed's flat buffer: the adapters are bf16 like the model, not peft's float32.
     assert report["trainable_dtypes"] == [str(torch.bfloat16)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_steps_train_what_is_trainable_against_their_references(tiny_qwen, world, tmp_path, stage):
+    """DPO and SFT steps through DeepSpeed's engine (bf16, gradient checkpointing, the head in
+    chunks of 7 under ZeRO-2 and whole under ZeRO-3, whose released head weight a recomputed chunk
+    would find empty: with chunks there, the first backward fails)."""
+    from carevl.shapes import write_preference_groups
+
+    write_preference_groups(str(tmp_path / "groups"), n=4, shard_size=4)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "tests" / "zero_steps_probe.py"), tiny_qwen, str(tmp_path / "groups"), str(world / "train"), str(stage), free_port()]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("dpo", "sft", "dpo_full"):
+        run = report[name]
+        assert run["finite"], run["losses"]
+        assert run["head_chunk"] == (7 if stage == 2 else None)
+        assert run["losses"][-1] < run["losses"][0]
+        assert not run["moved_frozen"], "frozen weights (vision; the base under LoRA) stay put"
+    for name in ("dpo", "sft"):
+        assert report[name]["moved"] == report[name]["lora"] > 0 and not report[name]["moved_outside_lora"], "the adapters train"
+    assert report["dpo_full"]["moved"] == report["dpo_full"]["trainable"] > 0, "every language-model weight trains"
+    # The policy starts at its reference (adapters at zero; the precomputed log-probs of the same
+    # weights in the same dtype), so the first DPO loss is log 2.
+    assert report["dpo"]["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert report["dpo_full"]["losses"][0] == pytest.approx(math.log(2), abs=1e-3)

@@ -1,0 +1,96 @@
+"""Run by tests/test_zero3.py in its own process (DeepSpeed's CPU accelerator, gloo, world size 1):
+training steps of the judge modules through DeepSpeed's engine under ZeRO stage 2 or 3, bf16,
+gradient checkpointing on, the head in chunks of 7 response tokens: DPO with LoRA and the
+adapters-off reference, SFT with LoRA, and DPO of the whole language model against log-probs
+precomputed by `carevl.reference` (configs/dpo.yaml's setting). Lightning refuses DeepSpeed without
+CUDA, so the engine is driven directly, on the modules' own step functions (`DPOJudge.group_step`,
+`SFTJudge`'s loss). Prints what the test checks, as JSON."""
+
+import json
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
+
+import carevl.cli  # noqa: E402,F401  (what `carevl fit` has imported before it builds the model)
+from carevl.backbone import Backbone, LoraSettings  # noqa: E402
+from carevl.dpo import DPOJudge  # noqa: E402
+from carevl.losses import sft_loss  # noqa: E402
+from carevl.reference import precompute_reference  # noqa: E402
+from carevl.sft import SFTJudge  # noqa: E402
+from datamodules import JudgeDataModule  # noqa: E402
+
+
+def gathered(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, param in params.items():
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            out[name] = param.data.clone()
+    return out
+
+
+def main(checkpoint: str, groups: str, sft: str, stage: str, port: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {"zero_optimization": {"stage": int(stage)}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0}
+    # The reference, computed once in the training dtype, as `python -m carevl.reference` does: before
+    # any ZeRO-3 model exists (transformers then builds every model partitioned).
+    precompute_reference(checkpoint, groups, batch_size=2, max_length=512, dtype="bfloat16", device="cpu")
+    report = {}
+    runs = (
+        ("dpo", DPOJudge, groups, "preference_group", {"reference": "lora_disabled", "beta": 0.1}),
+        ("sft", SFTJudge, sft, "sft", {}),
+        ("dpo_full", DPOJudge, groups, "preference_group", {"reference": "precomputed", "beta": 0.1}),
+    )
+    for name, module_class, directory, kind, arguments in runs:
+        full = name == "dpo_full"
+        lora = None if full else LoraSettings(dropout=0.0)
+        backbone = Backbone(checkpoint, lora=lora, freeze_projector=full, dtype="bfloat16", gradient_checkpointing=True, logit_chunk=7)
+        module = module_class(backbone, **arguments)
+        module._trainer = SimpleNamespace(strategy=DeepSpeedStrategy(config=config))
+        if int(stage) == 3:
+            with deepspeed.zero.Init(config_dict_or_path=config):  # what strategy.model_sharded_context() enters
+                module.configure_model()
+        else:
+            module.configure_model()
+        data = JudgeDataModule(processor=checkpoint, train=directory, kind=kind, batch_size=2, num_workers=0, max_length=512)
+        data.setup("fit")
+        batch = next(iter(data.train_dataloader()))
+        params = dict(backbone.hf.named_parameters())
+        before = gathered(params)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=config)
+        losses = []
+        for _ in range(3):
+            if kind == "preference_group":
+                loss, _ = module.group_step(batch)
+            else:
+                logps, rows = backbone.response_logprobs(batch["inputs"])
+                loss = sft_loss(logps, batch.get("weights"), rows)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        after = gathered(params)
+        moved = [n for n in params if not torch.equal(before[n], after[n])]
+        report[name] = {
+            "losses": losses,
+            "finite": all(math.isfinite(v) for v in losses),
+            "head_chunk": backbone.head_chunk,
+            "moved": len(moved),
+            "moved_outside_lora": [n for n in moved if "lora_" not in n],
+            "lora": sum("lora_" in n for n in params),
+            "trainable": sum(p.requires_grad for p in params.values()),
+            "moved_frozen": [n for n in moved if not params[n].requires_grad],
+        }
+    print(json.dumps(report))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
