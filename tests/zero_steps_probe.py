@@ -4,7 +4,12 @@ gradient checkpointing on, the head in chunks of 7 response tokens: DPO with LoR
 adapters-off reference, SFT with LoRA, and DPO of the whole language model against log-probs
 precomputed by `carevl.reference` (configs/dpo.yaml's setting). Lightning refuses DeepSpeed without
 CUDA, so the engine is driven directly, on the modules' own step functions (`DPOJudge.group_step`,
-`SFTJudge`'s loss). Prints what the test checks, as JSON."""
+`SFTJudge`'s loss). Prints what the test checks, as JSON.
+
+With `checkpoint` as its first argument it saves a ZeRO checkpoint of full SFT at step 2 the way
+Lightning's DeepSpeed strategy does (`engine.save_checkpoint(path, tag="checkpoint")`), trains on to
+step 4, then loads the checkpoint into a fresh engine and trains steps 3 and 4 again; it writes the
+step-2 weights for the test to compare an export with."""
 
 import json
 import math
@@ -35,10 +40,54 @@ def gathered(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def main(checkpoint: str, groups: str, sft: str, stage: str, port: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    deepspeed.init_distributed(dist_backend="gloo")
-    config = {"zero_optimization": {"stage": int(stage)}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0}
+def engine_config(stage: str) -> dict:
+    return {"zero_optimization": {"stage": int(stage)}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0}
+
+
+def built(module, config: dict):
+    """`configure_model` as Lightning runs it: inside `zero.Init` under ZeRO-3."""
+    module._trainer = SimpleNamespace(strategy=DeepSpeedStrategy(config=config))
+    if config["zero_optimization"]["stage"] == 3:
+        with deepspeed.zero.Init(config_dict_or_path=config):  # what strategy.model_sharded_context() enters
+            module.configure_model()
+    else:
+        module.configure_model()
+    return module
+
+
+def checkpoint_round_trip(checkpoint: str, sft: str, stage: str, out: str) -> None:
+    config = engine_config(stage)
+    data = JudgeDataModule(processor=checkpoint, train=sft, kind="sft", batch_size=2, num_workers=0, max_length=512)
+    data.setup("fit")
+    batches = [b for b, _ in zip(data.train_dataloader(), range(4))]
+
+    def engine_for():
+        module = built(SFTJudge(Backbone(checkpoint, dtype="bfloat16", gradient_checkpointing=True)), config)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=config)
+        return module, engine
+
+    def step(module, engine, batch) -> float:
+        logps, rows = module.backbone.response_logprobs(batch["inputs"])
+        loss = sft_loss(logps, batch.get("weights"), rows)
+        engine.backward(loss)
+        engine.step()
+        return float(loss)
+
+    module, engine = engine_for()
+    first = [step(module, engine, b) for b in batches[:2]]
+    path = os.path.join(out, "last.ckpt")
+    engine.save_checkpoint(path, client_state={"global_step": 2}, tag="checkpoint")
+    torch.save(gathered(dict(module.backbone.hf.named_parameters())), os.path.join(out, "step2.pt"))
+    uninterrupted = [step(module, engine, b) for b in batches[2:]]
+    module, engine = engine_for()
+    _, client = engine.load_checkpoint(path, tag="checkpoint")
+    resumed = [step(module, engine, b) for b in batches[2:]]
+    print(json.dumps({"first": first, "uninterrupted": uninterrupted, "resumed": resumed, "client_step": client["global_step"]}))
+
+
+def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
+    config = engine_config(stage)
     # The reference, computed once in the training dtype, as `python -m carevl.reference` does: before
     # any ZeRO-3 model exists (transformers then builds every model partitioned).
     precompute_reference(checkpoint, groups, batch_size=2, max_length=512, dtype="bfloat16", device="cpu")
@@ -52,13 +101,7 @@ def main(checkpoint: str, groups: str, sft: str, stage: str, port: str) -> None:
         full = name == "dpo_full"
         lora = None if full else LoraSettings(dropout=0.0)
         backbone = Backbone(checkpoint, lora=lora, freeze_projector=full, dtype="bfloat16", gradient_checkpointing=True, logit_chunk=7)
-        module = module_class(backbone, **arguments)
-        module._trainer = SimpleNamespace(strategy=DeepSpeedStrategy(config=config))
-        if int(stage) == 3:
-            with deepspeed.zero.Init(config_dict_or_path=config):  # what strategy.model_sharded_context() enters
-                module.configure_model()
-        else:
-            module.configure_model()
+        module = built(module_class(backbone, **arguments), config)
         data = JudgeDataModule(processor=checkpoint, train=directory, kind=kind, batch_size=2, num_workers=0, max_length=512)
         data.setup("fit")
         batch = next(iter(data.train_dataloader()))
@@ -89,8 +132,14 @@ def main(checkpoint: str, groups: str, sft: str, stage: str, port: str) -> None:
             "moved_frozen": [n for n in moved if not params[n].requires_grad],
         }
     print(json.dumps(report))
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    *arguments, port = sys.argv[1:]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    if arguments[0] == "checkpoint":
+        checkpoint_round_trip(*arguments[1:])
+    else:
+        main(*arguments)
+    torch.distributed.destroy_process_group()
