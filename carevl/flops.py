@@ -1,7 +1,7 @@
 """Model FLOPs of a training step, for throughput and MFU (model FLOPs utilisation).
 
 What a batch asks of the model (its `work`) is counted on the host by the collate functions, so
-measuring costs no GPU synchronisation. The FLOPs per unit of work come from the model's weights:
+counting it costs no GPU synchronisation. The FLOPs per unit of work come from the model's weights:
 
 - 6 per trainable weight and token (forward, input gradient, weight gradient), 4 per frozen
   language-model weight and token (forward and input gradient: LoRA leaves the base frozen);
