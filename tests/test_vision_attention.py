@@ -71,3 +71,21 @@ def test_the_vision_tower_gives_the_same_features_with_fewer_calls_and_reads(tin
     with torch.no_grad():
         attn.proj.weight.mul_(2)
     assert not torch.allclose(twin.model.visual(pixels, grid_thw=grid).last_hidden_state, features)
+
+
+def test_a_trained_vision_tower_gets_the_same_gradients_under_checkpointing(tiny_qwen):
+    """With the tower trainable and checkpointed, each layer's recomputation reads the cached sizes
+    of its own forward; the gradients equal transformers' per-image attention."""
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4], [1, 4, 4]])
+    torch.manual_seed(1)
+    pixels = torch.randn(int(grid.prod(dim=1).sum()), 3 * 2 * 14 * 14)
+    grads = []
+    for batched in (False, True):
+        backbone = Backbone(model=tiny_qwen, freeze_vision=False, gradient_checkpointing=True, batch_vision_attention=batched)
+        backbone.build()
+        visual = backbone.hf.model.visual
+        visual(pixels, grid_thw=grid).pooler_output.square().sum().backward()
+        grads.append({n: p.grad for n, p in visual.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grad, grads[0][name], msg=name)
