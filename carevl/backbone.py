@@ -167,7 +167,7 @@ class Backbone(nn.Module):
             # also reads it, to keep ranks in step under ZeRO-3).
             self._zero3 = HfDeepSpeedConfig(deepspeed_config)
 
-        options = dict(dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code)
+        options = self._load_options()
         if self.random_init:  # a model of the checkpoint's shape with fresh random weights (throughput checks)
             from transformers import AutoConfig
 
@@ -194,6 +194,23 @@ class Backbone(nn.Module):
         trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
         total = sum(p.numel() for p in hf.parameters())
         log.info("loaded %s (%s): %.1fM of %.1fM parameters trainable", self.name, hf.config.model_type, trainable / 1e6, total / 1e6)
+
+    def _load_options(self) -> dict:
+        return dict(dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code)
+
+    def load_frozen(self) -> nn.Module:
+        """The checkpoint loaded again, frozen and in eval mode: the DPO reference where the policy's
+        weights cannot be copied (ZeRO-3 has partitioned them). Inside ZeRO-3's `zero.Init` (where
+        Lightning runs `configure_model`) it is partitioned as it loads."""
+        if self.random_init:
+            raise ValueError("a reference loaded from the checkpoint would not equal a random_init policy: use random_init: false")
+        from transformers import AutoModelForImageTextToText
+
+        hf = AutoModelForImageTextToText.from_pretrained(self.name, **self._load_options()).eval()
+        hf.requires_grad_(False)
+        if self.batch_vision_attention:
+            batch_vision_attention(hf)
+        return hf
 
     @staticmethod
     def compile_decoder_layers(hf: nn.Module) -> None:

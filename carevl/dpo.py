@@ -6,7 +6,9 @@ sequence of the group and to the reference pass) and all critiques of a batch ar
 forward. The reference comes in three modes:
 
 - ``copy``: a frozen copy of the starting model (eval mode, no gradients, never optimised; held
-  outside the module's parameters, so it is neither trained nor saved in checkpoints);
+  outside the module's parameters, so it is neither trained nor saved in checkpoints). Under
+  DeepSpeed ZeRO-3 the copy is the checkpoint loaded again, partitioned like the policy, with its
+  own DeepSpeed inference engine to gather its weights for each forward (TRL's arrangement);
 - ``lora_disabled``: the trained model itself with its LoRA adapters switched off (LoRA only);
 - ``precomputed``: log-probs computed once by ``python -m carevl.reference`` and stored beside the
   shards; training loads no reference weights at all.
@@ -23,7 +25,7 @@ from carevl.backbone import Backbone
 from carevl.encoding import IGNORE_INDEX
 from carevl.losses import dpo_group_loss
 from carevl.sft import JudgeModule
-from carevl.strategies import sharded_strategy
+from carevl.strategies import deepspeed_config, sharded_strategy, zero_stage
 
 REFERENCE_MODES = ("copy", "lora_disabled", "precomputed")
 VALIDATION_STATS = ("loss", "reward_accuracy", "chosen_beats_all", "margin")
@@ -34,7 +36,8 @@ class DPOJudge(JudgeModule):
 
     Args:
         backbone: the SFT judge to train.
-        reference: "copy" (a frozen copy of the starting model), "lora_disabled" (this model with
+        reference: "copy" (a frozen copy of the starting model; under ZeRO-3 loaded again and
+            partitioned), "lora_disabled" (this model with
             its LoRA adapters off) or "precomputed" (log-probs written beside the shards by
             `python -m carevl.reference`; no reference weights are loaded).
         beta: DPO temperature.
@@ -60,10 +63,13 @@ class DPOJudge(JudgeModule):
             raise ValueError("reference 'lora_disabled' needs LoRA on the backbone (backbone.init_args.lora)")
         if mode == "copy" and self._reference is None:
             sharded = sharded_strategy(getattr(self._trainer, "strategy", None))
+            if sharded == "DeepSpeed ZeRO-3":  # partitioned as it loads; on_fit_start gives it an engine
+                object.__setattr__(self, "_reference", self.backbone.load_frozen())
+                return
             if sharded:
                 raise ValueError(
                     f"reference 'copy' does not work under {sharded}: the copy would be taken from parameters that are "
-                    "already sharded, and no engine would gather them for its forward (Lightning issue #17319). Use "
+                    "already sharded, and nothing would gather them for its forward (Lightning issue #17319). Use "
                     "reference 'precomputed' (python -m carevl.reference) or 'lora_disabled' instead."
                 )
             reference = copy.deepcopy(self.backbone.hf).eval()
@@ -79,8 +85,24 @@ class DPOJudge(JudgeModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self._reference is not None:
+        if self._reference is None:
+            return
+        config = deepspeed_config(self.trainer.strategy)
+        if zero_stage(config) == 3:
+            self.start_reference_engine(config)
+        else:
             self._reference.to(self.device)
+
+    def start_reference_engine(self, config: dict) -> None:
+        """A DeepSpeed inference engine (no optimizer) around the partitioned reference: its hooks
+        gather each module's weights for the forward and free them after, as for the policy."""
+        import deepspeed
+
+        settings = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
+        settings.setdefault("train_micro_batch_size_per_gpu", 1)
+        engine, *_ = deepspeed.initialize(model=self._reference, config=settings)
+        engine.eval()
+        object.__setattr__(self, "_reference_engine", engine)
 
     def step_work(self, batch: dict) -> tuple[dict[str, float], bool]:
         packed = self.hparams.pack_prompts and self.backbone.packs_prompts and self.backbone.shares_vision and "pixel_values" in batch["inputs"]

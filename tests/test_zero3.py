@@ -53,7 +53,7 @@ def test_zero_steps_train_what_is_trainable_against_their_references(tiny_qwen, 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    for name in ("dpo", "sft", "dpo_full"):
+    for name in ("dpo", "sft", "dpo_full", "dpo_copy"):
         run = report[name]
         assert run["finite"], run["losses"]
         assert run["head_chunk"] == (7 if stage == 2 else None)
@@ -61,11 +61,16 @@ def test_zero_steps_train_what_is_trainable_against_their_references(tiny_qwen, 
         assert not run["moved_frozen"], "frozen weights (vision; the base under LoRA) stay put"
     for name in ("dpo", "sft"):
         assert report[name]["moved"] == report[name]["lora"] > 0 and not report[name]["moved_outside_lora"], "the adapters train"
-    assert report["dpo_full"]["moved"] == report["dpo_full"]["trainable"] > 0, "every language-model weight trains"
+    for name in ("dpo_full", "dpo_copy"):
+        assert report[name]["moved"] == report[name]["trainable"] > 0, "every language-model weight trains"
+    # The frozen copy: partitioned under ZeRO-3 (loaded again, with its own engine), never moved.
+    assert report["dpo_copy"]["reference_partitioned"] == (stage == 3)
+    assert not report["dpo_copy"]["reference_moved"]
     # The policy starts at its reference (adapters at zero; the precomputed log-probs of the same
     # weights in the same dtype), so the first DPO loss is log 2.
     assert report["dpo"]["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert report["dpo_full"]["losses"][0] == pytest.approx(math.log(2), abs=1e-3)
+    assert report["dpo_copy"]["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

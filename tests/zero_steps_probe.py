@@ -2,7 +2,8 @@
 training steps of the judge modules through DeepSpeed's engine under ZeRO stage 2 or 3, bf16,
 gradient checkpointing on, the head in chunks of 7 response tokens: DPO with LoRA and the
 adapters-off reference, SFT with LoRA, and DPO of the whole language model against log-probs
-precomputed by `carevl.reference` (configs/dpo.yaml's setting). Lightning refuses DeepSpeed without
+precomputed by `carevl.reference` (configs/dpo.yaml's setting) and against a frozen copy (under
+ZeRO-3 loaded again, partitioned, in its own inference engine). Lightning refuses DeepSpeed without
 CUDA, so the engine is driven directly, on the modules' own step functions (`DPOJudge.group_step`,
 `SFTJudge`'s loss). Prints what the test checks, as JSON.
 
@@ -96,12 +97,19 @@ def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
         ("dpo", DPOJudge, groups, "preference_group", {"reference": "lora_disabled", "beta": 0.1}),
         ("sft", SFTJudge, sft, "sft", {}),
         ("dpo_full", DPOJudge, groups, "preference_group", {"reference": "precomputed", "beta": 0.1}),
+        ("dpo_copy", DPOJudge, groups, "preference_group", {"reference": "copy", "beta": 0.1}),
     )
     for name, module_class, directory, kind, arguments in runs:
-        full = name == "dpo_full"
+        full = name in ("dpo_full", "dpo_copy")
         lora = None if full else LoraSettings(dropout=0.0)
         backbone = Backbone(checkpoint, lora=lora, freeze_projector=full, dtype="bfloat16", gradient_checkpointing=True, logit_chunk=7)
         module = built(module_class(backbone, **arguments), config)
+        reference = {}
+        if name == "dpo_copy":
+            if int(stage) == 3:
+                module.start_reference_engine(config)  # what on_fit_start does under ZeRO-3
+            reference = dict(module.reference_model.named_parameters())
+        reference_before = gathered(reference)
         data = JudgeDataModule(processor=checkpoint, train=directory, kind=kind, batch_size=2, num_workers=0, max_length=512)
         data.setup("fit")
         batch = next(iter(data.train_dataloader()))
@@ -120,6 +128,7 @@ def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
             engine.step()
             losses.append(float(loss))
         after = gathered(params)
+        reference_after = gathered(reference)
         moved = [n for n in params if not torch.equal(before[n], after[n])]
         report[name] = {
             "losses": losses,
@@ -130,6 +139,8 @@ def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
             "lora": sum("lora_" in n for n in params),
             "trainable": sum(p.requires_grad for p in params.values()),
             "moved_frozen": [n for n in moved if not params[n].requires_grad],
+            "reference_partitioned": bool(reference) and all(hasattr(p, "ds_id") for p in reference.values()),
+            "reference_moved": [n for n in reference if not torch.equal(reference_before[n], reference_after[n])],
         }
     print(json.dumps(report))
 
