@@ -4,6 +4,7 @@ configs/strategies/zero3.yaml, and the modules' training steps run through DeepS
 ZeRO-2 and ZeRO-3. Lightning refuses DeepSpeed training without CUDA, so its loop around the
 engine is checked on a GPU by tools/gpu_smoke.py."""
 
+import dataclasses
 import json
 import math
 import os
@@ -71,6 +72,13 @@ def test_zero_steps_train_what_is_trainable_against_their_references(tiny_qwen, 
     assert report["dpo"]["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert report["dpo_full"]["losses"][0] == pytest.approx(math.log(2), abs=1e-3)
     assert report["dpo_copy"]["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    # Throughput's FLOP counts see whole weights, partitioned or not.
+    from carevl.backbone import Backbone
+    from carevl.flops import ModelFlops
+
+    plain = Backbone(tiny_qwen, freeze_projector=True)
+    plain.build()
+    assert report["dpo_full"]["model_flops"] == dataclasses.asdict(ModelFlops.of(plain.hf))
 
 
 @pytest.mark.parametrize("stage", [2, 3])

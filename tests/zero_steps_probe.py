@@ -12,6 +12,7 @@ Lightning's DeepSpeed strategy does (`engine.save_checkpoint(path, tag="checkpoi
 step 4, then loads the checkpoint into a fresh engine and trains steps 3 and 4 again; it writes the
 step-2 weights for the test to compare an export with."""
 
+import dataclasses
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 import carevl.cli  # noqa: E402,F401  (what `carevl fit` has imported before it builds the model)
 from carevl.backbone import Backbone, LoraSettings  # noqa: E402
 from carevl.dpo import DPOJudge  # noqa: E402
+from carevl.flops import ModelFlops  # noqa: E402
 from carevl.losses import sft_loss  # noqa: E402
 from carevl.reference import precompute_reference  # noqa: E402
 from carevl.sft import SFTJudge  # noqa: E402
@@ -140,6 +142,7 @@ def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
             "trainable": sum(p.requires_grad for p in params.values()),
             "moved_frozen": [n for n in moved if not params[n].requires_grad],
             "reference_partitioned": bool(reference) and all(hasattr(p, "ds_id") for p in reference.values()),
+            "model_flops": dataclasses.asdict(ModelFlops.of(backbone.hf)),  # ZeRO-3 partitions: counted by ds_numel
             "reference_moved": [n for n in reference if not torch.equal(reference_before[n], reference_after[n])],
         }
     print(json.dumps(report))
