@@ -14,9 +14,14 @@ from torch import nn
 BLOCK_SUFFIXES = ("DecoderLayer", "VisionBlock", "EncoderLayer", "CrossAttentionDecoderLayer")
 
 
+def _is(strategy: object, name: str) -> bool:
+    """Whether `strategy` is Lightning's `name` strategy or a subclass of it (by class name: no import)."""
+    return any(cls.__name__ == name for cls in type(strategy).__mro__)
+
+
 def deepspeed_config(strategy: object) -> dict | None:
-    """The config of a DeepSpeed strategy, None for any other strategy or none."""
-    return getattr(strategy, "config", None) if type(strategy).__name__ == "DeepSpeedStrategy" else None
+    """The config of a DeepSpeed strategy (or a subclass), None for any other strategy or none."""
+    return getattr(strategy, "config", None) if _is(strategy, "DeepSpeedStrategy") else None
 
 
 def zero_stage(config: dict | None) -> int | None:
@@ -30,7 +35,7 @@ def sharded_strategy(strategy: object) -> str | None:
         return None
     if zero_stage(deepspeed_config(strategy)) == 3:
         return "DeepSpeed ZeRO-3"
-    if any(cls.__name__ == "FSDPStrategy" for cls in type(strategy).__mro__):
+    if _is(strategy, "FSDPStrategy"):
         return "FSDP"
     return None
 

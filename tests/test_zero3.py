@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO on CPU (DeepSpeed's CPU accelerator, one gloo process): the judge is built
 inside Lightning's `zero.Init` context the way `carevl fit` builds it under
-configs/strategies/zero3.yaml, and the modules' training steps run through DeepSpeed's engine under
-ZeRO-2 and ZeRO-3. Lightning refuses DeepSpeed training without CUDA, so its loop around the
-engine is checked on a GPU by tools/gpu_smoke.py."""
+configs/strategies/zero3.yaml; the modules' training steps run through DeepSpeed's engine under
+ZeRO-2 and ZeRO-3; ZeRO checkpoints resume and export; and `carevl fit` runs through Lightning's
+DeepSpeed strategy with its CUDA checks lifted (tests/cpu_deepspeed.py)."""
 
 import dataclasses
 import json
@@ -112,3 +112,73 @@ def test_a_zero_checkpoint_resumes_exactly_and_exports_its_weights(tiny_qwen, wo
     assert saved.keys() <= exported.keys() and len(saved) > 10
     different = [k for k in saved if not torch.equal(exported[k], saved[k])]
     assert not different, different[:5]
+
+
+def test_carevl_fit_under_lightnings_zero3_trains_resumes_stops_in_time_and_exports(tiny_qwen, tmp_path):
+    """`carevl fit` through Lightning's DeepSpeed strategy (tests/cpu_deepspeed.py lifts its CUDA
+    checks) under ZeRO-3: full DPO against a frozen copy given its own engine in on_fit_start,
+    Throughput logging MFU, ZeRO checkpoints saved, a resume with TimeLimit past its deadline
+    stopping at the next step with a checkpoint of it, and that checkpoint exported."""
+    import csv
+    import time
+
+    import yaml
+    from transformers import AutoModelForImageTextToText
+
+    from carevl.shapes import write_preference_groups
+    from tests.test_checkpoints import load_tool
+
+    write_preference_groups(str(tmp_path / "groups"), n=6, shard_size=6)
+    checkpoints = tmp_path / "ckpt"
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "precision": "bf16-mixed", "max_steps": 2, "log_every_n_steps": 1,
+            "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "gradient_clipping": 1.0}}},
+            "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run"}},
+            "callbacks": [
+                {"class_path": "carevl.callbacks.Throughput", "init_args": {"window": 1, "peak_tflops": 1.0}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "save_last": True, "every_n_train_steps": 2}},
+                {"class_path": "carevl.callbacks.TimeLimit", "init_args": {"dirpath": str(checkpoints), "margin_minutes": 0}},
+            ],
+        },
+        "model": {"class_path": "carevl.dpo.DPOJudge", "init_args": {
+            "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "freeze_projector": True, "gradient_checkpointing": True}},
+            "reference": "copy", "beta": 0.1, "lr": 1e-3, "global_batch_size": None, "val_generate": False}},
+        "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(tmp_path / "groups"), "kind": "preference_group", "batch_size": 1, "num_workers": 0}},
+    }
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def fit(*arguments, deadline=None):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+        env.pop("SLURM_JOB_ID", None)
+        if deadline is not None:
+            env["CAREVL_DEADLINE"] = str(deadline)
+        done = subprocess.run([sys.executable, "-m", "carevl.cli", "fit", "--config", str(path), *arguments], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    def saved_step(checkpoint) -> int:
+        states = next(checkpoint.glob("checkpoint/*model_states.pt"))
+        return torch.load(states, map_location="cpu", weights_only=False)["global_step"]
+
+    fit()
+    assert saved_step(checkpoints / "last.ckpt") == 2
+    with open(next((tmp_path / "logs").rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    first = next(r for r in rows if r.get("train/loss"))
+    assert int(first["step"]) == 0 and float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-4), "the copy equals the starting policy"
+    assert any(r.get("train/mfu") for r in rows)
+
+    # resumed with its deadline already past: one more step, a checkpoint of it, and a stop
+    fit(f"--ckpt_path={checkpoints / 'last.ckpt'}", "--trainer.max_steps=6", deadline=time.time() - 1)
+    assert saved_step(checkpoints / "last.ckpt") == 3
+
+    out = load_tool("export_checkpoint").export(str(path), str(checkpoints / "last.ckpt"), str(tmp_path / "hf"))
+    exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.bfloat16).state_dict()
+    start = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.bfloat16).state_dict()
+    language = [k for k in start if k.startswith("model.language_model.layers.")]
+    vision = [k for k in start if k.startswith("model.visual.")]
+    assert all(not torch.equal(exported[k], start[k]) for k in language if k.endswith("proj.weight")), "the policy trained"
+    assert all(torch.equal(exported[k], start[k]) for k in vision), "the frozen vision tower did not"
