@@ -116,7 +116,8 @@ def test_a_zero_checkpoint_resumes_exactly_and_exports_its_weights(tiny_qwen, wo
 
 def test_carevl_fit_under_lightnings_zero3_trains_resumes_stops_in_time_and_exports(tiny_qwen, tmp_path):
     """`carevl fit` through Lightning's DeepSpeed strategy (tests/cpu_deepspeed.py lifts its CUDA
-    checks) under ZeRO-3: full DPO against a frozen copy given its own engine in on_fit_start,
+    checks) under ZeRO-3 over two processes, each holding half of every weight: full DPO against a
+    frozen copy given its own engine in on_fit_start,
     Throughput logging MFU, ZeRO checkpoints saved, a resume with TimeLimit past its deadline
     stopping at the next step with a checkpoint of it, and that checkpoint exported."""
     import csv
@@ -128,12 +129,12 @@ def test_carevl_fit_under_lightnings_zero3_trains_resumes_stops_in_time_and_expo
     from carevl.shapes import write_preference_groups
     from tests.test_checkpoints import load_tool
 
-    write_preference_groups(str(tmp_path / "groups"), n=6, shard_size=6)
+    write_preference_groups(str(tmp_path / "groups"), n=8, shard_size=4)  # a shard per process
     checkpoints = tmp_path / "ckpt"
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "precision": "bf16-mixed", "max_steps": 2, "log_every_n_steps": 1,
+            "accelerator": "cpu", "devices": 2, "precision": "bf16-mixed", "max_steps": 2, "log_every_n_steps": 1,
             "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "gradient_clipping": 1.0}}},
             "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run"}},
@@ -160,8 +161,9 @@ def test_carevl_fit_under_lightnings_zero3_trains_resumes_stops_in_time_and_expo
         assert done.returncode == 0, done.stderr[-3000:]
 
     def saved_step(checkpoint) -> int:
-        states = next(checkpoint.glob("checkpoint/*model_states.pt"))
-        return torch.load(states, map_location="cpu", weights_only=False)["global_step"]
+        states = sorted(checkpoint.glob("checkpoint/*model_states.pt"))
+        assert len(states) == 2, "one partition per process"
+        return torch.load(states[0], map_location="cpu", weights_only=False)["global_step"]
 
     fit()
     assert saved_step(checkpoints / "last.ckpt") == 2
