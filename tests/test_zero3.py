@@ -114,10 +114,11 @@ def test_a_zero_checkpoint_resumes_exactly_and_exports_its_weights(tiny_qwen, wo
     assert not different, different[:5]
 
 
-def test_carevl_fit_under_lightnings_zero3_trains_resumes_stops_in_time_and_exports(tiny_qwen, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_exports(tiny_qwen, tmp_path, stage):
     """`carevl fit` through Lightning's DeepSpeed strategy (tests/cpu_deepspeed.py lifts its CUDA
-    checks) under ZeRO-3 over two processes, each holding half of every weight: full DPO against a
-    frozen copy given its own engine in on_fit_start,
+    checks) under ZeRO-2 and ZeRO-3 over two processes (under ZeRO-3 each holds half of every
+    weight): full DPO against a frozen copy (under ZeRO-3 given its own engine in on_fit_start),
     Throughput logging MFU, ZeRO checkpoints saved, a resume with TimeLimit past its deadline
     stopping at the next step with a checkpoint of it, and that checkpoint exported."""
     import csv
@@ -135,7 +136,7 @@ def test_carevl_fit_under_lightnings_zero3_trains_resumes_stops_in_time_and_expo
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu", "devices": 2, "precision": "bf16-mixed", "max_steps": 2, "log_every_n_steps": 1,
-            "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "gradient_clipping": 1.0}}},
+            "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": {"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}, "gradient_clipping": 1.0}}},
             "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run"}},
             "callbacks": [
@@ -161,8 +162,9 @@ def test_carevl_fit_under_lightnings_zero3_trains_resumes_stops_in_time_and_expo
         assert done.returncode == 0, done.stderr[-3000:]
 
     def saved_step(checkpoint) -> int:
+        assert len(list(checkpoint.glob("checkpoint/*optim_states.pt"))) == 2, "one optimizer partition per process"
         states = sorted(checkpoint.glob("checkpoint/*model_states.pt"))
-        assert len(states) == 2, "one partition per process"
+        assert len(states) == (2 if stage == 3 else 1), "under ZeRO-3 the weights are partitioned too"
         return torch.load(states[0], map_location="cpu", weights_only=False)["global_step"]
 
     fit()
