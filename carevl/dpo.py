@@ -8,7 +8,8 @@ forward. The reference comes in three modes:
 - ``copy``: a frozen copy of the starting model (eval mode, no gradients, never optimised; held
   outside the module's parameters, so it is neither trained nor saved in checkpoints). Under
   DeepSpeed ZeRO-3 the copy is the checkpoint loaded again, partitioned like the policy, with its
-  own DeepSpeed inference engine to gather its weights for each forward (TRL's arrangement);
+  own DeepSpeed inference engine to gather its weights for each forward (TRL's arrangement),
+  started at the first fit or validation;
 - ``lora_disabled``: the trained model itself with its LoRA adapters switched off (LoRA only);
 - ``precomputed``: log-probs computed once by ``python -m carevl.reference`` and stored beside the
   shards; training loads no reference weights at all.
@@ -85,13 +86,21 @@ class DPOJudge(JudgeModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self._reference is None:
+        self.prepare_reference()
+
+    def on_validation_start(self) -> None:
+        self.prepare_reference()  # `carevl validate` has no fit start
+
+    def prepare_reference(self) -> None:
+        """Put the copy reference where it runs (once): on the device, or under ZeRO-3 in its engine."""
+        if self._reference is None or getattr(self, "_reference_ready", False):
             return
         config = deepspeed_config(self.trainer.strategy)
         if zero_stage(config) == 3:
             self.start_reference_engine(config)
         else:
             self._reference.to(self.device)
+        object.__setattr__(self, "_reference_ready", True)
 
     def start_reference_engine(self, config: dict) -> None:
         """A DeepSpeed inference engine (no optimizer) around the partitioned reference: its hooks

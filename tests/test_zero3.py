@@ -136,7 +136,7 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu", "devices": 2, "precision": "bf16-mixed", "max_steps": 2, "log_every_n_steps": 1,
-            "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": {"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}, "gradient_clipping": 1.0}}},
+            "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json")}},
             "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run"}},
             "callbacks": [
@@ -153,13 +153,24 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(config))
 
-    def fit(*arguments, deadline=None):
+    def carevl(command, *arguments, deadline=None):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
         env.pop("SLURM_JOB_ID", None)
         if deadline is not None:
             env["CAREVL_DEADLINE"] = str(deadline)
-        done = subprocess.run([sys.executable, "-m", "carevl.cli", "fit", "--config", str(path), *arguments], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run([sys.executable, "-m", "carevl.cli", command, "--config", str(path), *arguments], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+
+    def fit(*arguments, deadline=None):
+        carevl("fit", *arguments, deadline=deadline)
+
+    def logged(name) -> list[dict]:
+        with open(next((tmp_path / "logs").rglob(f"{name}/**/metrics.csv"))) as f:
+            return list(csv.DictReader(f))
+
+    # `carevl validate` (DeepSpeed's inference engine in Lightning; the copy prepared without a fit)
+    carevl("validate", f"--data.init_args.val={tmp_path / 'groups'}", "--trainer.limit_val_batches=1", "--trainer.logger.init_args.name=validate")
+    assert float(next(r for r in logged("validate") if r.get("val/groups_loss"))["val/groups_loss"]) == pytest.approx(math.log(2), abs=1e-4)
 
     def saved_step(checkpoint) -> int:
         assert len(list(checkpoint.glob("checkpoint/*optim_states.pt"))) == 2, "one optimizer partition per process"
@@ -169,8 +180,7 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
 
     fit()
     assert saved_step(checkpoints / "last.ckpt") == 2
-    with open(next((tmp_path / "logs").rglob("metrics.csv"))) as f:
-        rows = list(csv.DictReader(f))
+    rows = logged("run")
     first = next(r for r in rows if r.get("train/loss"))
     assert int(first["step"]) == 0 and float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-4), "the copy equals the starting policy"
     assert any(r.get("train/mfu") for r in rows)
