@@ -335,7 +335,7 @@ class Backbone(nn.Module):
         sequence gets its group's image inputs. `model` scores with another model of the same
         architecture (the frozen reference) instead of this one.
         """
-        if pack and features is not None and "prompt_lengths" in batch and self.packs_prompts:
+        if pack and features is not None and self.packs_group(batch):
             return self.packed_group_logprobs(batch, features, model)
         hf = self.hf if model is None else model
         inputs, index = batch["inputs"], batch["image_index"]
@@ -362,6 +362,11 @@ class Backbone(nn.Module):
         """Whether a group's critiques can share one pass over its prompt (Qwen2-VL: explicit 3D
         positions and custom 4D attention masks are accepted)."""
         return self.hf.config.model_type == "qwen2_vl"
+
+    def packs_group(self, batch: dict) -> bool:
+        """Whether `group_logprobs(batch, self.image_features(...), pack=True)` computes each group's
+        prompt once: a family that packs prompts, with image features to share."""
+        return self.packs_prompts and self.shares_vision and "pixel_values" in batch["inputs"] and "prompt_lengths" in batch
 
     def packed_group_logprobs(self, batch: dict, features: list[torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
         """(S,) summed response log-probs like `group_logprobs`, with each group's prompt computed once.

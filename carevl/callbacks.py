@@ -116,7 +116,7 @@ class Throughput(Callback):
     def __init__(self, window: int = 20, peak_tflops: float | None = None):
         if window < 1:
             raise ValueError(f"window counts optimizer steps, got {window}")
-        self.window, self.peak_tflops = window, peak_tflops
+        self.peak_tflops = peak_tflops
         self.peak: float | None = None
         self.flops: ModelFlops | None = None
         self.steps: deque[tuple[float, float, float, float]] = deque(maxlen=window)
@@ -129,9 +129,10 @@ class Throughput(Callback):
         if self.peak_tflops:
             self.peak = self.peak_tflops * 1e12
         elif device.type == "cuda":
-            self.peak = peak_flops(torch.cuda.get_device_name(device), trainer.precision)
+            name = torch.cuda.get_device_name(device)
+            self.peak = peak_flops(name, trainer.precision)
             if self.peak is None:
-                log.info("throughput: no known peak for %s at precision %s: MFU not logged (set peak_tflops)", torch.cuda.get_device_name(device), trainer.precision)
+                log.info("throughput: no known peak for %s at precision %s: MFU not logged (set peak_tflops)", name, trainer.precision)
         self._restart(trainer)
 
     def _restart(self, trainer: Trainer) -> None:

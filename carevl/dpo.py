@@ -63,10 +63,11 @@ class DPOJudge(JudgeModule):
         if mode == "lora_disabled" and self.backbone.lora is None:
             raise ValueError("reference 'lora_disabled' needs LoRA on the backbone (backbone.init_args.lora)")
         if mode == "copy" and self._reference is None:
-            sharded = sharded_strategy(getattr(self._trainer, "strategy", None))
-            if sharded == "DeepSpeed ZeRO-3":  # partitioned as it loads; on_fit_start gives it an engine
+            strategy = getattr(self._trainer, "strategy", None)
+            if zero_stage(deepspeed_config(strategy)) == 3:  # partitioned as it loads; prepare_reference gives it an engine
                 object.__setattr__(self, "_reference", self.backbone.load_frozen())
                 return
+            sharded = sharded_strategy(strategy)
             if sharded:
                 raise ValueError(
                     f"reference 'copy' does not work under {sharded}: the copy would be taken from parameters that are "
@@ -92,15 +93,14 @@ class DPOJudge(JudgeModule):
         self.prepare_reference()  # `carevl validate` has no fit start
 
     def prepare_reference(self) -> None:
-        """Put the copy reference where it runs (once): on the device, or under ZeRO-3 in its engine."""
-        if self._reference is None or getattr(self, "_reference_ready", False):
+        """Put the copy reference where it runs: on the device, or under ZeRO-3 in its engine (once)."""
+        if self._reference is None:
             return
         config = deepspeed_config(self.trainer.strategy)
-        if zero_stage(config) == 3:
-            self.start_reference_engine(config)
-        else:
+        if zero_stage(config) != 3:
             self._reference.to(self.device)
-        object.__setattr__(self, "_reference_ready", True)
+        elif getattr(self, "_reference_engine", None) is None:
+            self.start_reference_engine(config)
 
     def start_reference_engine(self, config: dict) -> None:
         """A DeepSpeed inference engine (no optimizer) around the partitioned reference: its hooks
@@ -114,7 +114,7 @@ class DPOJudge(JudgeModule):
         object.__setattr__(self, "_reference_engine", engine)
 
     def step_work(self, batch: dict) -> tuple[dict[str, float], bool]:
-        packed = self.hparams.pack_prompts and self.backbone.packs_prompts and self.backbone.shares_vision and "pixel_values" in batch["inputs"]
+        packed = self.hparams.pack_prompts and self.backbone.packs_group(batch)
         return batch["packed_work" if packed else "work"], self.hparams.reference in ("copy", "lora_disabled")
 
     # -- scoring --------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class ModelFlops:
         text = hf.config.get_text_config()
         skip = {id(hf.get_input_embeddings().weight), id(hf.get_output_embeddings().weight)}
         body = body_weights = vision = projector = 0.0
-        vision_trains = any(p.requires_grad for n, p in hf.named_parameters() if n.startswith(vision_prefixes) and not n.startswith(projector_prefixes))
+        vision_trains = False
         for name, param in hf.named_parameters():
             if id(param) in skip:
                 continue
@@ -130,6 +130,7 @@ class ModelFlops:
                 projector += (6 if param.requires_grad else 2) * n
             elif name.startswith(vision_prefixes):
                 vision += (6 if param.requires_grad else 2) * n
+                vision_trains |= param.requires_grad
             else:
                 body += (6 if param.requires_grad else 4) * n
                 body_weights += n

@@ -106,7 +106,7 @@ def write_data(out: Path, groups: int, image_size: int, repeat: int) -> None:
             dpo.write(PreferenceGroupSample(**fields, chosen=long(item.critique()), rejected=[long(t) for t in shapes.worse_critiques(item)]))
 
 
-class Throughput(Callback):
+class StepTimes(Callback):
     """Step times after `warmup` steps, each with the work the step asked of the model
     (`carevl.flops`: counted by the loader) and whether a reference forward ran."""
 
@@ -268,7 +268,7 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
     strategy = "ddp" if args.strategy == "ddp" else {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"config": str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{args.strategy}.json")}}
     lora = {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}} if args.lora else {}
     gpu = args.accelerator == "gpu"
-    callbacks = [{"class_path": "__main__.Throughput", "init_args": {"warmup": args.warmup}}]
+    callbacks = [{"class_path": "__main__.StepTimes", "init_args": {"warmup": args.warmup}}]
     if args.profile and ckpt_path is None:
         callbacks.append({"class_path": "__main__.Profile", "init_args": {"warmup": args.warmup}})
     if args.count_ops and ckpt_path is None:
@@ -321,7 +321,7 @@ def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path) -> No
     except torch.cuda.OutOfMemoryError as error:
         print(f"{stage}: out of GPU memory ({str(error).splitlines()[0]}); try a smaller batch, --lora, or an offload strategy", flush=True)
         return
-    steps = next(c for c in cli.trainer.callbacks if isinstance(c, Throughput)).steps
+    steps = next(c for c in cli.trainer.callbacks if isinstance(c, StepTimes)).steps
     if not steps:
         print(f"{stage}: no timed steps (raise --steps above --warmup)", flush=True)
         return
