@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from carevl.encoding import TOKEN_KEYS
+from carevl.flops import ModelFlops
 from carevl.losses import response_token_logprobs, sequence_logprobs, token_logprobs
 from carevl.strategies import zero_stage
 from carevl.vision_attention import batch_vision_attention
@@ -58,6 +59,7 @@ FAMILIES = {
 SHARED_VISION = ("qwen2_vl", "qwen2_5_vl")
 LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT32_WEIGHTS = ("none", "trainable", "all")
 
 
 @dataclass
@@ -86,7 +88,10 @@ class Backbone(nn.Module):
         freeze_projector: also freeze the vision-to-language projector.
         lora: train LoRA adapters on the language model instead of all of its weights.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        dtype: weight dtype at load time: float32, bfloat16 or float16.
+        dtype: weight dtype at load time: float32, bfloat16 or float16. Under bf16-mixed training
+            without DeepSpeed (which keeps float32 master weights itself) the weights the optimizer
+            steps are held in float32 (`build`'s `float32_weights`): an AdamW update of 1e-5 is
+            below bfloat16's resolution at a weight's scale and would be rounded away.
         attn_implementation: "sdpa", "eager" or "flash_attention_2".
         trust_remote_code: run code shipped with the checkpoint (off unless a config says so).
         compile_layers: compile each decoder layer of the language model with torch.compile (regional
@@ -122,6 +127,7 @@ class Backbone(nn.Module):
         batch_vision_attention: bool = True,
         logit_chunk: int | None = 2048,
     ):
+        self.settings = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # for `unsharded`
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -140,12 +146,18 @@ class Backbone(nn.Module):
             raise ValueError(f"logit_chunk counts response tokens (None: no chunks), got {logit_chunk}")
         self.logit_chunk = logit_chunk
         self.model: nn.Module | None = None
+        self.model_flops: ModelFlops | None = None  # the model's FLOPs per unit of work (`build`)
         self.processor = None
 
     # -- building -------------------------------------------------------------------------------
 
-    def build(self, deepspeed_config: dict | None = None) -> None:
+    def build(self, deepspeed_config: dict | None = None, float32_weights: str = "none") -> None:
         """Load the model and processor, freeze, add adapters. Idempotent.
+
+        `float32_weights` says which weights to hold in float32 when `dtype` is a half type
+        (`carevl.strategies.float32_weights` picks it for a training run's strategy): "none",
+        "trainable" (the optimizer steps them; autocast computes in half precision) or "all" (FSDP:
+        a shard unit flattens its weights into one dtype, and its mixed precision computes in half).
 
         Under DeepSpeed, pass the strategy's config. DeepSpeed's optimizers flatten the trainable
         weights into one buffer, so LoRA adapters keep the model's dtype (peft would otherwise
@@ -185,15 +197,29 @@ class Backbone(nn.Module):
             hf.config.use_cache = False
         if self.lora is not None:
             hf = self._add_lora(hf, family, zero3=zero3, adapter_float32=deepspeed_config is None)
+        self._hold_in_float32(hf, float32_weights)
         base = hf.get_base_model() if self.lora is not None else hf
         if self.gradient_checkpointing and self.freeze_vision:
             self._keep_vision_out_of_the_graph(base, family)
         if self.compile_layers:
             self.compile_decoder_layers(base)
         self.model = hf
+        # Counted now, while every weight is whole: FSDP wraps the model later and then leaves each
+        # rank only its shard (ZeRO-3, which partitions while loading, reports whole sizes).
+        self.model_flops = ModelFlops.of(self.hf, family.vision, family.projector)
         trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
         total = sum(p.numel() for p in hf.parameters())
         log.info("loaded %s (%s): %.1fM of %.1fM parameters trainable", self.name, hf.config.model_type, trainable / 1e6, total / 1e6)
+
+    @staticmethod
+    def _hold_in_float32(hf: nn.Module, which: str) -> None:
+        """Upcast the trainable weights ("trainable") or all of them ("all") in place (the values
+        are unchanged: bf16 and fp16 are exact in float32; tied weights stay one parameter)."""
+        if which not in FLOAT32_WEIGHTS:
+            raise ValueError(f"float32_weights must be one of {FLOAT32_WEIGHTS}, got {which!r}")
+        for param in hf.parameters():
+            if param.is_floating_point() and param.dtype != torch.float32 and (which == "all" or (which == "trainable" and param.requires_grad)):
+                param.data = param.data.float()
 
     def _load_options(self) -> dict:
         return dict(dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code)
@@ -455,18 +481,58 @@ class Backbone(nn.Module):
 
     # -- saving ---------------------------------------------------------------------------------
 
-    def export(self, out_dir: str | Path, merge_lora: bool = True) -> Path:
+    def _in_configured_dtype(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`weights` in `dtype` (those held in float32 for training included); tied weights stay
+        one tensor."""
+        dtype, cast = DTYPES[self.dtype], {}
+        for key, weight in weights.items():
+            if weight.is_floating_point() and weight.dtype != dtype:
+                same = (weight.untyped_storage().data_ptr(), weight.storage_offset(), weight.shape)
+                if same not in cast:
+                    cast[same] = weight.to(dtype)
+                weights[key] = cast[same]
+        return weights
+
+    def unsharded(self, weights: dict[str, torch.Tensor]) -> Backbone:
+        """A CPU copy of this backbone, built from the same settings, holding `weights`: this
+        backbone's whole weights by their names in `self.model` (`carevl.strategies.whole_weights`
+        gathers them under ZeRO-3 and FSDP, where this process holds only a shard)."""
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        copy_ = Backbone(**self.settings)
+        zero3 = getattr(self, "_zero3", None)
+        if zero3 is not None:
+            unset_hf_deepspeed_config()  # else transformers would partition the copy as it loads
+        try:
+            copy_.build()
+        finally:
+            if zero3 is not None:
+                set_hf_deepspeed_config(zero3)
+        missing = set(dict(copy_.model.named_parameters())) - set(weights)
+        unexpected = set(weights) - set(copy_.model.state_dict())
+        if missing or unexpected:
+            raise RuntimeError(f"gathered weights do not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        copy_.model.load_state_dict(weights, strict=False)
+        return copy_
+
+    def export(self, out_dir: str | Path, merge_lora: bool = True, weights: dict[str, torch.Tensor] | None = None) -> Path:
         """Write model and processor as a Hugging Face checkpoint.
 
         With LoRA, `merge_lora` folds the adapters into a copy of the weights (the training model is
-        left untouched); otherwise only the adapters are written, next to the processor.
+        left untouched); otherwise only the adapters are written, next to the processor. `weights`:
+        the whole weights when this process holds shards of them (see `unsharded`).
         """
+        if weights is not None:
+            return self.unsharded(weights).export(out_dir, merge_lora=merge_lora)
         out = Path(out_dir)
         model = self.model
         if self.lora is not None and merge_lora:
             model = copy.deepcopy(model).merge_and_unload()
         was_training = model.training
-        model.save_pretrained(out)
+        if self.lora is not None and not merge_lora:
+            model.save_pretrained(out)  # the adapters, in the dtype they trained in
+        else:
+            model.save_pretrained(out, state_dict=self._in_configured_dtype(model.state_dict()))
         self.processor.save_pretrained(out)
         model.train(was_training)
         log.info("exported %s to %s", self.name, out)

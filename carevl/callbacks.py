@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from lightning import Callback, LightningModule, Trainer
 
-from carevl.backbone import Backbone
 from carevl.flops import ModelFlops, peak_flops
+from carevl.strategies import whole_weights
 
 log = logging.getLogger(__name__)
 DEADLINE_ENV = "CAREVL_DEADLINE"
@@ -22,6 +22,8 @@ DEADLINE_ENV = "CAREVL_DEADLINE"
 class ExportHF(Callback):
     """Write the trained backbone as a Hugging Face checkpoint (model + processor) when fit ends.
     Skipped when `TimeLimit` stopped the run: the model is not finished, and the checkpoint resumes it.
+    Under ZeRO-3 and FSDP the shards are gathered onto rank 0's CPU first, which then holds the
+    weights twice (gathered, and in a CPU copy of the model that writes them).
 
     Args:
         dirpath: output directory; `AutoModelForImageTextToText.from_pretrained(dirpath)` loads it.
@@ -36,8 +38,9 @@ class ExportHF(Callback):
         if any(isinstance(callback, TimeLimit) and callback.stopped for callback in trainer.callbacks):
             log.info("not exporting to %s: the run stopped for its time limit and will resume", self.dirpath)
             return
+        weights = whole_weights(trainer.strategy, pl_module.backbone.model)  # every rank takes part in gathering shards
         if trainer.is_global_zero:
-            pl_module.backbone.export(self.dirpath, merge_lora=self.merge_lora)
+            pl_module.backbone.export(self.dirpath, merge_lora=self.merge_lora, weights=weights)
         trainer.strategy.barrier("carevl-export")
 
 
@@ -122,9 +125,7 @@ class Throughput(Callback):
         self.steps: deque[tuple[float, float, float, float]] = deque(maxlen=window)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        hf = pl_module.backbone.hf
-        family = Backbone.family_of(hf)
-        self.flops = ModelFlops.of(hf, family.vision, family.projector)
+        self.flops = pl_module.backbone.model_flops
         device = trainer.strategy.root_device
         if self.peak_tflops:
             self.peak = self.peak_tflops * 1e12

@@ -22,7 +22,7 @@ import copy
 import torch
 from torchmetrics import MeanMetric
 
-from carevl.backbone import Backbone
+from carevl.backbone import DTYPES, Backbone
 from carevl.encoding import IGNORE_INDEX
 from carevl.losses import dpo_group_loss
 from carevl.sft import JudgeModule
@@ -76,6 +76,8 @@ class DPOJudge(JudgeModule):
                 )
             reference = copy.deepcopy(self.backbone.hf).eval()
             reference.requires_grad_(False)
+            for param in reference.parameters():  # frozen: the float32 the policy's trainable weights may be held in is not needed
+                param.data = param.data.to(DTYPES[self.backbone.dtype])
             if self.backbone.compile_layers:
                 # deepcopy drops the compiled forward: the copy's layers get their own
                 self.backbone.compile_decoder_layers(reference)

@@ -16,7 +16,7 @@ from carevl.evaluation import MODES, BenchmarkEvaluation, markdown_table, score_
 from carevl.losses import sft_loss
 from carevl.metrics import VerdictAccuracy
 from carevl.prompts import parse_verdict
-from carevl.strategies import deepspeed_config, sharded_strategy
+from carevl.strategies import deepspeed_config, float32_weights, sharded_strategy
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -91,7 +91,8 @@ class JudgeModule(LightningModule):
                 f"compile_layers does not work under {sharded}: parameters are gathered by hooks around every "
                 "submodule, which split the compiled layers apart. Use DDP or DeepSpeed ZeRO-2, or set compile_layers: false."
             )
-        self.backbone.build(deepspeed_config=deepspeed_config(strategy))
+        fitting = getattr(getattr(self._trainer, "state", None), "fn", None) == "fit"  # evaluation and export keep the configured dtype
+        self.backbone.build(deepspeed_config=deepspeed_config(strategy), float32_weights=float32_weights(strategy) if fitting else "none")
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

@@ -7,9 +7,12 @@ backbone's table, found by class name so one config serves them all.
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+# Names FSDP's wrappers add inside the modules they wrap.
+WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 # Block classes of the supported families: Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision (Qwen2 + SigLIP), Mllama.
 BLOCK_SUFFIXES = ("DecoderLayer", "VisionBlock", "EncoderLayer", "CrossAttentionDecoderLayer")
 
@@ -38,6 +41,49 @@ def sharded_strategy(strategy: object) -> str | None:
     if _is(strategy, "FSDPStrategy"):
         return "FSDP"
     return None
+
+
+def float32_weights(strategy: object) -> str:
+    """Which weights a model loaded in a half dtype holds in float32 to train under `strategy`
+    (`Backbone.build`): DeepSpeed keeps float32 master weights of its own ("none"); FSDP flattens
+    each shard unit's weights into one dtype and computes in half through its mixed precision
+    ("all"); any other strategy lets the optimizer step the model's own weights ("trainable")."""
+    if deepspeed_config(strategy) is not None:
+        return "none"
+    return "all" if _is(strategy, "FSDPStrategy") else "trainable"
+
+
+def whole_weights(strategy: object, module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under a strategy that shards parameters (ZeRO-3, FSDP): `module`'s weights gathered whole
+    onto rank 0's CPU, by their names in `module` (without FSDP's wrapper names). None on the other
+    ranks and under strategies that do not shard. Collective: every rank must call it. ZeRO-3
+    gathers one module's weights at a time; FSDP gathers them all onto rank 0's CPU at once."""
+    sharded = sharded_strategy(strategy)
+    if sharded is None:
+        return None
+    on_rank0 = strategy.global_rank == 0
+    weights: dict[str, torch.Tensor] = {}
+    if sharded == "FSDP":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True):
+            if on_rank0:
+                for name, param in module.named_parameters():
+                    for wrapper in WRAPPER_NAMES:
+                        name = name.replace(wrapper, "")
+                    weights[name] = param.detach().clone()
+    else:
+        import deepspeed
+
+        for prefix, submodule in module.named_modules():
+            params = list(submodule.named_parameters(recurse=False))
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters([param for _, param in params], modifier_rank=None):
+                if on_rank0:
+                    for name, param in params:
+                        weights[f"{prefix}.{name}" if prefix else name] = param.detach().to("cpu", copy=True)
+    return weights if on_rank0 else None
 
 
 def transformer_blocks(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:

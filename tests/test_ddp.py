@@ -2,16 +2,11 @@
 same number of batches, nothing hangs, and validation scores every held-out sample once."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import yaml
 
 from carevl import schema, shapes
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import carevl
 
 
 def test_two_processes_uneven_shards(tiny_qwen, world, tmp_path):
@@ -38,10 +33,7 @@ def test_two_processes_uneven_shards(tiny_qwen, world, tmp_path):
     }
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "carevl.cli", "fit", "--config", str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    carevl("fit", path)
     counts = [json.loads((tmp_path / "counts" / f"rank{r}.json").read_text()) for r in (0, 1)]
     # 29 samples // (2 ranks x 3) = 4 batches per rank per epoch, 2 epochs.
     assert [c["train"] for c in counts] == [8, 8] and all(c["world_size"] == 2 for c in counts)

@@ -65,6 +65,25 @@ def test_fit_keeps_vision_frozen_and_moves_trainable_weights(tiny_qwen, world, t
     assert any(r.get("val/verdict_accuracy") for r in rows)
 
 
+def test_bf16_weights_train_at_a_small_learning_rate_and_export_in_bf16(tiny_qwen, world, tmp_path):
+    """bf16-mixed without DeepSpeed, weights loaded in bfloat16: the trainable ones are held in
+    float32. In bfloat16 an AdamW update at lr 1e-5 is below a weight's resolution: before, 86% of
+    the trainable elements stayed bit-identical over two steps (13% in float32, whose gradients are
+    zero: unused embedding rows)."""
+    from safetensors.torch import load_file
+
+    before = dict(AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.bfloat16).named_parameters())
+    cli = fit(tmp_path, tiny_qwen, world / "train", trainer={"precision": "bf16-mixed"}, backbone={"dtype": "bfloat16"}, lr=1e-5, max_steps=2, limit_val_batches=0)
+    backbone = cli.model.backbone
+    trainable = {n: p for n, p in backbone.hf.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in backbone.vision_parameters().values()} == {torch.bfloat16}, "frozen weights keep the configured dtype"
+    changed = sum(int((p != before[n]).sum()) for n, p in trainable.items()) / sum(p.numel() for p in trainable.values())
+    assert changed > 0.8
+    out = backbone.export(tmp_path / "hf")
+    assert {t.dtype for f in out.glob("*.safetensors") for t in load_file(f).values()} == {torch.bfloat16}
+
+
 def test_fit_completes_on_bad_shards_and_logs_skips(tiny_qwen, tmp_path):
     write_bad_shards(tmp_path / "bad")
     fit(tmp_path, tiny_qwen, tmp_path / "bad", max_steps=5)

@@ -8,23 +8,15 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+from tests.launch import ROOT, carevl, free_port
 
 
 def test_zero3_loads_the_checkpoint_into_partitioned_weights_and_starts_lora_at_zero(tiny_qwen):
@@ -119,8 +111,9 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     """`carevl fit` through Lightning's DeepSpeed strategy (tests/cpu_deepspeed.py lifts its CUDA
     checks) under ZeRO-2 and ZeRO-3 over two processes (under ZeRO-3 each holds half of every
     weight): full DPO against a frozen copy (under ZeRO-3 given its own engine in on_fit_start),
-    Throughput logging MFU, ZeRO checkpoints saved, a resume with TimeLimit past its deadline
-    stopping at the next step with a checkpoint of it, and that checkpoint exported."""
+    Throughput logging MFU, ZeRO checkpoints saved and exported (by the tool, and by ExportHF from
+    the gathered shards: the same weights), and a resume with TimeLimit past its deadline stopping
+    at the next step with a checkpoint of it."""
     import csv
     import time
 
@@ -143,6 +136,7 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
                 {"class_path": "carevl.callbacks.Throughput", "init_args": {"window": 1, "peak_tflops": 1.0}},
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "save_last": True, "every_n_train_steps": 2}},
                 {"class_path": "carevl.callbacks.TimeLimit", "init_args": {"dirpath": str(checkpoints), "margin_minutes": 0}},
+                {"class_path": "carevl.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / "hf-callback")}},
             ],
         },
         "model": {"class_path": "carevl.dpo.DPOJudge", "init_args": {
@@ -153,23 +147,15 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(config))
 
-    def carevl(command, *arguments, deadline=None):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
-        env.pop("SLURM_JOB_ID", None)
-        if deadline is not None:
-            env["CAREVL_DEADLINE"] = str(deadline)
-        done = subprocess.run([sys.executable, "-m", "carevl.cli", command, "--config", str(path), *arguments], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    def fit(*arguments, deadline=None):
-        carevl("fit", *arguments, deadline=deadline)
+    def fit(*arguments, **env):
+        carevl("fit", path, *arguments, DS_ACCELERATOR="cpu", **env)
 
     def logged(name) -> list[dict]:
         with open(next((tmp_path / "logs").rglob(f"{name}/**/metrics.csv"))) as f:
             return list(csv.DictReader(f))
 
     # `carevl validate` (DeepSpeed's inference engine in Lightning; the copy prepared without a fit)
-    carevl("validate", f"--data.init_args.val={tmp_path / 'groups'}", "--trainer.limit_val_batches=1", "--trainer.logger.init_args.name=validate")
+    carevl("validate", path, f"--data.init_args.val={tmp_path / 'groups'}", "--trainer.limit_val_batches=1", "--trainer.logger.init_args.name=validate", DS_ACCELERATOR="cpu")
     assert float(next(r for r in logged("validate") if r.get("val/groups_loss"))["val/groups_loss"]) == pytest.approx(math.log(2), abs=1e-4)
 
     def saved_step(checkpoint) -> int:
@@ -185,14 +171,20 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     assert int(first["step"]) == 0 and float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-4), "the copy equals the starting policy"
     assert any(r.get("train/mfu") for r in rows)
 
-    # resumed with its deadline already past: one more step, a checkpoint of it, and a stop
-    fit(f"--ckpt_path={checkpoints / 'last.ckpt'}", "--trainer.max_steps=6", deadline=time.time() - 1)
-    assert saved_step(checkpoints / "last.ckpt") == 3
-
+    # ExportHF gathered the shards: what it wrote equals the export of the step-2 checkpoint
     out = load_tool("export_checkpoint").export(str(path), str(checkpoints / "last.ckpt"), str(tmp_path / "hf"))
     exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.bfloat16).state_dict()
+    by_callback = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf-callback", dtype=torch.bfloat16).state_dict()
+    assert by_callback.keys() == exported.keys()
+    assert all(torch.equal(by_callback[k], exported[k]) for k in exported), [k for k in exported if not torch.equal(by_callback[k], exported[k])][:5]
     start = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.bfloat16).state_dict()
     language = [k for k in start if k.startswith("model.language_model.layers.")]
     vision = [k for k in start if k.startswith("model.visual.")]
     assert all(not torch.equal(exported[k], start[k]) for k in language if k.endswith("proj.weight")), "the policy trained"
     assert all(torch.equal(exported[k], start[k]) for k in vision), "the frozen vision tower did not"
+
+    # resumed with its deadline already past: one more step, a checkpoint of it, and a stop (no export)
+    (tmp_path / "hf-callback" / "config.json").unlink()
+    fit(f"--ckpt_path={checkpoints / 'last.ckpt'}", "--trainer.max_steps=6", CAREVL_DEADLINE=str(time.time() - 1))
+    assert saved_step(checkpoints / "last.ckpt") == 3
+    assert not (tmp_path / "hf-callback" / "config.json").exists(), "a run stopped for its time limit is not exported"

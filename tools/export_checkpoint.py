@@ -2,13 +2,15 @@
 
     python tools/export_checkpoint.py --config configs/sft.yaml --ckpt runs/sft/checkpoints/last.ckpt --out runs/sft/hf-last
 
-`--ckpt` may be a Lightning checkpoint file (DDP, or FSDP with state_dict_type "full") or a
-DeepSpeed ZeRO checkpoint directory (what Lightning's DeepSpeed strategy saves; its shards are
-consolidated to fp32 with DeepSpeed's own tool, which needs the `deepspeed` package). An FSDP
-"sharded" checkpoint directory is consolidated first with
-`python -m lightning.fabric.utilities.consolidate_checkpoint DIR`. The model is built from the same
-training config on the CPU, the weights are loaded with `weights_only`, then `Backbone.export`
-writes them (LoRA merged unless --keep-lora).
+`--ckpt` may be:
+- a Lightning checkpoint file (DDP, or FSDP with state_dict_type "full");
+- a DeepSpeed ZeRO checkpoint directory (what Lightning's DeepSpeed strategy saves; its shards are
+  consolidated to fp32 with DeepSpeed's own tool, which needs the `deepspeed` package);
+- an FSDP "sharded" checkpoint directory (torch.distributed.checkpoint's format): only the model's
+  weights are read from it, straight into the model, without the optimizer's state.
+
+The model is built from the same training config on the CPU, the weights are loaded with
+`weights_only`, then `Backbone.export` writes them (LoRA merged unless --keep-lora).
 """
 
 import argparse
@@ -20,7 +22,15 @@ import torch
 from carevl.cli import run
 
 
-def state_dict_of(checkpoint: Path) -> dict:
+def state_dict_of(checkpoint: Path, module: torch.nn.Module) -> dict:
+    """The module's weights saved in `checkpoint` (any of the formats above), by state-dict key."""
+    if (checkpoint / ".metadata").is_file():  # FSDP sharded: Lightning saves the weights under "model"
+        import torch.distributed.checkpoint as dcp
+
+        saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        wanted = {"model": {k: v for k, v in module.state_dict().items() if f"model.{k}" in saved}}
+        dcp.load(wanted, checkpoint_id=str(checkpoint), no_dist=True)
+        return wanted["model"]
     if checkpoint.is_dir():
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
@@ -35,7 +45,7 @@ def export(config: str, checkpoint: str, out: str, merge_lora: bool = True) -> P
     cli = run(["--config", config, "--trainer.strategy=auto", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.logger=false"], subcommand=False)
     module = cli.model
     module.configure_model()
-    missing, unexpected = module.load_state_dict(state_dict_of(Path(checkpoint)), strict=False)
+    missing, unexpected = module.load_state_dict(state_dict_of(Path(checkpoint), module), strict=False)
     trained = [k for k in missing if k.startswith("backbone.")]
     if trained or unexpected:
         raise RuntimeError(f"checkpoint does not match the config: missing {trained[:5]}, unexpected {unexpected[:5]}")
@@ -45,7 +55,7 @@ def export(config: str, checkpoint: str, out: str, merge_lora: bool = True) -> P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the training config the checkpoint came from")
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint file or DeepSpeed checkpoint directory")
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint file, DeepSpeed checkpoint directory or FSDP sharded checkpoint directory")
     parser.add_argument("--out", required=True, help="directory for the Hugging Face checkpoint")
     parser.add_argument("--keep-lora", action="store_true", help="write LoRA adapters instead of merging them")
     args = parser.parse_args()

@@ -11,8 +11,8 @@ checkpoint continues from its step.
         --steps 3 --warmup 2 --count-ops [--compile]   # a 2B step's kernel-sized operations, on CPU
 
 The DPO reference is, by default, what the configs use: a frozen copy under DDP and ZeRO-2; under
-ZeRO-3 the policy with its adapters off (LoRA) or log-probs precomputed by `carevl.reference`
-(timed apart). Gradient checkpointing is on (--no-gradient-checkpointing turns it off). Each phase
+ZeRO-3 and FSDP the policy with its adapters off (LoRA) or log-probs precomputed by
+`carevl.reference` (timed apart). Gradient checkpointing is on (--no-gradient-checkpointing turns it off). Each phase
 (timed steps, resume) runs in its own process: a finished DeepSpeed run keeps its GPU memory until
 its process ends. --profile prints torch.profiler's top operators over three steps. --count-ops
 counts each step's kernel-sized operations by phase; with --narrow (the shape's depth and images,
@@ -41,9 +41,8 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from carevl import shapes
-from carevl.backbone import Backbone
 from carevl.cli import run
-from carevl.flops import ModelFlops, peak_flops
+from carevl.flops import peak_flops
 from carevl.reference import precompute_reference
 from carevl.schema import PreferenceGroupSample, SFTSample, ShardWriter
 from carevl.tiny import build_tiny_model
@@ -253,7 +252,7 @@ def reference_mode(args) -> str:
     """The DPO reference the configs would use with this strategy (or the one asked for)."""
     if args.reference != "auto":
         return args.reference
-    if args.strategy.startswith("zero3"):
+    if args.strategy.startswith("zero3") or args.strategy == "fsdp":  # parameters sharded: no copy
         return "lora_disabled" if args.lora else "precomputed"
     return "copy"
 
@@ -263,9 +262,12 @@ def per_step(stage: str, args) -> int:
     return (args.batch_size if stage == "sft" else args.groups_per_step)[0]
 
 
-def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: int, ckpt_path: Path | None = None):
-    """`carevl fit` of one stage; saves a checkpoint at `max_steps` unless it resumes from `ckpt_path`."""
-    strategy = "ddp" if args.strategy == "ddp" else {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"config": str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{args.strategy}.json")}}
+def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: int, ckpt_path: Path | None = None, save: bool = False):
+    """`carevl fit` of one stage, resumed from `ckpt_path` if given; `save`: a checkpoint at `max_steps`."""
+    if args.strategy in ("ddp", "fsdp"):
+        strategy = "ddp" if args.strategy == "ddp" else {"class_path": "carevl.strategies.FSDP", "init_args": {"sharding_strategy": "FULL_SHARD"}}
+    else:
+        strategy = {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"config": str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{args.strategy}.json")}}
     lora = {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}} if args.lora else {}
     gpu = args.accelerator == "gpu"
     callbacks = [{"class_path": "__main__.StepTimes", "init_args": {"warmup": args.warmup}}]
@@ -273,7 +275,7 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
         callbacks.append({"class_path": "__main__.Profile", "init_args": {"warmup": args.warmup}})
     if args.count_ops and ckpt_path is None:
         callbacks.append({"class_path": "__main__.OperatorCount", "init_args": {"warmup": args.warmup}})
-    if ckpt_path is None:
+    if save:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "every_n_train_steps": max_steps}})
     config = {
         "seed_everything": 0,
@@ -281,7 +283,7 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
             "accelerator": args.accelerator, "devices": 1, "strategy": strategy, "max_steps": max_steps,
             "precision": "bf16-mixed" if gpu else "32-true", "logger": False, "enable_progress_bar": False,
             "num_sanity_val_steps": 0, "limit_val_batches": 0, "default_root_dir": str(root), "callbacks": callbacks,
-            "enable_checkpointing": ckpt_path is None,  # the resumed run saves nothing more
+            "enable_checkpointing": save,
         },
         "model": {
             "class_path": {"sft": "carevl.sft.SFTJudge", "dpo": "carevl.dpo.DPOJudge"}[stage],
@@ -302,8 +304,8 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
     return run(["fit", "--config", str(path)] + ([f"--ckpt_path={ckpt_path}"] if ckpt_path else []))
 
 
-def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path) -> None:
-    """Time `args.steps` steps of one stage and save a checkpoint at the last one."""
+def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path, save: bool = False) -> None:
+    """Time `args.steps` steps of one stage; `save`: a checkpoint at the last one, for `resume`."""
     reference = reference_mode(args) if stage == "dpo" else None
     if reference == "precomputed":
         for earlier in (data / "groups").glob("reference-logps*"):
@@ -317,7 +319,7 @@ def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path) -> No
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     try:
-        cli = fit(stage, args, checkpoint, data, root, max_steps=args.steps)
+        cli = fit(stage, args, checkpoint, data, root, max_steps=args.steps, save=save)
     except torch.cuda.OutOfMemoryError as error:
         print(f"{stage}: out of GPU memory ({str(error).splitlines()[0]}); try a smaller batch, --lora, or an offload strategy", flush=True)
         return
@@ -328,9 +330,7 @@ def time_steps(stage: str, args, checkpoint: Path, data: Path, root: Path) -> No
     memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     seconds = sum(s["seconds"] for s in steps)
     tokens = sum(s["work"]["tokens"] for s in steps)
-    hf = cli.model.backbone.hf
-    family = Backbone.family_of(hf)
-    model_flops = ModelFlops.of(hf, family.vision, family.projector)
+    model_flops = cli.model.backbone.model_flops
     flops = sum(model_flops.step(s["work"], s["reference_forward"]) for s in steps)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(torch.cuda.get_device_name(), "bf16-mixed") if torch.cuda.is_available() else None
     mfu = f"{flops / seconds / peak:.1%}" if peak else "n/a (no known peak: --peak-tflops)"
@@ -352,13 +352,13 @@ def resume(stage: str, args, checkpoint: Path, data: Path, root: Path) -> None:
     print(f"{stage}: resumed from step {args.steps} to step {resumed.trainer.global_step}: {'ok' if ok else 'FAILED'}", flush=True)
 
 
-PHASES = {"time": time_steps, "resume": resume}
+PHASES = {"time": time_steps, "time_and_save": functools.partial(time_steps, save=True), "resume": resume}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="2b")
-    parser.add_argument("--strategy", default="zero2", help="zero2, zero3, zero2_offload, zero3_offload (configs/deepspeed) or ddp")
+    parser.add_argument("--strategy", default="zero2", help="zero2, zero3, zero2_offload, zero3_offload (configs/deepspeed), fsdp (FULL_SHARD, carevl.strategies.FSDP) or ddp")
     parser.add_argument("--stages", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
     parser.add_argument("--reference", default="auto", choices=["auto", "copy", "lora_disabled", "precomputed"], help="DPO reference (auto: copy, or under ZeRO-3 lora_disabled with LoRA and precomputed without)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the full language model")
@@ -374,6 +374,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile the decoder layers (backbone compile_layers: true)")
     parser.add_argument("--batch-vision-attention", action=argparse.BooleanOptionalAction, default=True, help="one vision attention call per image size and layer (backbone batch_vision_attention; the default)")
     parser.add_argument("--narrow", action="store_true", help="the shape's depth and image sizes at small widths: counts a real shape's operators on CPU")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="save the last size's checkpoint and resume from it (--no-resume: timing only, no checkpoint written)")
     parser.add_argument("--accelerator", default="gpu")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
@@ -393,7 +394,7 @@ def main() -> None:
         # One process per phase: a finished DeepSpeed run keeps its GPU memory until its process ends.
         option, sizes = ("--batch-size", args.batch_size) if stage == "sft" else ("--groups-per-step", args.groups_per_step)
         for size in sizes:
-            phases = ["time", "resume"] if size == sizes[-1] else ["time"]
+            phases = ["time_and_save", "resume"] if args.resume and size == sizes[-1] else ["time"]
             for phase in phases:  # the later option wins in the child's parse
                 subprocess.run([sys.executable, __file__, *sys.argv[1:], option, str(size), "--work", str(work), "--phase", f"{stage}:{phase}"], check=False)
             shutil.rmtree(work / stage / "ckpt", ignore_errors=True)  # a full-model ZeRO checkpoint is tens of GB

@@ -1,0 +1,24 @@
+"""`carevl` run in a child process, for the tests that start several processes (gloo on CPU)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def carevl(command: str, config: Path, *arguments: str, **env: str) -> None:
+    """`carevl COMMAND --config CONFIG ARGUMENTS...` on its own rendezvous port; fails the test with
+    the end of its stderr when it fails."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), **env}
+    environment.pop("SLURM_JOB_ID", None)  # a test run inside a SLURM job must not take the job's ranks
+    done = subprocess.run([sys.executable, "-m", "carevl.cli", command, "--config", str(config), *arguments], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
