@@ -22,7 +22,7 @@ import copy
 import torch
 from torchmetrics import MeanMetric
 
-from carevl.backbone import DTYPES, Backbone
+from carevl.backbone import Backbone
 from carevl.encoding import IGNORE_INDEX
 from carevl.losses import dpo_group_loss
 from carevl.sft import JudgeModule
@@ -74,10 +74,10 @@ class DPOJudge(JudgeModule):
                     "already sharded, and nothing would gather them for its forward (Lightning issue #17319). Use "
                     "reference 'precomputed' (python -m carevl.reference) or 'lora_disabled' instead."
                 )
+            # the policy's dtypes too (float32 where its weights train, `Backbone.build`): the same
+            # computation, so the first loss is exactly log 2
             reference = copy.deepcopy(self.backbone.hf).eval()
             reference.requires_grad_(False)
-            for param in reference.parameters():  # frozen: the float32 the policy's trainable weights may be held in is not needed
-                param.data = param.data.to(DTYPES[self.backbone.dtype])
             if self.backbone.compile_layers:
                 # deepcopy drops the compiled forward: the copy's layers get their own
                 self.backbone.compile_decoder_layers(reference)

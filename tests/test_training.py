@@ -3,6 +3,7 @@ bad samples are skipped and counted in the logs, and the loss falls on data with
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,19 @@ def test_bf16_weights_train_at_a_small_learning_rate_and_export_in_bf16(tiny_qwe
     assert changed > 0.8
     out = backbone.export(tmp_path / "hf")
     assert {t.dtype for f in out.glob("*.safetensors") for t in load_file(f).values()} == {torch.bfloat16}
+
+
+def test_bf16_dpo_against_a_copy_starts_at_exactly_log_2(tiny_qwen, tmp_path):
+    """The copy reference keeps the policy's dtypes (float32 where the policy trains): both compute
+    the same, so the first loss is log 2 exactly. A copy cast back to bfloat16 gave 0.69338."""
+    from carevl.shapes import write_preference_groups
+
+    write_preference_groups(str(tmp_path / "groups"), n=4, shard_size=4)
+    fit(tmp_path, tiny_qwen, tmp_path / "groups", trainer={"precision": "bf16-mixed"}, module="carevl.dpo.DPOJudge",
+        module_args={"reference": "copy", "beta": 0.1, "val_generate": False}, backbone={"dtype": "bfloat16", "freeze_projector": True},
+        lr=1e-5, max_steps=1, limit_val_batches=0, kind="preference_group")
+    first = next(r for r in metrics(tmp_path) if r.get("train/loss"))
+    assert float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-7)
 
 
 def test_fit_completes_on_bad_shards_and_logs_skips(tiny_qwen, tmp_path):
