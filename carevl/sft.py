@@ -16,7 +16,7 @@ from carevl.evaluation import MODES, BenchmarkEvaluation, markdown_table, score_
 from carevl.losses import sft_loss
 from carevl.metrics import VerdictAccuracy
 from carevl.prompts import parse_verdict
-from carevl.strategies import deepspeed_config, float32_weights, sharded_strategy
+from carevl.strategies import deepspeed_config, float32_weights, offloads_optimizer, sharded_strategy
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -96,7 +96,12 @@ class JudgeModule(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if offloads_optimizer(deepspeed_config(self.trainer.strategy)):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # AdamW on the CPU (built on first use)
+
+            optimizer = DeepSpeedCPUAdam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(self.hparams.warmup_ratio * total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -32,6 +32,12 @@ def zero_stage(config: dict | None) -> int | None:
     return (config or {}).get("zero_optimization", {}).get("stage")
 
 
+def offloads_optimizer(config: dict | None) -> bool:
+    """Whether a DeepSpeed config keeps the optimizer on the CPU (or NVMe): DeepSpeed then refuses
+    a torch optimizer and steps with its own CPU Adam."""
+    return (config or {}).get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+
+
 def sharded_strategy(strategy: object) -> str | None:
     """The name of a strategy that shards parameters (DeepSpeed ZeRO-3, FSDP), None for the others."""
     if strategy is None:

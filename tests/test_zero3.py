@@ -188,3 +188,38 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     fit(f"--ckpt_path={checkpoints / 'last.ckpt'}", "--trainer.max_steps=6", CAREVL_DEADLINE=str(time.time() - 1))
     assert saved_step(checkpoints / "last.ckpt") == 3
     assert not (tmp_path / "hf-callback" / "config.json").exists(), "a run stopped for its time limit is not exported"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_offload_configs_train_as_their_stage_does(tiny_qwen, world, tmp_path, stage):
+    """configs/deepspeed/zero{2,3}_offload.json keep the optimizer on the CPU. DeepSpeed refuses a
+    torch optimizer there (these configs failed at start-up before), so the judge steps with
+    DeepSpeed's CPU Adam in AdamW mode (built on first use). Three SFT steps then give the stage's
+    own losses."""
+    import csv
+
+    import yaml
+
+    def losses(name: str) -> list[float]:
+        config = {
+            "seed_everything": 0,
+            "trainer": {
+                "accelerator": "cpu", "devices": 2, "precision": "bf16-mixed", "max_steps": 3, "log_every_n_steps": 1,
+                "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"{name}.json")}},
+                "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0, "enable_checkpointing": False,
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": name}},
+            },
+            "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
+                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "gradient_checkpointing": True}},
+                "lr": 1e-3, "weight_decay": 0.01, "global_batch_size": None, "val_generate": False}},
+            "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(world / "train"), "kind": "sft", "batch_size": 2, "num_workers": 0}},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        carevl("fit", path, DS_ACCELERATOR="cpu")
+        with open(next((tmp_path / "logs" / name).rglob("metrics.csv"))) as f:
+            return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+    plain, offloaded = losses(f"zero{stage}"), losses(f"zero{stage}_offload")
+    assert len(plain) == 3 and plain[2] != plain[0]
+    assert offloaded == pytest.approx(plain, rel=1e-5)
