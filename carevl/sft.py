@@ -109,6 +109,16 @@ class JudgeModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Under FSDP the gradient norm must be taken across every rank's shards, which only the
+        root FSDP module can do (Lightning's FSDP precision plugin refuses to clip by norm)."""
+        if gradient_clip_val and sharded_strategy(self.trainer.strategy) == "FSDP":
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"under FSDP gradients are clipped by their norm, not by {gradient_clip_algorithm!r}")
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
     def on_fit_start(self) -> None:
         want = self.hparams.global_batch_size
         datamodule = getattr(self.trainer, "datamodule", None)

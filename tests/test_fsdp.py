@@ -18,10 +18,10 @@ from tests.launch import carevl
 FSDP = {"class_path": "tests.cpu_fsdp.CPUFSDP", "init_args": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"}}
 
 
-def config(tmp_path: Path, name: str, strategy, model: dict, data: dict, steps: int, save_every: int | None = None, precision: str = "32-true") -> Path:
+def config(tmp_path: Path, name: str, strategy, model: dict, data: dict, steps: int, save_every: int | None = None, precision: str = "32-true", clip: float | None = None) -> Path:
     """A two-process CPU run, in float32 by default (DDP and FSDP then compute the same numbers),
     logging every step to tmp_path/logs/NAME, saving to tmp_path/NAME-ckpt every `save_every` steps
-    and exporting to tmp_path/NAME-hf at the end."""
+    and exporting to tmp_path/NAME-hf at the end; `clip`: the gradient norm clipped to."""
     callbacks = [{"class_path": "carevl.callbacks.Throughput", "init_args": {"window": 1, "peak_tflops": 1.0}},
                  {"class_path": "carevl.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / f"{name}-hf")}}]
     if save_every:
@@ -29,7 +29,7 @@ def config(tmp_path: Path, name: str, strategy, model: dict, data: dict, steps: 
     run = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 2, "strategy": strategy, "precision": precision, "max_steps": steps, "log_every_n_steps": 1,
+            "accelerator": "cpu", "devices": 2, "strategy": strategy, "precision": precision, "gradient_clip_val": clip, "max_steps": steps, "log_every_n_steps": 1,
             "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0, "enable_checkpointing": bool(save_every),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": name}},
             "callbacks": callbacks,
@@ -61,8 +61,10 @@ def test_fsdp_trains_as_ddp_does_resumes_from_its_sharded_checkpoint_and_exports
     backbone = {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "gradient_checkpointing": True, "logit_chunk": 16}}
     model = {"class_path": "carevl.sft.SFTJudge", "init_args": {"backbone": backbone, "lr": 1e-3, "global_batch_size": None, "val_generate": False}}
     data = {"train": str(world / "train"), "kind": "sft", "batch_size": 2}
-    ddp = config(tmp_path, "ddp", "ddp", model, data, steps=4, save_every=4)
-    fsdp = config(tmp_path, "fsdp", FSDP, model, data, steps=4, save_every=2)
+    # Clipped hard (as configs/strategies/fsdp.yaml clips, at 1.0): under FSDP the norm is taken
+    # across both ranks' shards, so the steps stay DDP's.
+    ddp = config(tmp_path, "ddp", "ddp", model, data, steps=4, save_every=4, clip=0.1)
+    fsdp = config(tmp_path, "fsdp", FSDP, model, data, steps=4, save_every=2, clip=0.1)
     carevl("fit", ddp)
     carevl("fit", fsdp)
     carevl("fit", fsdp, f"--ckpt_path={tmp_path / 'fsdp-ckpt' / 'epoch=0-step=2.ckpt'}", "--trainer.logger.init_args.name=resumed", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]")
