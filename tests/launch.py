@@ -1,4 +1,5 @@
-"""`carevl` run in a child process, for the tests that start several processes (gloo on CPU)."""
+"""`carevl` (or another module of the project) run in a child process, for the tests that start
+several processes (gloo on CPU) or run the shipped configs from a working directory of their own."""
 
 import os
 import socket
@@ -15,10 +16,15 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def carevl(command: str, config: Path, *arguments: str, **env: str) -> None:
-    """`carevl COMMAND --config CONFIG ARGUMENTS...` on its own rendezvous port; fails the test with
+def python_module(module: str, *arguments: str, cwd: Path = ROOT, **env: str) -> None:
+    """`python -m MODULE ARGUMENTS...` in `cwd`, on its own rendezvous port; fails the test with
     the end of its stderr when it fails."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), **env}
     environment.pop("SLURM_JOB_ID", None)  # a test run inside a SLURM job must not take the job's ranks
-    done = subprocess.run([sys.executable, "-m", "carevl.cli", command, "--config", str(config), *arguments], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", module, *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def carevl(command: str, config: Path | str, *arguments: str, cwd: Path = ROOT, **env: str) -> None:
+    """`carevl COMMAND --config CONFIG ARGUMENTS...` (see `python_module`)."""
+    python_module("carevl.cli", command, "--config", str(config), *arguments, cwd=cwd, **env)
