@@ -151,13 +151,12 @@ def markdown_table(name: str, results: dict[str, float], judge: str) -> str:
         "|---" * (len(columns) + 1) + "|",
         f"| {judge} | " + " | ".join(cell(k) for k in columns) + " |",
     ]
-    subsets = [k for k in results if k.startswith("w_tie/")]
+    subsets = [k.split("/", 1)[1] for k in results if k.startswith("w_tie/") and not k.endswith("_std")]
     if subsets:
         lines += ["", "| Subset | Pair w. Tie | Pair w.o. Tie |", "|---|---|---|"]
-        for key in subsets:
-            subset = key.split("/", 1)[1]
-            wo = results.get(f"wo_tie/{subset}")
-            lines.append(f"| {subset} | {results[key]:.3f} | {'' if wo is None else f'{wo:.3f}'} |")
+        for subset in subsets:
+            wo = f"wo_tie/{subset}"
+            lines.append(f"| {subset} | {cell(f'w_tie/{subset}')} | {cell(wo) if wo in results else ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -81,6 +81,9 @@ def test_generate_mode_with_runs_and_both_orders(tiny_qwen, bench, tmp_path):
         assert scores[key] == pytest.approx((runs[0][key] + runs[1][key]) / 2), key
     assert "pair_w_tie_std" in scores and "position_consistency" in scores
     assert "Pair w. Tie" in table and "| coco |" in table and "Position consistency" in table
+    assert "_std" not in table, "a spread is shown beside its mean, never as a row of its own"
+    coco = next(line for line in table.splitlines() if line.startswith("| coco |"))
+    assert coco.count(" ± ") == (2 if "wo_tie/coco" in scores else 1)
     assert results["settings"]["order"] == "both" and results["settings"]["eval_runs"] == 2
 
 

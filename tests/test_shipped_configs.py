@@ -1,10 +1,10 @@
-"""The configs a user runs, as shipped: configs/sft.yaml, `python -m carevl.reference`, then
-configs/dpo.yaml, and the strategy blocks stacked on sft.yaml, each from a working directory laid
-out as the configs expect (data/..., runs/...). Only what a two-process CPU run of the tiny judge
-needs is overridden: devices, steps, accumulation, the validation interval, the loader's workers
-and the strategy's class where a CPU needs the test variant (tests/cpu_deepspeed.py,
-tests/cpu_fsdp.py). Before these ran, the offload blocks failed at start-up and the FSDP block at
-its first step."""
+"""The configs a user runs, as shipped: configs/sft.yaml, `python -m carevl.reference`,
+configs/dpo.yaml, then configs/eval/*.yaml on the DPO judge; and the strategy blocks stacked on
+sft.yaml. Each runs from a working directory laid out as the configs expect (data/..., runs/...).
+Only what a CPU run of the tiny judge needs is overridden: devices, steps, accumulation, the
+validation interval, the loader's workers, the generation budget and the strategy's class where a
+CPU needs the test variant (tests/cpu_deepspeed.py, tests/cpu_fsdp.py). Before these ran, the
+offload blocks failed at start-up and the FSDP block at its first step."""
 
 import csv
 import json
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from carevl.benchmarks import MLLM_JUDGE, VLREWARDBENCH
 from carevl.shapes import write_benchmarks, write_preference_groups
 from tests.launch import ROOT, carevl, python_module
 
@@ -80,8 +81,17 @@ def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
     assert any(r.get("val/vlrewardbench/overall") for r in rows)
     trained_export(cwd / "runs" / "dpo" / "hf", str(cwd / "runs" / "sft" / "hf"))
 
+    # configs/eval/*.yaml on the DPO judge: the paper's protocol (sampled critiques, runs averaged)
+    for name in (VLREWARDBENCH, MLLM_JUDGE):
+        carevl("test", f"configs/eval/{name}.yaml", "--trainer.accelerator=cpu", "--model.init_args.eval_runs=2", "--model.init_args.max_new_tokens=8", "--data.init_args.num_workers=0", cwd=cwd)
+        out = cwd / "runs" / "eval" / name
+        results = json.loads((out / "test" / "results.json").read_text())
+        assert results["judge"] == "runs/dpo/hf" and results["settings"]["eval_runs"] == 2
+        assert f"### {name}" in (out / "test" / "results.md").read_text()
+        assert len((out / "predictions-test-rank0.jsonl").read_text().splitlines()) == 8 * 2  # records x runs
 
-@pytest.mark.parametrize("block", ["zero3", "fsdp"])
+
+@pytest.mark.parametrize("block", ["zero3_offload", "fsdp"])  # plain ZeRO-3 is configs/dpo.yaml's own, above
 def test_a_strategy_block_stacked_on_the_sft_config_trains_and_exports(tiny_qwen, world, tmp_path, block):
     cwd = workdir(tmp_path, world)
     fit(cwd, "configs/sft.yaml", "--config", f"configs/strategies/{block}.yaml", f"--model.init_args.backbone.init_args.model={tiny_qwen}",
