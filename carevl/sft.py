@@ -16,7 +16,7 @@ from carevl.evaluation import MODES, BenchmarkEvaluation, markdown_table, score_
 from carevl.losses import sft_loss
 from carevl.metrics import VerdictAccuracy
 from carevl.prompts import parse_verdict
-from carevl.strategies import deepspeed_config, float32_weights, offloads_optimizer, sharded_strategy
+from carevl.strategies import deepspeed_config, float32_weights, is_fsdp, offloads_optimizer, sharded_strategy
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -112,7 +112,7 @@ class JudgeModule(LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Under FSDP the gradient norm must be taken across every rank's shards, which only the
         root FSDP module can do (Lightning's FSDP precision plugin refuses to clip by norm)."""
-        if gradient_clip_val and sharded_strategy(self.trainer.strategy) == "FSDP":
+        if gradient_clip_val and is_fsdp(self.trainer.strategy):
             if gradient_clip_algorithm not in (None, "norm"):
                 raise ValueError(f"under FSDP gradients are clipped by their norm, not by {gradient_clip_algorithm!r}")
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)

@@ -32,6 +32,11 @@ def zero_stage(config: dict | None) -> int | None:
     return (config or {}).get("zero_optimization", {}).get("stage")
 
 
+def is_fsdp(strategy: object) -> bool:
+    """Whether `strategy` is Lightning's FSDP strategy (carevl's included)."""
+    return _is(strategy, "FSDPStrategy")
+
+
 def offloads_optimizer(config: dict | None) -> bool:
     """Whether a DeepSpeed config keeps the optimizer on the CPU (or NVMe): DeepSpeed then refuses
     a torch optimizer and steps with its own CPU Adam."""
@@ -44,7 +49,7 @@ def sharded_strategy(strategy: object) -> str | None:
         return None
     if zero_stage(deepspeed_config(strategy)) == 3:
         return "DeepSpeed ZeRO-3"
-    if _is(strategy, "FSDPStrategy"):
+    if is_fsdp(strategy):
         return "FSDP"
     return None
 
@@ -56,7 +61,7 @@ def float32_weights(strategy: object) -> str:
     ("all"); any other strategy lets the optimizer step the model's own weights ("trainable")."""
     if deepspeed_config(strategy) is not None:
         return "none"
-    return "all" if _is(strategy, "FSDPStrategy") else "trainable"
+    return "all" if is_fsdp(strategy) else "trainable"
 
 
 def whole_weights(strategy: object, module: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -64,12 +69,11 @@ def whole_weights(strategy: object, module: nn.Module) -> dict[str, torch.Tensor
     onto rank 0's CPU, by their names in `module` (without FSDP's wrapper names). None on the other
     ranks and under strategies that do not shard. Collective: every rank must call it. ZeRO-3
     gathers one module's weights at a time; FSDP gathers them all onto rank 0's CPU at once."""
-    sharded = sharded_strategy(strategy)
-    if sharded is None:
+    if sharded_strategy(strategy) is None:
         return None
     on_rank0 = strategy.global_rank == 0
     weights: dict[str, torch.Tensor] = {}
-    if sharded == "FSDP":
+    if is_fsdp(strategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True):
@@ -78,7 +82,7 @@ def whole_weights(strategy: object, module: nn.Module) -> dict[str, torch.Tensor
                     for wrapper in WRAPPER_NAMES:
                         name = name.replace(wrapper, "")
                     weights[name] = param.detach().clone()
-    else:
+    else:  # ZeRO-3
         import deepspeed
 
         for prefix, submodule in module.named_modules():

@@ -4,7 +4,6 @@ flat parameter, and training must do exactly what DDP does on the same data. The
 chunks recomputed in the backward pass, which under FSDP meets the root unit's weights (kept whole
 between forward and backward)."""
 
-import csv
 import math
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import yaml
 
 from carevl.shapes import write_preference_groups
 from tests.launch import carevl
+from tests.test_training import metrics
 
 FSDP = {"class_path": "tests.cpu_fsdp.CPUFSDP", "init_args": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"}}
 
@@ -44,8 +44,7 @@ def config(tmp_path: Path, name: str, strategy, model: dict, data: dict, steps: 
 
 def logged(tmp_path: Path, name: str, metric: str) -> dict[int, float]:
     """{step: value} of one logged metric of run NAME."""
-    with open(next((tmp_path / "logs" / name).rglob("metrics.csv"))) as f:
-        return {int(row["step"]): float(row[metric]) for row in csv.DictReader(f) if row.get(metric)}
+    return {int(row["step"]): float(row[metric]) for row in metrics(tmp_path / "logs" / name) if row.get(metric)}
 
 
 def flops_per_token(tmp_path: Path, name: str) -> float:

@@ -6,7 +6,6 @@ validation interval, the loader's workers, the generation budget and the strateg
 CPU needs the test variant (tests/cpu_deepspeed.py, tests/cpu_fsdp.py). Before these ran, the
 offload blocks failed at start-up and the FSDP block at its first step."""
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from carevl.benchmarks import MLLM_JUDGE, VLREWARDBENCH
 from carevl.shapes import write_benchmarks, write_preference_groups
 from tests.launch import ROOT, carevl, python_module
+from tests.test_training import metrics
 
 pytest.importorskip("deepspeed")
 
@@ -44,11 +44,6 @@ def fit(cwd: Path, *configs_and_arguments: str, strategy: str = "tests.cpu_deeps
     carevl("fit", config, *rest, *CPU, f"--trainer.strategy.class_path={strategy}", cwd=cwd, DS_ACCELERATOR="cpu")
 
 
-def logged(run_dir: Path) -> list[dict]:
-    with open(next(run_dir.rglob("metrics.csv"))) as f:
-        return list(csv.DictReader(f))
-
-
 def trained_export(export: Path, start: str) -> None:
     """`export` is a bfloat16 Hugging Face checkpoint whose language weights moved from `start`."""
     from transformers import AutoModelForImageTextToText
@@ -66,7 +61,7 @@ def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
 
     # configs/sft.yaml (DeepSpeed ZeRO-2): ExportHF writes the judge the DPO config starts from
     fit(cwd, "configs/sft.yaml", f"--model.init_args.backbone.init_args.model={tiny_qwen}")
-    assert any(r.get("val/verdict_accuracy") for r in logged(cwd / "runs" / "sft" / "logs"))
+    assert any(r.get("val/verdict_accuracy") for r in metrics(cwd / "runs" / "sft" / "logs"))
     trained_export(cwd / "runs" / "sft" / "hf", tiny_qwen)
 
     # the reference log-probs, as configs/dpo.yaml's header says to compute them
@@ -75,7 +70,7 @@ def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
 
     # configs/dpo.yaml (ZeRO-3, the precomputed reference), validated on VL-RewardBench-format shards
     fit(cwd, "configs/dpo.yaml")
-    rows = logged(cwd / "runs" / "dpo" / "logs")
+    rows = metrics(cwd / "runs" / "dpo" / "logs")
     first = next(r for r in rows if r.get("train/loss"))
     assert float(first["train/loss"]) == pytest.approx(math.log(2), abs=2e-3), "bf16 log-probs of the same weights"
     assert any(r.get("val/vlrewardbench/overall") for r in rows)

@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from tests.launch import ROOT, carevl, free_port
+from tests.test_training import metrics
 
 
 def test_zero3_loads_the_checkpoint_into_partitioned_weights_and_starts_lora_at_zero(tiny_qwen):
@@ -114,7 +115,6 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     Throughput logging MFU, ZeRO checkpoints saved and exported (by the tool, and by ExportHF from
     the gathered shards: the same weights), and a resume with TimeLimit past its deadline stopping
     at the next step with a checkpoint of it."""
-    import csv
     import time
 
     import yaml
@@ -150,13 +150,9 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     def fit(*arguments, **env):
         carevl("fit", path, *arguments, DS_ACCELERATOR="cpu", **env)
 
-    def logged(name) -> list[dict]:
-        with open(next((tmp_path / "logs").rglob(f"{name}/**/metrics.csv"))) as f:
-            return list(csv.DictReader(f))
-
     # `carevl validate` (DeepSpeed's inference engine in Lightning; the copy prepared without a fit)
     carevl("validate", path, f"--data.init_args.val={tmp_path / 'groups'}", "--trainer.limit_val_batches=1", "--trainer.logger.init_args.name=validate", DS_ACCELERATOR="cpu")
-    assert float(next(r for r in logged("validate") if r.get("val/groups_loss"))["val/groups_loss"]) == pytest.approx(math.log(2), abs=1e-4)
+    assert float(next(r for r in metrics(tmp_path / "logs" / "validate") if r.get("val/groups_loss"))["val/groups_loss"]) == pytest.approx(math.log(2), abs=1e-4)
 
     def saved_step(checkpoint) -> int:
         assert len(list(checkpoint.glob("checkpoint/*optim_states.pt"))) == 2, "one optimizer partition per process"
@@ -166,7 +162,7 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
 
     fit()
     assert saved_step(checkpoints / "last.ckpt") == 2
-    rows = logged("run")
+    rows = metrics(tmp_path / "logs" / "run")
     first = next(r for r in rows if r.get("train/loss"))
     assert int(first["step"]) == 0 and float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-4), "the copy equals the starting policy"
     assert any(r.get("train/mfu") for r in rows)
@@ -195,8 +191,6 @@ def test_an_offload_config_trains_as_its_stage_does(tiny_qwen, world, tmp_path):
     torch optimizer there (the offload configs failed at start-up before), so the judge steps with
     DeepSpeed's CPU Adam in AdamW mode (built on first use). Three SFT steps then give ZeRO-2's own
     losses. (zero3_offload runs stacked on configs/sft.yaml in tests/test_shipped_configs.py.)"""
-    import csv
-
     import yaml
 
     def losses(name: str) -> list[float]:
@@ -216,8 +210,7 @@ def test_an_offload_config_trains_as_its_stage_does(tiny_qwen, world, tmp_path):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         carevl("fit", path, DS_ACCELERATOR="cpu")
-        with open(next((tmp_path / "logs" / name).rglob("metrics.csv"))) as f:
-            return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+        return [float(row["train/loss"]) for row in metrics(tmp_path / "logs" / name) if row.get("train/loss")]
 
     plain, offloaded = losses("zero2"), losses("zero2_offload")
     assert len(plain) == 3 and plain[2] != plain[0]

@@ -264,8 +264,10 @@ def per_step(stage: str, args) -> int:
 
 def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: int, ckpt_path: Path | None = None, save: bool = False):
     """`carevl fit` of one stage, resumed from `ckpt_path` if given; `save`: a checkpoint at `max_steps`."""
-    if args.strategy in ("ddp", "fsdp"):
-        strategy = "ddp" if args.strategy == "ddp" else {"class_path": "carevl.strategies.FSDP", "init_args": {"sharding_strategy": "FULL_SHARD"}}
+    if args.strategy == "ddp":
+        strategy = "ddp"
+    elif args.strategy == "fsdp":
+        strategy = {"class_path": "carevl.strategies.FSDP", "init_args": {"sharding_strategy": "FULL_SHARD"}}
     else:
         strategy = {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"config": str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{args.strategy}.json")}}
     lora = {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}} if args.lora else {}
@@ -360,7 +362,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="2b")
     parser.add_argument("--strategy", default="zero2", help="zero2, zero3, zero2_offload, zero3_offload (configs/deepspeed), fsdp (FULL_SHARD, carevl.strategies.FSDP) or ddp")
     parser.add_argument("--stages", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
-    parser.add_argument("--reference", default="auto", choices=["auto", "copy", "lora_disabled", "precomputed"], help="DPO reference (auto: copy, or under ZeRO-3 lora_disabled with LoRA and precomputed without)")
+    parser.add_argument("--reference", default="auto", choices=["auto", "copy", "lora_disabled", "precomputed"], help="DPO reference (auto: copy, or under ZeRO-3 and FSDP lora_disabled with LoRA and precomputed without)")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the full language model")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[8], help="SFT samples per step; several sizes are timed one after another (MFU against tokens per step), the last one resumed")
     parser.add_argument("--groups-per-step", type=int, nargs="+", default=[2], help="DPO groups (1 chosen + 4 worse critiques each) per step; several like --batch-size")
