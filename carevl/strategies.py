@@ -3,12 +3,18 @@
 FSDP wraps each transformer block of the language model and of the vision tower on its own (the
 unit that is gathered, run and freed); `transformer_blocks` is that policy for every family in the
 backbone's table, found by class name so one config serves them all.
+
+`DeepSpeed` is Lightning's DeepSpeed strategy that resumes on another number of processes through
+DeepSpeed's universal checkpoints, and says so when a plain ZeRO checkpoint cannot.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
 # Names FSDP's wrappers add inside the modules they wrap.
@@ -111,8 +117,9 @@ class FSDP(FSDPStrategy):
         sharding_strategy: FULL_SHARD (ZeRO-3-like), SHARD_GRAD_OP (ZeRO-2-like), HYBRID_SHARD
             (full shard within a node, replicate across nodes) or NO_SHARD.
         cpu_offload: keep parameters (and gradients) on the CPU between uses.
-        state_dict_type: "sharded" (one file per rank, fast; resume with the same world size) or
-            "full" (one consolidated file, gathered on rank 0).
+        state_dict_type: "sharded" (a torch.distributed.checkpoint directory, a file per rank,
+            fast) or "full" (one consolidated file, gathered on rank 0). Both resume on any
+            number of processes.
         process_group_backend: None picks nccl on GPUs, gloo on CPU.
     """
 
@@ -142,3 +149,55 @@ class _BlockSet:
 
     def __call__(self, module: nn.Module) -> bool:
         return type(module).__name__.endswith(BLOCK_SUFFIXES)
+
+
+def zero_partitions(checkpoint: str | Path) -> int | None:
+    """How many data-parallel processes saved a DeepSpeed ZeRO checkpoint directory (each writes
+    its optimizer partition); None when `checkpoint` is not one."""
+    latest = Path(checkpoint) / "latest"
+    if not latest.is_file():
+        return None
+    names = (path.name for path in (Path(checkpoint) / latest.read_text().strip()).glob("*optim_states.pt"))
+    ranks = {match.group(1) for name in names if (match := re.search(r"zero_pp_rank_(\d+)_", name))}
+    return len(ranks) or None
+
+
+def is_universal(checkpoint: str | Path) -> bool:
+    """Whether `checkpoint` is a DeepSpeed universal checkpoint (written by `ds_to_universal`)."""
+    return (Path(checkpoint) / "latest_universal").is_file()
+
+
+class DeepSpeed(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy (same arguments) that resumes a fit on any number of processes.
+
+    A ZeRO checkpoint holds one optimizer partition per process (and under ZeRO-3 one weight
+    partition), and DeepSpeed cannot re-partition it: resuming with another number of processes
+    fails inside DeepSpeed (under ZeRO-3 with a tensor size mismatch). This strategy stops first
+    with the way out: convert the checkpoint with DeepSpeed's `ds_to_universal`, whose output holds
+    each weight and its optimizer state whole, and resume from that. A universal checkpoint given
+    as `--ckpt_path` is loaded as one, with no change to the DeepSpeed config.
+    """
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        if is_universal(checkpoint_path):
+            if not fitting:
+                raise ValueError(f"{checkpoint_path} is a universal checkpoint, which only `fit` resumes from: export the "
+                                 "checkpoint it was converted from (tools/export_checkpoint.py) and evaluate that")
+            # DeepSpeed reads the setting only while loading (the engine's parsed config; no public setter)
+            self.deepspeed_engine._config.load_universal_checkpoint = True
+        else:
+            saved = zero_partitions(checkpoint_path)
+            if saved is not None and saved != self.world_size and (fitting or self.zero_stage_3):
+                tag = (Path(checkpoint_path) / "latest").read_text().strip()
+                universal = f"{str(checkpoint_path).rstrip('/')}-universal"
+                raise ValueError(
+                    f"{checkpoint_path} was saved by {saved} processes and this run has {self.world_size}: DeepSpeed cannot "
+                    f"re-partition a ZeRO checkpoint. Resume with {saved} processes, or convert it to a universal "
+                    f"checkpoint, which resumes on any number:\n  python -m deepspeed.checkpoint.ds_to_universal "
+                    f"--inject_missing_state --input_folder {checkpoint_path}/{tag} --output_folder {universal}/{tag}\n"
+                    f"and resume with --ckpt_path {universal}"
+                )
+        return super().load_checkpoint(checkpoint_path, weights_only)

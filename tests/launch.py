@@ -16,15 +16,16 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def python_module(module: str, *arguments: str, cwd: Path = ROOT, **env: str) -> None:
-    """`python -m MODULE ARGUMENTS...` in `cwd`, on its own rendezvous port; fails the test with
-    the end of its stderr when it fails."""
+def python_module(module: str, *arguments: str, cwd: Path = ROOT, fails: bool = False, **env: str) -> str:
+    """`python -m MODULE ARGUMENTS...` in `cwd`, on its own rendezvous port; its stderr. Fails the
+    test with the end of its stderr when it fails (with `fails`: when it succeeds)."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port(), **env}
     environment.pop("SLURM_JOB_ID", None)  # a test run inside a SLURM job must not take the job's ranks
     done = subprocess.run([sys.executable, "-m", module, *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode != 0) == fails, done.stderr[-3000:]
+    return done.stderr
 
 
-def carevl(command: str, config: Path | str, *arguments: str, cwd: Path = ROOT, **env: str) -> None:
+def carevl(command: str, config: Path | str, *arguments: str, cwd: Path = ROOT, fails: bool = False, **env: str) -> str:
     """`carevl COMMAND --config CONFIG ARGUMENTS...` (see `python_module`)."""
-    python_module("carevl.cli", command, "--config", str(config), *arguments, cwd=cwd, **env)
+    return python_module("carevl.cli", command, "--config", str(config), *arguments, cwd=cwd, fails=fails, **env)

@@ -53,6 +53,9 @@ def flops_per_token(tmp_path: Path, name: str) -> float:
 
 
 def test_fsdp_trains_as_ddp_does_resumes_from_its_sharded_checkpoint_and_exports(tiny_qwen, world, tmp_path):
+    """FSDP's losses are DDP's; its sharded checkpoint resumes on two processes to the saved run's
+    losses and on one process to what DDP's checkpoint of the same step gives there
+    (torch.distributed.checkpoint re-shards); its exports are DDP's."""
     from transformers import AutoModelForImageTextToText
 
     from tests.test_checkpoints import load_tool
@@ -62,17 +65,22 @@ def test_fsdp_trains_as_ddp_does_resumes_from_its_sharded_checkpoint_and_exports
     data = {"train": str(world / "train"), "kind": "sft", "batch_size": 2}
     # Clipped hard (as configs/strategies/fsdp.yaml clips, at 1.0): under FSDP the norm is taken
     # across both ranks' shards, so the steps stay DDP's.
-    ddp = config(tmp_path, "ddp", "ddp", model, data, steps=4, save_every=4, clip=0.1)
+    ddp = config(tmp_path, "ddp", "ddp", model, data, steps=4, save_every=2, clip=0.1)
     fsdp = config(tmp_path, "fsdp", FSDP, model, data, steps=4, save_every=2, clip=0.1)
     carevl("fit", ddp)
     carevl("fit", fsdp)
-    carevl("fit", fsdp, f"--ckpt_path={tmp_path / 'fsdp-ckpt' / 'epoch=0-step=2.ckpt'}", "--trainer.logger.init_args.name=resumed", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]")
+    unsaved = ("--trainer.enable_checkpointing=false", "--trainer.callbacks=[]")
+    carevl("fit", fsdp, f"--ckpt_path={tmp_path / 'fsdp-ckpt' / 'epoch=0-step=2.ckpt'}", "--trainer.logger.init_args.name=resumed", *unsaved)
+    for name, path in (("ddp", ddp), ("fsdp", fsdp)):  # on one process: another world size
+        carevl("fit", path, f"--ckpt_path={tmp_path / f'{name}-ckpt' / 'epoch=0-step=2.ckpt'}", "--trainer.devices=1", f"--trainer.logger.init_args.name={name}-alone", *unsaved)
 
-    losses = {name: logged(tmp_path, name, "train/loss") for name in ("ddp", "fsdp", "resumed")}
+    losses = {name: logged(tmp_path, name, "train/loss") for name in ("ddp", "fsdp", "resumed", "ddp-alone", "fsdp-alone")}
     assert sorted(losses["ddp"]) == [0, 1, 2, 3] and len(set(losses["ddp"].values())) == 4
     assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5), "sharded training takes DDP's steps"
     assert sorted(losses["resumed"]) == [2, 3]
     assert losses["resumed"] == pytest.approx({s: losses["fsdp"][s] for s in (2, 3)}, rel=1e-5), "the resumed run continues the saved one"
+    assert sorted(losses["fsdp-alone"]) == [2, 3] and losses["fsdp-alone"][3] != losses["fsdp"][3], "one process reads other batches"
+    assert losses["fsdp-alone"] == pytest.approx(losses["ddp-alone"], rel=1e-5), "the sharded checkpoint resumes on another world size"
     assert flops_per_token(tmp_path, "fsdp") == pytest.approx(flops_per_token(tmp_path, "ddp"), rel=1e-6), "FLOPs are counted on whole weights, not on a rank's shard"
 
     export = load_tool("export_checkpoint").export

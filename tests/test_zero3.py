@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from tests.launch import ROOT, carevl, free_port
+from tests.launch import ROOT, carevl, free_port, python_module
 from tests.test_training import metrics
 
 
@@ -186,32 +186,74 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     assert not (tmp_path / "hf-callback" / "config.json").exists(), "a run stopped for its time limit is not exported"
 
 
+def sft_config(tiny_qwen: str, world, tmp_path, name: str, deepspeed: str, max_steps: int, checkpoints=None):
+    """A two-process SFT run of bf16 weights under configs/deepspeed/DEEPSPEED.json, logging every
+    step to tmp_path/logs/NAME and (with `checkpoints`) keeping a ZeRO checkpoint of every second step."""
+    import yaml
+
+    callbacks = []
+    if checkpoints is not None:
+        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2, "save_top_k": -1}})
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 2, "precision": "bf16-mixed", "max_steps": max_steps, "log_every_n_steps": 1,
+            "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json")}},
+            "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0, "enable_checkpointing": checkpoints is not None, "callbacks": callbacks,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": name}},
+        },
+        "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
+            "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "gradient_checkpointing": True}},
+            "lr": 1e-3, "weight_decay": 0.01, "global_batch_size": None, "val_generate": False}},
+        "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(world / "train"), "kind": "sft", "batch_size": 2, "num_workers": 0}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def losses(tmp_path, name: str) -> dict[int, float]:
+    """{step: train/loss} of run NAME."""
+    return {int(row["step"]): float(row["train/loss"]) for row in metrics(tmp_path / "logs" / name) if row.get("train/loss")}
+
+
 def test_an_offload_config_trains_as_its_stage_does(tiny_qwen, world, tmp_path):
     """configs/deepspeed/zero2_offload.json keeps the optimizer on the CPU. DeepSpeed refuses a
     torch optimizer there (the offload configs failed at start-up before), so the judge steps with
     DeepSpeed's CPU Adam in AdamW mode (built on first use). Three SFT steps then give ZeRO-2's own
     losses. (zero3_offload runs stacked on configs/sft.yaml in tests/test_shipped_configs.py.)"""
-    import yaml
-
-    def losses(name: str) -> list[float]:
-        config = {
-            "seed_everything": 0,
-            "trainer": {
-                "accelerator": "cpu", "devices": 2, "precision": "bf16-mixed", "max_steps": 3, "log_every_n_steps": 1,
-                "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"{name}.json")}},
-                "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0, "enable_checkpointing": False,
-                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": name}},
-            },
-            "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
-                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "gradient_checkpointing": True}},
-                "lr": 1e-3, "weight_decay": 0.01, "global_batch_size": None, "val_generate": False}},
-            "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(world / "train"), "kind": "sft", "batch_size": 2, "num_workers": 0}},
-        }
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        carevl("fit", path, DS_ACCELERATOR="cpu")
-        return [float(row["train/loss"]) for row in metrics(tmp_path / "logs" / name) if row.get("train/loss")]
-
-    plain, offloaded = losses("zero2"), losses("zero2_offload")
-    assert len(plain) == 3 and plain[2] != plain[0]
+    for name in ("zero2", "zero2_offload"):
+        carevl("fit", sft_config(tiny_qwen, world, tmp_path, name, name, max_steps=3), DS_ACCELERATOR="cpu")
+    plain, offloaded = losses(tmp_path, "zero2"), losses(tmp_path, "zero2_offload")
+    assert sorted(plain) == [0, 1, 2] and plain[2] != plain[0]
     assert offloaded == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_zero_checkpoint_resumes_on_another_number_of_processes_as_a_universal_checkpoint(tiny_qwen, world, tmp_path, stage):
+    """Two processes train four steps, keeping ZeRO checkpoints of steps 2 and 4. One process
+    refuses the step-2 checkpoint, naming the conversion (DeepSpeed's own failure: under ZeRO-2 a
+    refusal, under ZeRO-3 a tensor size mismatch). DeepSpeed's ds_to_universal converts it as the
+    message says; two processes resuming from the universal checkpoint take the uninterrupted
+    run's steps 2 and 3 exactly (weights and Adam moments come back whole), and one process resumes
+    from it at step 2."""
+    checkpoints = tmp_path / "ckpt"
+    path = sft_config(tiny_qwen, world, tmp_path, "run", f"zero{stage}", max_steps=4, checkpoints=checkpoints)
+    carevl("fit", path, DS_ACCELERATOR="cpu")
+    uninterrupted = losses(tmp_path, "run")
+    assert sorted(uninterrupted) == [0, 1, 2, 3]
+
+    step2 = checkpoints / "epoch=0-step=2.ckpt"
+    refused = carevl("fit", path, f"--ckpt_path={step2}", "--trainer.devices=1", "--trainer.logger.init_args.name=refused", DS_ACCELERATOR="cpu", fails=True)
+    message = refused[refused.index("was saved by 2 processes"):]
+    command = message[message.index("python -m ") :].splitlines()[0].split()
+    assert command[:3] == ["python", "-m", "deepspeed.checkpoint.ds_to_universal"]
+    universal = message.split("--ckpt_path ")[1].split()[0]
+
+    python_module(*command[2:], DS_ACCELERATOR="cpu")
+    carevl("fit", path, f"--ckpt_path={universal}", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.logger.init_args.name=universal", DS_ACCELERATOR="cpu")
+    assert losses(tmp_path, "universal") == {2: uninterrupted[2], 3: uninterrupted[3]}
+
+    carevl("fit", path, f"--ckpt_path={universal}", "--trainer.devices=1", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.logger.init_args.name=one", DS_ACCELERATOR="cpu")
+    one = losses(tmp_path, "one")
+    assert sorted(one) == [2, 3] and all(math.isfinite(v) for v in one.values())

@@ -269,7 +269,7 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
     elif args.strategy == "fsdp":
         strategy = {"class_path": "carevl.strategies.FSDP", "init_args": {"sharding_strategy": "FULL_SHARD"}}
     else:
-        strategy = {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"config": str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{args.strategy}.json")}}
+        strategy = {"class_path": "carevl.strategies.DeepSpeed", "init_args": {"config": str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{args.strategy}.json")}}
     lora = {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}} if args.lora else {}
     gpu = args.accelerator == "gpu"
     callbacks = [{"class_path": "__main__.StepTimes", "init_args": {"warmup": args.warmup}}]
