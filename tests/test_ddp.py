@@ -1,8 +1,11 @@
 """Two real processes (DDP over gloo on CPU) train on unevenly sized shards: every rank runs the
-same number of batches, nothing hangs, and validation scores every held-out sample once."""
+same number of batches, nothing hangs, and validation scores every held-out sample once. The
+multi-node launch recipes (torchrun, tools/slurm.sbatch) make the same two ranks."""
 
 import json
+from pathlib import Path
 
+import pytest
 import yaml
 
 from carevl import schema, shapes
@@ -39,3 +42,74 @@ def test_two_processes_uneven_shards(tiny_qwen, world, tmp_path):
     assert [c["train"] for c in counts] == [8, 8] and all(c["world_size"] == 2 for c in counts)
     # The held-out set (16 samples) is split between ranks: 8 each per validation, 2 validations.
     assert [c["val_samples"] for c in counts] == [16, 16] and counts[0]["val"] == counts[1]["val"]
+
+
+def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_processes_do(tiny_qwen, world, tmp_path):
+    """The README's torchrun recipe (two nodes of one process, each its own torchrun, meeting at a
+    c10d rendezvous) and tools/slurm.sbatch run as written (a stand-in `srun` starts its tasks on
+    this machine with the variables srun sets) train on the same batches, to the same losses, as
+    Lightning's own launch of two processes on one node."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.launch import ROOT, free_port
+
+    def config(name: str) -> Path:
+        run = {
+            "seed_everything": 0,
+            "trainer": {
+                "accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_steps": 3, "precision": "32-true", "logger": False,
+                "enable_checkpointing": False, "enable_progress_bar": False, "limit_val_batches": 0, "default_root_dir": str(tmp_path / name),
+                "callbacks": [{"class_path": "tests.ddp_probe.CountBatches", "init_args": {"out_dir": str(tmp_path / name)}}],
+            },
+            "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
+                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen}}, "lr": 1e-3, "global_batch_size": None, "val_generate": False}},
+            "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(world / "train"), "batch_size": 2, "num_workers": 0}},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(run))
+        return path
+
+    def ranks(name: str) -> list[dict]:
+        return [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    environment.pop("SLURM_JOB_ID", None)
+    carevl("fit", config("local"))
+
+    # torchrun, as the README writes it, once per node
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", endpoint, "-m", "carevl.cli", "fit", "--config", str(config("torchrun")), "--trainer.num_nodes", "2", "--trainer.devices", "1"],
+        cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, node.stderr.read()[-3000:]
+
+    # tools/slurm.sbatch under `sbatch --nodes=2 --ntasks-per-node=1`
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(
+        "#!/bin/bash\n# stand-in srun: the job's tasks on this machine, with the variables srun gives each\n"
+        "tasks=$((SLURM_NNODES * SLURM_NTASKS_PER_NODE)); pids=()\n"
+        "for ((i = 0; i < tasks; i++)); do\n"
+        "  SLURM_NTASKS=$tasks SLURM_PROCID=$i SLURM_LOCALID=$((i % SLURM_NTASKS_PER_NODE)) SLURM_NODEID=$((i / SLURM_NTASKS_PER_NODE)) "
+        "SLURM_NODELIST=localhost SLURM_JOB_NAME=carevl \"$@\" & pids+=($!)\n"
+        "done\nstatus=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n")
+    srun.chmod(0o755)
+    slurm = {**environment, "PATH": f"{bin_dir}:{environment['PATH']}", "SLURM_JOB_ID": "4243", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1", "MASTER_PORT": free_port()}
+    done = subprocess.run(["bash", "tools/slurm.sbatch", str(config("slurm"))], cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    local, torchrun, srun_ = ranks("local"), ranks("torchrun"), ranks("slurm")
+    assert [r["num_nodes"] for r in local] == [1, 1]
+    assert [(r["num_nodes"], r["node_rank"], r["environment"]) for r in torchrun] == [(2, 0, "TorchElasticEnvironment"), (2, 1, "TorchElasticEnvironment")]
+    assert [(r["num_nodes"], r["node_rank"], r["environment"]) for r in srun_] == [(2, 0, "SLURMEnvironment"), (2, 1, "SLURMEnvironment")]
+    for launched in (torchrun, srun_):
+        for rank, expected in zip(launched, local):
+            assert rank["world_size"] == 2 and rank["train"] == 3
+            assert rank["ids"] == expected["ids"], "each rank reads the batches it reads on one node"
+            assert rank["losses"] == pytest.approx(expected["losses"], rel=1e-6)
+    assert local[0]["ids"] != local[1]["ids"] and local[0]["losses"] != local[1]["losses"]
