@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import time
 from collections import deque
@@ -11,12 +12,16 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from carevl.flops import ModelFlops, peak_flops
 from carevl.strategies import whole_weights
 
 log = logging.getLogger(__name__)
 DEADLINE_ENV = "CAREVL_DEADLINE"
+# Files a checkpoint directory gets once its save is through: DeepSpeed's tag file (written by rank
+# 0 after its own files), torch.distributed.checkpoint's metadata (written after every rank's).
+COMPLETE_MARKERS = ("latest", ".metadata")
 
 
 class ExportHF(Callback):
@@ -44,6 +49,50 @@ class ExportHF(Callback):
         trainer.strategy.barrier("carevl-export")
 
 
+class Checkpoints(ModelCheckpoint):
+    """Periodic checkpoints, each written once, that a run killed in the middle of a save cannot spoil.
+
+    Lightning's `save_last=True` writes every checkpoint twice: under its step's name, then again
+    over `last.ckpt`, in place. A DeepSpeed or FSDP checkpoint is a directory of files, so a run
+    killed during that second write leaves `last.ckpt` holding two steps at once, and a resume from
+    it goes on without an error (measured under ZeRO-2: the step's weights with the optimizer state
+    of the checkpoint before, which trained the next step to a higher loss). Here each checkpoint
+    is written once, as `epoch=E-step=S.ckpt`, and `last.ckpt` becomes a link to it only when it is
+    complete; the `keep` newest are kept, so the one the link pointed at before outlives a save that
+    never finishes. `--ckpt_path=last` always resumes from the newest complete checkpoint.
+
+    Args:
+        dirpath: directory of the checkpoints.
+        every_n_train_steps: optimizer steps between checkpoints.
+        keep: checkpoints kept on disk, at least 2 (the newest may be a save that a kill cut short).
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int, keep: int = 2):
+        if keep < 2:
+            raise ValueError(f"keep must be at least 2 (the checkpoint `last.ckpt` links to must outlive the next save), got {keep}")
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, monitor="step", mode="max", save_top_k=keep, save_last="link")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remove the directories of saves a kill cut short (never loadable), so that the step saves
+        again under its own name; keep linking `last.ckpt` after a resume (the state a checkpoint
+        carries was taken before its own link was made, so it would not name the link)."""
+        super().on_train_start(trainer, pl_module)
+        self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+        if trainer.is_global_zero:
+            for path in Path(self.dirpath).glob("*.ckpt"):
+                if path.is_dir() and not path.is_symlink() and not any((path / marker).is_file() for marker in COMPLETE_MARKERS):
+                    log.warning("removing %s: its save was cut short", path)
+                    shutil.rmtree(path)
+        trainer.strategy.barrier("carevl-checkpoints")
+
+    def save_now(self, trainer: Trainer) -> str:
+        """Checkpoint the current step as the periodic saves do (and link `last.ckpt` to it); its path."""
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        return self._last_checkpoint_saved
+
+
 class TimeLimit(Callback):
     """Checkpoint and stop at an optimizer-step boundary before the job's deadline, so that a
     scheduler's kill at the time limit loses no steps. Under SLURM the job then requeues itself, and
@@ -51,23 +100,24 @@ class TimeLimit(Callback):
     batches an uninterrupted run would have trained on.
 
     The deadline is read from the environment variable CAREVL_DEADLINE (Unix seconds;
-    tools/slurm.sbatch sets it to the job's end time). Without it the callback does nothing.
+    tools/slurm.sbatch sets it to the job's end time). Without it the callback does nothing. The
+    checkpoint is written by the run's `Checkpoints` callback, which must be there.
 
     Args:
-        dirpath: where the checkpoint goes, as `last.ckpt`: the ModelCheckpoint's directory, so that
-            `--ckpt_path=last` finds it.
         margin_minutes: stop this long before the deadline: time for the save, the step in flight and
             the scheduler's grace period.
         requeue: under SLURM (SLURM_JOB_ID set), run `scontrol requeue <job>` once the checkpoint is written.
     """
 
-    def __init__(self, dirpath: str, margin_minutes: float = 15.0, requeue: bool = True):
-        self.dirpath, self.margin_s, self.requeue = dirpath, margin_minutes * 60, requeue
+    def __init__(self, margin_minutes: float = 15.0, requeue: bool = True):
+        self.margin_s, self.requeue = margin_minutes * 60, requeue
         self.deadline: float | None = None
         self.stopped = False
         self._step = 0
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not isinstance(trainer.checkpoint_callback, Checkpoints):
+            raise ValueError("TimeLimit saves through carevl.callbacks.Checkpoints: add it to trainer.callbacks")
         value = os.environ.get(DEADLINE_ENV)
         self.deadline = float(value) if value else None
         self._step = trainer.global_step
@@ -81,9 +131,7 @@ class TimeLimit(Callback):
         late = torch.tensor(float(time.time() > self.deadline - self.margin_s), device=pl_module.device)
         if not trainer.strategy.reduce(late, reduce_op="max"):  # every rank decides alike, whatever its clock
             return
-        path = Path(self.dirpath) / "last.ckpt"
-        trainer.save_checkpoint(path)
-        trainer.strategy.barrier("carevl-time-limit")
+        path = trainer.checkpoint_callback.save_now(trainer)
         self.stopped = True
         trainer.should_stop = True
         if trainer.is_global_zero:

@@ -108,14 +108,15 @@ def test_time_limit_checkpoints_at_a_step_boundary_requeues_and_the_job_resumes(
     monkeypatch.setenv("CAREVL_DEADLINE", str(time.time() + 60))  # inside the 15-minute margin already
     checkpoints, export = tmp_path / "ckpt", tmp_path / "hf"
     callbacks = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "save_last": True, "every_n_train_steps": 1000}},
-        {"class_path": "carevl.callbacks.TimeLimit", "init_args": {"dirpath": str(checkpoints)}},
+        {"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 1000}},
+        {"class_path": "carevl.callbacks.TimeLimit"},
         {"class_path": "carevl.callbacks.ExportHF", "init_args": {"dirpath": str(export)}},
     ]
     (tmp_path / "a").mkdir()
     trainer = {"enable_checkpointing": True, "callbacks": callbacks, "accumulate_grad_batches": 2, "limit_val_batches": 0}
     first = fit(tmp_path / "a", tiny_qwen, world / "train", trainer=trainer, max_steps=5)
     assert first.trainer.global_step == 1, "stopped at the first optimizer step (after two batches), not inside its window"
+    assert (checkpoints / "last.ckpt").resolve() == checkpoints / "epoch=0-step=1.ckpt", "written once, under its step's name"
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 1
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert not export.exists(), "an unfinished model is not exported"

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -134,8 +135,8 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run"}},
             "callbacks": [
                 {"class_path": "carevl.callbacks.Throughput", "init_args": {"window": 1, "peak_tflops": 1.0}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "save_last": True, "every_n_train_steps": 2}},
-                {"class_path": "carevl.callbacks.TimeLimit", "init_args": {"dirpath": str(checkpoints), "margin_minutes": 0}},
+                {"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2}},
+                {"class_path": "carevl.callbacks.TimeLimit", "init_args": {"margin_minutes": 0}},
                 {"class_path": "carevl.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / "hf-callback")}},
             ],
         },
@@ -186,20 +187,19 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     assert not (tmp_path / "hf-callback" / "config.json").exists(), "a run stopped for its time limit is not exported"
 
 
-def sft_config(tiny_qwen: str, world, tmp_path, name: str, deepspeed: str, max_steps: int, checkpoints=None):
-    """A two-process SFT run of bf16 weights under configs/deepspeed/DEEPSPEED.json, logging every
-    step to tmp_path/logs/NAME and (with `checkpoints`) keeping a ZeRO checkpoint of every second step."""
+def sft_config(tiny_qwen: str, world, tmp_path, name: str, deepspeed: str, max_steps: int, callbacks: list = (), devices: int = 2):
+    """An SFT run of bf16 weights under configs/deepspeed/DEEPSPEED.json on `devices` processes,
+    logging every step to tmp_path/logs/NAME, with `callbacks` (checkpointing is on when they hold
+    a checkpoint callback)."""
     import yaml
 
-    callbacks = []
-    if checkpoints is not None:
-        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2, "save_top_k": -1}})
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 2, "precision": "bf16-mixed", "max_steps": max_steps, "log_every_n_steps": 1,
+            "accelerator": "cpu", "devices": devices, "precision": "bf16-mixed", "max_steps": max_steps, "log_every_n_steps": 1,
             "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json")}},
-            "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0, "enable_checkpointing": checkpoints is not None, "callbacks": callbacks,
+            "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0, "callbacks": list(callbacks),
+            "enable_checkpointing": any("Checkpoint" in callback["class_path"] for callback in callbacks),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": name}},
         },
         "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
@@ -238,7 +238,8 @@ def test_a_zero_checkpoint_resumes_on_another_number_of_processes_as_a_universal
     run's steps 2 and 3 exactly (weights and Adam moments come back whole), and one process resumes
     from it at step 2."""
     checkpoints = tmp_path / "ckpt"
-    path = sft_config(tiny_qwen, world, tmp_path, "run", f"zero{stage}", max_steps=4, checkpoints=checkpoints)
+    every_second = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2, "save_top_k": -1}}
+    path = sft_config(tiny_qwen, world, tmp_path, "run", f"zero{stage}", max_steps=4, callbacks=[every_second])
     carevl("fit", path, DS_ACCELERATOR="cpu")
     uninterrupted = losses(tmp_path, "run")
     assert sorted(uninterrupted) == [0, 1, 2, 3]
@@ -257,3 +258,30 @@ def test_a_zero_checkpoint_resumes_on_another_number_of_processes_as_a_universal
     carevl("fit", path, f"--ckpt_path={universal}", "--trainer.devices=1", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.logger.init_args.name=one", DS_ACCELERATOR="cpu")
     one = losses(tmp_path, "one")
     assert sorted(one) == [2, 3] and all(math.isfinite(v) for v in one.values())
+
+
+def test_a_run_killed_while_saving_resumes_from_the_complete_checkpoint_before(tiny_qwen, world, tmp_path):
+    """carevl.callbacks.Checkpoints under ZeRO-2, where a checkpoint is a directory of files: the
+    process dies right after the first file of its step-4 checkpoint (tests/kill_probe.py).
+    `last.ckpt` still links to step 2, complete, and `--ckpt_path=last` trains steps 2 to 5 to the
+    uninterrupted run's losses, removing the cut-short directory first. (Lightning's save_last=True killed the same way, during its second
+    write over last.ckpt, resumed at step 4 with step 2's optimizer state, without an error.)"""
+    checkpoints = tmp_path / "ckpt"
+    periodic = {"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2}}
+    carevl("fit", sft_config(tiny_qwen, world, tmp_path, "whole", "zero2", max_steps=6, callbacks=[periodic], devices=1), DS_ACCELERATOR="cpu")
+    whole = losses(tmp_path, "whole")
+    assert sorted(whole) == [0, 1, 2, 3, 4, 5]
+    assert (checkpoints / "last.ckpt").resolve().name == "epoch=0-step=6.ckpt"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], "the two newest are kept"
+
+    shutil.rmtree(checkpoints)
+    dies = {"class_path": "tests.kill_probe.DieWhileSaving", "init_args": {"after_files": 3}}  # step 2 writes 2 files
+    path = sft_config(tiny_qwen, world, tmp_path, "killed", "zero2", max_steps=6, callbacks=[periodic, dies], devices=1)
+    carevl("fit", path, DS_ACCELERATOR="cpu", fails=True)
+    assert (checkpoints / "epoch=0-step=4.ckpt").is_dir(), "the save was cut short"
+    assert (checkpoints / "last.ckpt").resolve().name == "epoch=0-step=2.ckpt"
+
+    carevl("fit", path, "--ckpt_path=last", "--trainer.callbacks=[{class_path: carevl.callbacks.Checkpoints, init_args: {dirpath: %s, every_n_train_steps: 2}}]" % checkpoints,
+           "--trainer.logger.init_args.name=resumed", DS_ACCELERATOR="cpu")
+    assert losses(tmp_path, "resumed") == {step: whole[step] for step in (2, 3, 4, 5)}
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], "the cut-short save was removed and made again"
