@@ -85,6 +85,13 @@ class Checkpoints(ModelCheckpoint):
                     shutil.rmtree(path)
         trainer.strategy.barrier("carevl-checkpoints")
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A run that saved nothing checkpoints its last step as the periodic saves do. (Lightning's
+        own end-of-run save writes `last.ckpt` in place: under DeepSpeed, into the directory the link
+        points at.)"""
+        if not self._last_checkpoint_saved and not self._should_skip_saving_checkpoint(trainer):
+            self.save_now(trainer)
+
     def save_now(self, trainer: Trainer) -> str:
         """Checkpoint the current step as the periodic saves do (and link `last.ckpt` to it); its path."""
         candidates = self._monitor_candidates(trainer)
