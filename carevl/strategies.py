@@ -151,15 +151,18 @@ class _BlockSet:
         return type(module).__name__.endswith(BLOCK_SUFFIXES)
 
 
-def zero_partitions(checkpoint: str | Path) -> int | None:
-    """How many data-parallel processes saved a DeepSpeed ZeRO checkpoint directory (each writes
-    its optimizer partition); None when `checkpoint` is not one."""
+def zero_tag(checkpoint: str | Path) -> str | None:
+    """The tag (subdirectory) a DeepSpeed checkpoint directory's `latest` file names; None when
+    `checkpoint` is not one."""
     latest = Path(checkpoint) / "latest"
-    if not latest.is_file():
-        return None
-    names = (path.name for path in (Path(checkpoint) / latest.read_text().strip()).glob("*optim_states.pt"))
-    ranks = {match.group(1) for name in names if (match := re.search(r"zero_pp_rank_(\d+)_", name))}
-    return len(ranks) or None
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def zero_partitions(checkpoint: str | Path, tag: str) -> int:
+    """How many data-parallel processes saved the ZeRO checkpoint `checkpoint`/`tag` (each writes
+    its optimizer partition)."""
+    names = (path.name for path in (Path(checkpoint) / tag).glob("*optim_states.pt"))
+    return len({match.group(1) for name in names if (match := re.search(r"zero_pp_rank_(\d+)_", name))})
 
 
 def is_universal(checkpoint: str | Path) -> bool:
@@ -189,9 +192,9 @@ class DeepSpeed(DeepSpeedStrategy):
             # DeepSpeed reads the setting only while loading (the engine's parsed config; no public setter)
             self.deepspeed_engine._config.load_universal_checkpoint = True
         else:
-            saved = zero_partitions(checkpoint_path)
-            if saved is not None and saved != self.world_size and (fitting or self.zero_stage_3):
-                tag = (Path(checkpoint_path) / "latest").read_text().strip()
+            tag = zero_tag(checkpoint_path)
+            saved = zero_partitions(checkpoint_path, tag) if tag is not None else 0
+            if saved and saved != self.world_size and (fitting or self.zero_stage_3):
                 universal = f"{str(checkpoint_path).rstrip('/')}-universal"
                 raise ValueError(
                     f"{checkpoint_path} was saved by {saved} processes and this run has {self.world_size}: DeepSpeed cannot "

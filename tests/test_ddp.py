@@ -53,7 +53,7 @@ def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_p
     import subprocess
     import sys
 
-    from tests.launch import ROOT, free_port
+    from tests.launch import ROOT, environment, free_port
 
     def config(name: str) -> Path:
         run = {
@@ -74,8 +74,6 @@ def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_p
     def ranks(name: str) -> list[dict]:
         return [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    environment.pop("SLURM_JOB_ID", None)
     carevl("fit", config("local"))
 
     # torchrun, as the README writes it, once per node
@@ -83,7 +81,7 @@ def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_p
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--rdzv-backend", "c10d",
          "--rdzv-endpoint", endpoint, "-m", "carevl.cli", "fit", "--config", str(config("torchrun")), "--trainer.num_nodes", "2", "--trainer.devices", "1"],
-        cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+        cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
     for node in nodes:
         assert node.wait(timeout=600) == 0, node.stderr.read()[-3000:]
 
@@ -99,7 +97,7 @@ def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_p
         "SLURM_NODELIST=localhost SLURM_JOB_NAME=carevl \"$@\" & pids+=($!)\n"
         "done\nstatus=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n")
     srun.chmod(0o755)
-    slurm = {**environment, "PATH": f"{bin_dir}:{environment['PATH']}", "SLURM_JOB_ID": "4243", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1", "MASTER_PORT": free_port()}
+    slurm = environment(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4243", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1", MASTER_PORT=free_port())
     done = subprocess.run(["bash", "tools/slurm.sbatch", str(config("slurm"))], cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 

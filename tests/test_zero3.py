@@ -264,8 +264,9 @@ def test_a_run_killed_while_saving_resumes_from_the_complete_checkpoint_before(t
     """carevl.callbacks.Checkpoints under ZeRO-2, where a checkpoint is a directory of files: the
     process dies right after the first file of its step-4 checkpoint (tests/kill_probe.py).
     `last.ckpt` still links to step 2, complete, and `--ckpt_path=last` trains steps 2 to 5 to the
-    uninterrupted run's losses, removing the cut-short directory first. (Lightning's save_last=True killed the same way, during its second
-    write over last.ckpt, resumed at step 4 with step 2's optimizer state, without an error.)"""
+    uninterrupted run's losses, removing the cut-short directory first. (Lightning's
+    save_last=True killed the same way, during its second write over last.ckpt, resumed at step 4
+    with step 2's optimizer state, without an error.)"""
     checkpoints = tmp_path / "ckpt"
     periodic = {"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2}}
     carevl("fit", sft_config(tiny_qwen, world, tmp_path, "whole", "zero2", max_steps=6, callbacks=[periodic], devices=1), DS_ACCELERATOR="cpu")
@@ -276,12 +277,10 @@ def test_a_run_killed_while_saving_resumes_from_the_complete_checkpoint_before(t
 
     shutil.rmtree(checkpoints)
     dies = {"class_path": "tests.kill_probe.DieWhileSaving", "init_args": {"after_files": 3}}  # step 2 writes 2 files
-    path = sft_config(tiny_qwen, world, tmp_path, "killed", "zero2", max_steps=6, callbacks=[periodic, dies], devices=1)
-    carevl("fit", path, DS_ACCELERATOR="cpu", fails=True)
+    carevl("fit", sft_config(tiny_qwen, world, tmp_path, "killed", "zero2", max_steps=6, callbacks=[periodic, dies], devices=1), DS_ACCELERATOR="cpu", fails=True)
     assert (checkpoints / "epoch=0-step=4.ckpt").is_dir(), "the save was cut short"
     assert (checkpoints / "last.ckpt").resolve().name == "epoch=0-step=2.ckpt"
 
-    carevl("fit", path, "--ckpt_path=last", "--trainer.callbacks=[{class_path: carevl.callbacks.Checkpoints, init_args: {dirpath: %s, every_n_train_steps: 2}}]" % checkpoints,
-           "--trainer.logger.init_args.name=resumed", DS_ACCELERATOR="cpu")
+    carevl("fit", sft_config(tiny_qwen, world, tmp_path, "resumed", "zero2", max_steps=6, callbacks=[periodic], devices=1), "--ckpt_path=last", DS_ACCELERATOR="cpu")
     assert losses(tmp_path, "resumed") == {step: whole[step] for step in (2, 3, 4, 5)}
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], "the cut-short save was removed and made again"
