@@ -50,7 +50,8 @@ class ExportHF(Callback):
 
 
 class Checkpoints(ModelCheckpoint):
-    """Periodic checkpoints, each written once, that a run killed in the middle of a save cannot spoil.
+    """Checkpoints every N optimizer steps and at the last step of every epoch and of the run, each
+    written once, that a run killed in the middle of a save cannot spoil.
 
     Lightning's `save_last=True` writes every checkpoint twice: under its step's name, then again
     over `last.ckpt`, in place. A DeepSpeed or FSDP checkpoint is a directory of files, so a run
@@ -63,7 +64,7 @@ class Checkpoints(ModelCheckpoint):
 
     Args:
         dirpath: directory of the checkpoints.
-        every_n_train_steps: optimizer steps between checkpoints.
+        every_n_train_steps: optimizer steps between checkpoints (each epoch's end saves too).
         keep: checkpoints kept on disk, at least 2 (the newest may be a save that a kill cut short).
     """
 
@@ -85,11 +86,17 @@ class Checkpoints(ModelCheckpoint):
                     shutil.rmtree(path)
         trainer.strategy.barrier("carevl-checkpoints")
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A run that saved nothing checkpoints its last step as the periodic saves do. (Lightning's
-        own end-of-run save writes `last.ckpt` in place: under DeepSpeed, into the directory the link
-        points at.)"""
-        if not self._last_checkpoint_saved and not self._should_skip_saving_checkpoint(trainer):
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        """The periodic saves, and the last step of every epoch and of the run (max_steps, or a
+        callback's `should_stop`). Saved at its batch's end, as the periodic ones, a run stopped
+        mid-epoch resumes inside it; saved at the epoch's end, Lightning would count the epoch done.
+        (Lightning itself would only re-link `last.ckpt` to the last periodic save or, before any,
+        write it in place: under DeepSpeed, into the directory the link points at.)"""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._should_skip_saving_checkpoint(trainer):  # this step is saved already, among others
+            return
+        stops = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        if stops or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self.save_now(trainer)
 
     def save_now(self, trainer: Trainer) -> str:

@@ -162,6 +162,9 @@ class JudgeModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped = dict(checkpoint.get("skipped", {}))
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if hasattr(datamodule, "on_load_checkpoint"):  # the datamodule's look at the checkpoint before the loops restore
+            datamodule.on_load_checkpoint(checkpoint)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from functools import partial
 from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from carevl import benchmarks, schema
@@ -21,6 +22,9 @@ from datamodules.stream import EpochLoader, SamplePreparer, TrainStream, ValStre
 
 log = logging.getLogger(__name__)
 TRAIN_KINDS = ("sft", "instruct", "preference_group")
+# Lightning warns at every mid-epoch resume that the training loader cannot go on from where it
+# stopped; this one's does (datamodules/stream.py, and `JudgeDataModule.on_load_checkpoint`).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSample, image: Any) -> list[dict[str, Any]]:
@@ -51,6 +55,19 @@ def collate_items(items: list[dict[str, Any]], skipped: dict[str, int], pad_toke
         batch["prompt_inputs"] = collate([prompt_only(f) for f in features], pad_token_id, padding_side="left")
         batch["verdict_labels"] = labels
     return batch
+
+
+def carry_position(loops: dict[str, Any], saved: dict[str, int], now: dict[str, int]) -> tuple[int, int]:
+    """Move a checkpoint's training position within its epoch (`loops`: its fit-loop state) from
+    batches of the `saved` layout to batches of the layout `now` holding as many samples (rounded
+    down: at most one batch of samples comes twice). Returns (batches before, batches after)."""
+    progress = loops["epoch_loop.batch_progress"]
+    before = progress["current"]["processed"]
+    after = before * saved["processes"] * saved["batch_size"] // (now["processes"] * now["batch_size"])
+    for counters in (progress["current"], progress["total"]):
+        for name in counters:
+            counters[name] += after - before
+    return before, after
 
 
 class JudgeDataModule(LightningDataModule):
@@ -190,6 +207,24 @@ class JudgeDataModule(LightningDataModule):
             rank_zero_warn(
                 f"the checkpoint's run read its training shards with {saved}, this run with {now}: the interrupted "
                 "epoch's order cannot be continued, so until it ends some of its samples may repeat and others be missed"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Called by the judge modules with the whole checkpoint before Lightning restores its loops
+        (Lightning 2 gives a datamodule its own state alone). When the checkpoint's processes x batch
+        size differ from this run's, the interrupted epoch goes on after as many samples as it had
+        trained on, not as many batches: it then ends after the samples it holds, at the step the
+        learning-rate schedule counts on."""
+        saved = checkpoint.get(type(self).__qualname__, {}).get("train_stream")
+        loops = checkpoint.get("loops", {}).get("fit_loop")
+        if saved is None or loops is None:
+            return
+        now = self._stream_layout()
+        before, after = carry_position(loops, saved, now)
+        if before != after:
+            rank_zero_info(
+                f"resuming epoch {checkpoint.get('epoch', '?')} after {before} batches of {saved['processes']} x {saved['batch_size']} "
+                f"samples: {after} batches of {now['processes']} x {now['batch_size']} hold as many"
             )
 
     def val_dataloader(self) -> DataLoader | list:

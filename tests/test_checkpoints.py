@@ -124,6 +124,7 @@ def test_time_limit_checkpoints_at_a_step_boundary_requeues_and_the_job_resumes(
     monkeypatch.setenv("CAREVL_DEADLINE", str(time.time() + 86400))  # the requeued job starts with a fresh allocation
     resumed = run(["fit", "--config", str(tmp_path / "a" / "config.yaml"), "--ckpt_path=last"])
     assert resumed.trainer.global_step == 5 and export.exists()
-    # no periodic save in the resumed run: its last step is saved as one, and last.ckpt moves to it
-    assert (checkpoints / "last.ckpt").resolve() == checkpoints / "epoch=1-step=5.ckpt"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=1.ckpt", "epoch=1-step=5.ckpt", "last.ckpt"]
+    # no periodic save in the resumed run: its last step is saved as one, inside epoch 0 where
+    # max_steps stopped it (not after Lightning closes the epoch), and last.ckpt moves to it
+    assert (checkpoints / "last.ckpt").resolve() == checkpoints / "epoch=0-step=5.ckpt"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]

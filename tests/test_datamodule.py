@@ -123,6 +123,23 @@ def test_resuming_with_another_stream_layout_warns(tiny_qwen, tmp_path):
         module.load_state_dict(state)
 
 
+def test_a_resumed_position_moves_to_the_batches_that_hold_as_many_samples():
+    """A checkpoint's place in its epoch, moved from batches of 2 processes x 3 samples to batches of
+    4 x 2: 5 batches (30 samples) become 3 (24; rounded down, so 6 samples come twice). Lightning's
+    counters move together (`completed` one behind, as saved at a batch's end); so do the totals
+    across epochs. (tests/test_ddp.py resumes real runs on another number of processes.)"""
+    from datamodules.judge import carry_position
+
+    counters = lambda n: {"ready": n, "started": n, "processed": n, "completed": n - 1}  # noqa: E731
+    loops = {"epoch_loop.batch_progress": {"current": counters(5), "total": counters(17), "is_last_batch": False}}
+    assert carry_position(loops, {"processes": 2, "batch_size": 3}, {"processes": 4, "batch_size": 2}) == (5, 3)
+    assert loops["epoch_loop.batch_progress"]["current"] == counters(3)
+    assert loops["epoch_loop.batch_progress"]["total"] == counters(15)
+    assert carry_position(loops, {"processes": 4, "batch_size": 2}, {"processes": 1, "batch_size": 3}) == (3, 8)
+    assert loops["epoch_loop.batch_progress"]["current"] == counters(8)
+    assert carry_position(loops, {"processes": 1, "batch_size": 3}, {"processes": 1, "batch_size": 3}) == (8, 8)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_rank_gets_the_same_number_of_batches(tiny_qwen, tmp_path, world_size):
     # Uneven shards: 5 + 5 + 5 + 2 samples.

@@ -111,3 +111,47 @@ def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_p
             assert rank["ids"] == expected["ids"], "each rank reads the batches it reads on one node"
             assert rank["losses"] == pytest.approx(expected["losses"], rel=1e-6)
     assert local[0]["ids"] != local[1]["ids"] and local[0]["losses"] != local[1]["losses"]
+
+
+def test_a_run_resumed_on_another_number_of_processes_goes_on_from_as_many_samples_into_its_epoch(tiny_qwen, tmp_path):
+    """24 samples, batches of 2, global batch 4: an epoch is 6 optimizer steps on one process
+    (accumulating 2 batches) or on two (1 each). A run stopped at step 5 of one process (10 of its
+    12 batches) goes on with two processes for the epoch's last step; stopped at step 7 of two (1 of
+    their 6 batches into epoch 1), it goes on with one process for the 10 batches that are left. The
+    epochs end where an uninterrupted run's do, whichever way the world size changed. Each run ends
+    mid-epoch at max_steps and saves there."""
+    with schema.ShardWriter(tmp_path / "train", prefix="u", max_count=6, kind="sft") as writer:
+        for item in shapes.judge_items(24, seed=6):
+            writer.write(schema.SFTSample(**item.fields(), target=item.critique(), source="t"))
+
+    def run(name: str, devices: int, steps: int, resume: str | None = None) -> list[dict]:
+        config = {
+            "seed_everything": 0,
+            "trainer": {
+                "accelerator": "cpu", "devices": devices, "strategy": "ddp", "max_steps": steps, "accumulate_grad_batches": 2 // devices,
+                "precision": "32-true", "logger": False, "enable_progress_bar": False, "limit_val_batches": 0, "default_root_dir": str(tmp_path / name),
+                "callbacks": [{"class_path": "tests.ddp_probe.CountBatches", "init_args": {"out_dir": str(tmp_path / name)}},
+                              {"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1000}}],
+            },
+            "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
+                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen}}, "lr": 1e-3, "global_batch_size": None, "val_generate": False}},
+            "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(tmp_path / "train"), "batch_size": 2, "num_workers": 0}},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        log = carevl("fit", path, *([f"--ckpt_path={tmp_path / 'ckpt' / resume}"] if resume else []))
+        assert "not resumable" not in log, "Lightning's warning is false for this loader"
+        return [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in range(devices)]
+
+    first = run("first", devices=1, steps=5)
+    assert first[0]["epochs"] == [0] * 10
+    grown = run("grown", devices=2, steps=7, resume="epoch=0-step=5.ckpt")
+    # 10 batches of 2 samples were 5 of 2 x 2: one batch a rank ends epoch 0, one starts epoch 1.
+    # Counted in batches, the epoch had started over (10 batches are past the 6 of two processes).
+    assert [r["epochs"] for r in grown] == [[0, 1], [0, 1]]
+    shrunk = run("shrunk", devices=1, steps=13, resume="epoch=1-step=7.ckpt")
+    # 1 batch of 2 x 2 is 2 of 2: 10 of epoch 1's 12 are left (5 steps), then epoch 2 begins.
+    # Counted in batches, 11 would have been left: 2 samples more, and a step out of step.
+    assert shrunk[0]["epochs"] == [1] * 10 + [2] * 2
+    epoch_one = [i for r in grown for i, e in zip(r["ids"], r["epochs"]) if e == 1] + shrunk[0]["ids"][:10]
+    assert sum(map(len, epoch_one)) == 24, "epoch 1 trains on as many samples as the shards hold"

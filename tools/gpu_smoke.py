@@ -278,7 +278,8 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
     if args.count_ops and ckpt_path is None:
         callbacks.append({"class_path": "__main__.OperatorCount", "init_args": {"warmup": args.warmup}})
     if save:
-        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "every_n_train_steps": max_steps}})
+        # the configs' checkpoints: written once (Lightning's save_last writes a second full copy)
+        callbacks.append({"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": max_steps}})
     config = {
         "seed_everything": 0,
         "trainer": {
