@@ -2,13 +2,13 @@
 
 It freezes the vision encoder (and optionally the projector) through one small per-family table,
 adds optional LoRA adapters on the language model, and computes summed response log-probs without
-full-vocabulary logits at image and prompt positions. `export` writes a Hugging Face checkpoint
-(model + processor, LoRA merged on request) that transformers loads back.
+full-vocabulary logits at image and prompt positions (preference groups through
+`carevl.group_logprobs`). `export` writes a Hugging Face checkpoint (model + processor, LoRA merged
+on request) that transformers loads back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -17,24 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from carevl.encoding import TOKEN_KEYS
+from carevl import group_logprobs
 from carevl.flops import ModelFlops
-from carevl.losses import response_token_logprobs, sequence_logprobs, token_logprobs
+from carevl.losses import response_token_logprobs, sequence_logprobs
 from carevl.strategies import zero_stage
 from carevl.vision_attention import batch_vision_attention
 
 log = logging.getLogger(__name__)
-
-
-def block_mask(block_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L, L) attention allowed (1) or not (0) in rows packing a prompt (block -1) and several
-    responses (blocks 0, 1, ...) after it: causal, and a response sees the prompt and itself only.
-    Padding (block -2) sees only itself, so no row is fully masked."""
-    row, column = block_ids[:, :, None], block_ids[:, None, :]
-    length = block_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=block_ids.device).tril()
-    allowed = causal & ((column == -1) | (column == row)) & (row != -2) & (column != -2)
-    return allowed | torch.eye(length, dtype=torch.bool, device=block_ids.device)
 
 
 @dataclass(frozen=True)
@@ -56,7 +45,6 @@ FAMILIES = {
     ),
     "mllama": Family(vision=("model.vision_model.",), projector=("model.multi_modal_projector.",), language="model.language_model."),
 }
-SHARED_VISION = ("qwen2_vl", "qwen2_5_vl")
 LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOAT32_WEIGHTS = ("none", "trainable", "all")
@@ -305,7 +293,7 @@ class Backbone(nn.Module):
         """`logit_chunk`, or None under ZeRO-3. ZeRO-3 releases the head's weight when the head's
         forward returns and gathers it again only when the backward pass reaches the head's output;
         a chunk recomputed inside its cross-entropy's backward would run before that, on the
-        released (empty) weight. Seen on CPU through DeepSpeed's engine (tests/test_zero3.py)."""
+        released (empty) weight. Seen on CPU through DeepSpeed's engine (tests/test_deepspeed.py)."""
         return None if getattr(self, "_zero3", None) is not None else self.logit_chunk
 
     @property
@@ -332,132 +320,24 @@ class Backbone(nn.Module):
         return response_token_logprobs(hidden, inputs["labels"], self.hf.lm_head, self.head_chunk)
 
     @property
-    def shares_vision(self) -> bool:
-        """Whether image features can be computed once and handed to the model for many sequences
-        (families whose model accepts `mm_encoder_outputs`: Qwen2-VL and Qwen2.5-VL)."""
-        return self.hf.config.model_type in SHARED_VISION
+    def pad_token_id(self) -> int:
+        """The tokenizer's padding id (0 when it has none)."""
+        return self.processor.tokenizer.pad_token_id or 0
 
     def image_features(self, inputs: dict[str, torch.Tensor], model: nn.Module | None = None) -> list[torch.Tensor] | None:
-        """Per-image features of a group batch's unique images (Qwen2-VL family), else None.
-
-        Computed without a graph when the whole vision tower, projector included, is frozen.
-        `model` computes them with another model of the same architecture (the reference)."""
-        if not self.shares_vision or "pixel_values" not in inputs:
-            return None
-        hf = self.hf if model is None else model
-        frozen = not any(p.requires_grad for p in hf.model.visual.parameters())
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = hf.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-        return list(out.pooler_output)
-
-    def group_logprobs(self, batch: dict, features: list[torch.Tensor] | None = None, model: nn.Module | None = None, pack: bool = True) -> torch.Tensor:
-        """(S,) summed response log-probs of every sequence of a preference-group batch.
-
-        With `pack` (and shared image features on a family that `packs_prompts`) each group's prompt
-        is computed once for all its critiques (`packed_group_logprobs`); the values are the same.
-
-        Image inputs hold one entry per group; `batch["image_index"]` maps sequences to them. With
-        `features` (from `image_features`) the vision tower is not run again; otherwise each
-        sequence gets its group's image inputs. `model` scores with another model of the same
-        architecture (the frozen reference) instead of this one.
-        """
-        if pack and features is not None and self.packs_group(batch):
-            return self.packed_group_logprobs(batch, features, model)
-        hf = self.hf if model is None else model
-        inputs, index = batch["inputs"], batch["image_index"]
-        model_inputs = {k: v for k, v in inputs.items() if k in TOKEN_KEYS and k != "labels"}
-        images = {k: v for k, v in inputs.items() if k not in TOKEN_KEYS}
-        if features is not None:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-            model_inputs["image_grid_thw"] = images["image_grid_thw"][index]
-            model_inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[features[i] for i in index.tolist()])}
-        elif "image_grid_thw" in images:  # Qwen2-VL family without shared features: patches are flattened per image
-            sizes = (images["image_grid_thw"].prod(dim=1)).tolist()
-            per_image = torch.split(images["pixel_values"], sizes)
-            model_inputs["pixel_values"] = torch.cat([per_image[i] for i in index.tolist()])
-            model_inputs["image_grid_thw"] = images["image_grid_thw"][index]
-        else:  # one entry per image along the first dimension (LLaVA-OneVision, Mllama)
-            model_inputs.update({k: v[index] for k, v in images.items()})
-        hidden = hf.model(**model_inputs, use_cache=False).last_hidden_state
-        logps, rows = response_token_logprobs(hidden, inputs["labels"], hf.lm_head, self.head_chunk)
-        return sequence_logprobs(logps, rows, inputs["labels"].shape[0])
-
-    @property
-    def packs_prompts(self) -> bool:
-        """Whether a group's critiques can share one pass over its prompt (Qwen2-VL: explicit 3D
-        positions and custom 4D attention masks are accepted)."""
-        return self.hf.config.model_type == "qwen2_vl"
+        """Per-image features of a group batch's unique images (`carevl.group_logprobs.image_features`),
+        with this model or `model` (the reference, of the same architecture)."""
+        return group_logprobs.image_features(self.hf if model is None else model, inputs)
 
     def packs_group(self, batch: dict) -> bool:
-        """Whether `group_logprobs(batch, self.image_features(...), pack=True)` computes each group's
-        prompt once: a family that packs prompts, with image features to share."""
-        return self.packs_prompts and self.shares_vision and "pixel_values" in batch["inputs"] and "prompt_lengths" in batch
+        """Whether scoring `batch` with shared image features computes each group's prompt once."""
+        return group_logprobs.packs_group(self.hf, batch)
 
-    def packed_group_logprobs(self, batch: dict, features: list[torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
-        """(S,) summed response log-probs like `group_logprobs`, with each group's prompt computed once.
-
-        Each group becomes one row: its prompt (image tokens included) followed by every critique. A
-        block mask lets each critique attend to the prompt and to its own earlier tokens only, and
-        every critique's positions continue from the end of the prompt, so each critique sees
-        exactly what it would see alone, while the image and prompt tokens go through the language
-        model once per group instead of once per critique.
-        """
+    def group_logprobs(self, batch: dict, features: list[torch.Tensor] | None = None, model: nn.Module | None = None, pack: bool = True) -> torch.Tensor:
+        """(S,) summed response log-probs of every sequence of a preference-group batch, by this model
+        or by `model` (the frozen reference); see `carevl.group_logprobs.group_logprobs`."""
         hf = self.hf if model is None else model
-        inputs, index = batch["inputs"], batch["image_index"]
-        ids, device = inputs["input_ids"], inputs["input_ids"].device
-        # the layout is read on the host once (three transfers, not a sync per group and sequence)
-        lengths, prompt_lengths, owner = inputs["attention_mask"].sum(dim=1).tolist(), batch["prompt_lengths"].tolist(), index.tolist()
-        rows, positions, blocks, predictors, targets, owners = [], [], [], [], [], []
-        for group in range(max(owner) + 1):
-            members = [sequence for sequence, g in enumerate(owner) if g == group]
-            first, prompt_length = members[0], prompt_lengths[members[0]]
-            prompt = ids[first, :prompt_length]
-            position, _ = hf.model.get_rope_index(
-                prompt[None], inputs["mm_token_type_ids"][first, :prompt_length][None], inputs["image_grid_thw"][group : group + 1]
-            )
-            start = int(position.max()) + 1
-            row, row_positions, row_blocks = [prompt], [position[:, 0]], [torch.full((prompt_length,), -1, device=device)]
-            offset = prompt_length
-            row_predictors, row_targets, row_owners = [], [], []
-            for block, sequence in enumerate(members):
-                response = ids[sequence, prompt_length : lengths[sequence]]
-                n = response.numel()
-                row.append(response)
-                row_positions.append((start + torch.arange(n, device=device)).expand(3, n))
-                row_blocks.append(torch.full((n,), block, device=device))
-                # the first critique token is predicted by the prompt's last position, the others by the one before
-                row_predictors.append(torch.cat([torch.tensor([prompt_length - 1], device=device), offset + torch.arange(n - 1, device=device)]))
-                row_targets.append(response)
-                row_owners.append(torch.full((n,), sequence, device=device))
-                offset += n
-            rows.append(torch.cat(row))
-            positions.append(torch.cat(row_positions, dim=1))
-            blocks.append(torch.cat(row_blocks))
-            predictors.append(torch.cat(row_predictors))
-            targets.append(torch.cat(row_targets))
-            owners.append(torch.cat(row_owners))
-        length = max(r.numel() for r in rows)
-        pad = self.processor.tokenizer.pad_token_id or 0
-        input_ids = torch.stack([nn.functional.pad(r, (0, length - r.numel()), value=pad) for r in rows])
-        position_ids = torch.stack([nn.functional.pad(p, (0, length - p.shape[1])) for p in positions], dim=1)
-        block_ids = torch.stack([nn.functional.pad(b, (0, length - b.numel()), value=-2) for b in blocks])
-        dtype = next(hf.parameters()).dtype
-        mask = block_mask(block_ids).to(dtype)
-        mask = (1.0 - mask) * torch.finfo(dtype).min
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        hidden = hf.model(
-            input_ids=input_ids,
-            attention_mask=mask[:, None],
-            position_ids=position_ids,
-            image_grid_thw=inputs["image_grid_thw"],
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
-            use_cache=False,
-        ).last_hidden_state
-        group_rows = torch.cat([torch.full_like(p, g) for g, p in enumerate(predictors)])
-        logps = token_logprobs(hidden[group_rows, torch.cat(predictors)], torch.cat(targets), hf.lm_head, self.head_chunk)
-        return sequence_logprobs(logps, torch.cat(owners), ids.shape[0])
+        return group_logprobs.group_logprobs(hf, batch, features, chunk=self.head_chunk, pad_token_id=self.pad_token_id, pack=pack)
 
     def sequence_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) log pi(response | image, prompt), summed over response tokens."""

@@ -9,7 +9,6 @@ subsets, a tie label, and a fixed order (answer1 is A).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -202,19 +201,6 @@ def vlrb_parquet_rows(paths: list[str | Path]) -> Iterator[tuple[dict[str, Any],
             yield row, image.get("bytes"), f"{path}:{row.get('id')}"
 
 
-def image_extension(data: bytes) -> str:
-    """The shard extension of encoded image bytes; raises on bytes PIL cannot read."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.verify()
-        fmt = (image.format or "").lower()
-    ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
-    if ext not in ("png", "jpg", "webp"):
-        raise ValueError(f"image format {fmt!r} is not one the shards hold (png, jpg, webp)")
-    return ext
-
-
 def write_benchmark_shards(
     rows: Iterable[tuple[dict[str, Any], bytes | None, str]],
     to_fields: Callable[[dict[str, Any]], dict[str, Any]],
@@ -223,6 +209,7 @@ def write_benchmark_shards(
 ) -> Counter:
     """Benchmark shards from (record, image bytes, origin) rows. Missing and unreadable images and
     malformed records are logged, counted and skipped; returns the counts ("written" and skip reasons)."""
+    from carevl.images import image_extension
     from carevl.schema import BenchmarkSample, ShardWriter
 
     counts: Counter = Counter()

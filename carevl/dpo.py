@@ -11,7 +11,7 @@ forward. The reference comes in three modes:
   own DeepSpeed inference engine to gather its weights for each forward (TRL's arrangement),
   started at the first fit or validation;
 - ``lora_disabled``: the trained model itself with its LoRA adapters switched off (LoRA only);
-- ``precomputed``: log-probs computed once by ``python -m carevl.reference`` and stored beside the
+- ``precomputed``: log-probs computed once by ``python tools/reference_logps.py`` and stored beside the
   shards; training loads no reference weights at all.
 """
 
@@ -24,8 +24,8 @@ from torchmetrics import MeanMetric
 
 from carevl.backbone import Backbone
 from carevl.encoding import IGNORE_INDEX
+from carevl.judge import JudgeModule
 from carevl.losses import dpo_group_loss
-from carevl.sft import JudgeModule
 from carevl.strategies import deepspeed_config, sharded_strategy, zero_stage
 
 REFERENCE_MODES = ("copy", "lora_disabled", "precomputed")
@@ -40,7 +40,7 @@ class DPOJudge(JudgeModule):
         reference: "copy" (a frozen copy of the starting model; under ZeRO-3 loaded again and
             partitioned), "lora_disabled" (this model with
             its LoRA adapters off) or "precomputed" (log-probs written beside the shards by
-            `python -m carevl.reference`; no reference weights are loaded).
+            `python tools/reference_logps.py`; no reference weights are loaded).
         beta: DPO temperature.
         nll_weight: weight of an added token-mean NLL term on the chosen critiques (0 turns it off).
         lr: peak learning rate.
@@ -72,7 +72,7 @@ class DPOJudge(JudgeModule):
                 raise ValueError(
                     f"reference 'copy' does not work under {sharded}: the copy would be taken from parameters that are "
                     "already sharded, and nothing would gather them for its forward (Lightning issue #17319). Use "
-                    "reference 'precomputed' (python -m carevl.reference) or 'lora_disabled' instead."
+                    "reference 'precomputed' (python tools/reference_logps.py) or 'lora_disabled' instead."
                 )
             # the policy's dtypes too (float32 where its weights train, `Backbone.build`): the same
             # computation, so the first loss is exactly log 2
@@ -125,7 +125,7 @@ class DPOJudge(JudgeModule):
         mode = self.hparams.reference
         if mode == "precomputed":
             if "reference_logps" not in batch:
-                raise ValueError("reference 'precomputed' needs reference-logps.json beside the shards: run python -m carevl.reference")
+                raise ValueError("reference 'precomputed' needs reference-logps.json beside the shards: run python tools/reference_logps.py")
             return batch["reference_logps"].to(self.device)
         with torch.no_grad():
             if mode == "lora_disabled":

@@ -1,11 +1,15 @@
-"""The shard contract (DESIGN §3), written down once for the writers (tools) and readers (datamodules).
+"""The file contracts between carevl's parts (DESIGN §3), written down once for writers and readers.
 
-A shard is a WebDataset tar file. A sample is ``<key>.json`` plus ``<key>.<ext>`` holding the image's
-original encoded bytes; keys contain no dots. Prompts are never stored: they are rendered at load
-time from `carevl.prompts`, so training and evaluation always agree.
-
-Every shard set has a manifest (``manifest.json`` beside the shards) listing each shard with its
-sample count, which readers use to give every rank the same number of batches.
+- **Shards**: a WebDataset tar file; a sample is ``<key>.json`` plus ``<key>.<ext>`` holding the
+  image's original encoded bytes; keys contain no dots. Prompts are never stored: they are
+  rendered at load time from `carevl.prompts`, so training and evaluation always agree. Every
+  shard set has a manifest (``manifest.json`` beside the shards) listing each shard with its
+  sample count, which readers use to give every rank the same number of batches.
+- **Reference log-probs** (``reference-logps.json`` beside preference-group shards): the frozen
+  reference's summed log-prob of every critique of every group, written by
+  ``tools/reference_logps.py`` and read by the DPO datamodule.
+- **Questions** (the curation input, one JSON object a line): the image-question items that
+  ``tools/curate.py ingest`` reads (`QUESTION_FIELDS`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from typing import Any
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 MANIFEST = "manifest.json"
+REFERENCE_FILE = "reference-logps.json"
+# A questions file line: "id" (unique), "image" (a path relative to the file), "question", and an
+# optional "meta" object carried along into every record and shard of the item.
+QUESTION_FIELDS = ("id", "image", "question", "meta")
 
 
 class SchemaError(ValueError):
@@ -225,3 +233,15 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     manifest = json.loads(path.read_text())
     manifest["urls"] = [str(Path(directory) / shard["url"]) for shard in manifest["shards"]]
     return manifest
+
+
+def read_reference_logps(directory: str | Path) -> dict[str, list[float]] | None:
+    """The precomputed reference log-probs beside a shard set ({group id: [chosen, rejected...]}),
+    None when there are none."""
+    path = Path(directory) / REFERENCE_FILE
+    return json.loads(path.read_text())["logps"] if path.exists() else None
+
+
+def question_line(item_id: str, image: str, question: str, meta: dict[str, Any] | None = None) -> str:
+    """One line of a questions file (`QUESTION_FIELDS`); `image` is relative to the file."""
+    return json.dumps({"id": item_id, "image": image, "question": question, "meta": meta or {}}) + "\n"

@@ -34,10 +34,12 @@ def build_views(encoder: Encoder, order: str, seed: int, candidates: bool, sampl
 _LISTS = {"id": "ids", "benchmark": "benchmarks", "category": "categories", "label": "labels", "swapped": "swapped"}
 
 
-def collate_views(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int) -> dict[str, Any]:
-    """A benchmark batch: left-padded prompts, record fields as lists, candidate inputs if built."""
+def collate_views(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, order: str) -> dict[str, Any]:
+    """A benchmark batch: left-padded prompts, record fields as lists, the answer-order rule the
+    views follow, candidate inputs if built."""
     batch = {
         "prompt_inputs": collate([item["features"] for item in items], pad_token_id, padding_side="left"),
+        "order": order,
         "skipped": skipped,
         **{plural: [item[key] for item in items] for key, plural in _LISTS.items()},
     }

@@ -1,4 +1,11 @@
-"""The SFT datamodule: judge (or plain instruction) samples from WebDataset shards."""
+"""`JudgeDataModule`: every kind of shard a judge trains or is evaluated on, read into batches.
+
+Training reads SFT samples, instruction samples or DPO preference groups; validation reads judge
+samples, benchmark records or preference groups, by each shard set's manifest; `carevl test`
+reads benchmark records. What a batch of each kind holds is built in `datamodules.sft`,
+`datamodules.preference` and `datamodules.benchmark`; the reading (ranks, workers, resuming) in
+`datamodules.stream`.
+"""
 
 from __future__ import annotations
 
@@ -7,57 +14,25 @@ import warnings
 from functools import partial
 from typing import Any
 
-import torch
-from lightning import LightningDataModule
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from carevl import benchmarks, schema
-from carevl.encoding import Encoder, collate, prompt_only
-from carevl.flops import batch_work, response_count
-from carevl.prompts import judge_prompt, user_turn
+from carevl.encoding import Encoder
 from datamodules.benchmark import build_views, collate_views
-from datamodules.preference import build_group, collate_groups, load_reference_logps
+from datamodules.preference import collate_groups, encode_group
+from datamodules.sft import build_item, collate_items
 from datamodules.stream import EpochLoader, SamplePreparer, TrainStream, ValStream
 
 log = logging.getLogger(__name__)
 TRAIN_KINDS = ("sft", "instruct", "preference_group")
 # Lightning warns at every mid-epoch resume that the training loader cannot go on from where it
-# stopped; this one's does (datamodules/stream.py, and `JudgeDataModule.on_load_checkpoint`).
+# stopped; this one's does (datamodules/stream.py, and `EpochPosition`).
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
-def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSample, image: Any) -> list[dict[str, Any]]:
-    """The one training item of a decoded sample. Prompts come from `carevl.prompts` only."""
-    if isinstance(sample, schema.SFTSample):
-        messages, label = user_turn(judge_prompt(sample.question, sample.responses)), sample.label
-    else:
-        messages, label = user_turn(sample.prompt), None
-    features = encoder.encode(image, messages, sample.target)
-    return [{"features": features, "id": sample.id, "weight": float(sample.weight), "verdict_label": label, "length": features["input_ids"].shape[1]}]
-
-
-def collate_items(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, with_prompts: bool) -> dict[str, Any]:
-    """A batch: padded model inputs, ids, weights, verdict labels, skip counts since the last batch,
-    the work it asks of the model (`carevl.flops`), and (validation) left-padded prompt-only inputs
-    for generation."""
-    features = [item["features"] for item in items]
-    inputs = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], pad_token_id)
-    batch = {
-        "inputs": inputs,
-        "work": batch_work([item["length"] for item in items], response_count(inputs["labels"]), inputs.get("image_grid_thw")),
-        "ids": [item["id"] for item in items],
-        "weights": torch.tensor([item["weight"] for item in items]),
-        "skipped": skipped,
-    }
-    labels = [item["verdict_label"] for item in items]
-    if with_prompts and all(label is not None for label in labels):
-        batch["prompt_inputs"] = collate([prompt_only(f) for f in features], pad_token_id, padding_side="left")
-        batch["verdict_labels"] = labels
-    return batch
-
-
-def carry_position(loops: dict[str, Any], saved: dict[str, int], now: dict[str, int]) -> tuple[int, int]:
+def moved_position(loops: dict[str, Any], saved: dict[str, int], now: dict[str, int]) -> tuple[int, int]:
     """Move a checkpoint's training position within its epoch (`loops`: its fit-loop state) from
     batches of the `saved` layout to batches of the layout `now` holding as many samples (rounded
     down: at most one batch of samples comes twice). Returns (batches before, batches after)."""
@@ -71,14 +46,15 @@ def carry_position(loops: dict[str, Any], saved: dict[str, int], now: dict[str, 
 
 
 class JudgeDataModule(LightningDataModule):
-    """Batches of judge SFT samples (or plain instruction samples) read from WebDataset shards.
+    """Batches of judge samples, instruction samples, preference groups or benchmark records read
+    from WebDataset shards.
 
     Decoding, prompt rendering and the processor run in loader workers. Corrupt images, records
     that break the shard contract and samples longer than `max_length` are skipped, logged and
     counted (the counts travel with the batches and are logged as ``skipped/<reason>``).
 
     Args:
-        processor: name or path of the model's processor; defaults to the backbone's model.
+        processor: name or path of the model's processor. `carevl` sets it to the backbone's model.
         train: directory of training shards (with the manifest written by `carevl.schema.ShardWriter`).
         val: directory (or list of directories) of validation shards: judge samples (e.g. the
             shapes world's held-out set, scored by verdict accuracy), benchmark samples (scored by
@@ -86,7 +62,7 @@ class JudgeDataModule(LightningDataModule):
         test: directory of benchmark shards for `carevl test`.
         kind: training sample kind: "sft" (judge samples), "instruct" (prompt -> target), or
             "preference_group" (DPO groups; batch_size then counts groups, and reference log-probs
-            written by `python -m carevl.reference` beside the shards travel with the batches).
+            written by `python tools/reference_logps.py` beside the shards travel with the batches).
         order: how benchmark answers are ordered for the judge: "odd_length" (swap when the summed
             length of both is odd, as VLMEvalKit and lmms-eval), "random" (a coin fixed by id and
             `seed`), "both" (each record in both orders: position consistency is reported), or
@@ -99,10 +75,12 @@ class JudgeDataModule(LightningDataModule):
             samples, sorts them by token count, cuts them into batches and shuffles those: each batch
             holds samples of similar length, so less of it is padding. At VL-RewardBench's lengths
             (with 256 image tokens a sample) shuffled batches of 4 are ~36% padding, grouped over
-            16 batches ~5% (`tools/bench_padding.py`).
+            16 batches ~5% (`tools/bench/padding.py`).
         max_length: samples with more tokens, image tokens included, are dropped (never truncated).
         seed: base seed of shard and sample shuffling.
-        trust_remote_code: allow code shipped with the processor.
+        trust_remote_code: allow code shipped with the processor (`carevl` sets it as the backbone's).
+        verdict_candidates: benchmark batches also carry one input per candidate verdict line, for
+            verdicts by likelihood (`carevl` sets it when the model's `eval_mode` is "score").
     """
 
     def __init__(
@@ -121,6 +99,7 @@ class JudgeDataModule(LightningDataModule):
         max_length: int = 4096,
         seed: int = 0,
         trust_remote_code: bool = False,
+        verdict_candidates: bool = False,
     ):
         super().__init__()
         if kind not in TRAIN_KINDS:
@@ -134,6 +113,7 @@ class JudgeDataModule(LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.group_by_length = num_workers, shuffle_buffer, group_by_length
         self.max_length, self.seed, self.trust_remote_code = max_length, seed, trust_remote_code
+        self.verdict_candidates = verdict_candidates
         self.encoder: Encoder | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -141,12 +121,9 @@ class JudgeDataModule(LightningDataModule):
             return
         from transformers import AutoProcessor
 
-        name = self.processor_name
-        if name is None and self.trainer is not None:
-            name = self.trainer.lightning_module.backbone.name
-        if name is None:
-            raise ValueError("JudgeDataModule needs `processor` (or a trainer whose model has a backbone)")
-        processor = AutoProcessor.from_pretrained(name, trust_remote_code=self.trust_remote_code)
+        if self.processor_name is None:
+            raise ValueError("JudgeDataModule needs `processor` (the `carevl` command sets it to the backbone's model)")
+        processor = AutoProcessor.from_pretrained(self.processor_name, trust_remote_code=self.trust_remote_code)
         self.encoder = Encoder(processor, max_length=self.max_length)
 
     def _rank(self) -> tuple[int, int]:
@@ -160,13 +137,11 @@ class JudgeDataModule(LightningDataModule):
         if kind in ("sft", "instruct"):
             return SamplePreparer(kind, partial(build_item, self.encoder)), partial(collate_items, pad_token_id=pad, with_prompts=evaluation)
         if kind == "preference_group":
-            build = partial(build_group, self.encoder, load_reference_logps(directory))
+            build = partial(encode_group, self.encoder, schema.read_reference_logps(directory))
             return SamplePreparer(kind, build), partial(collate_groups, pad_token_id=pad)
         if kind == "benchmark" and evaluation:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            candidates = bool(getattr(module, "needs_verdict_candidates", False))
-            build = partial(build_views, self.encoder, self.order, self.seed, candidates)
-            return SamplePreparer(kind, build), partial(collate_views, pad_token_id=pad)
+            build = partial(build_views, self.encoder, self.order, self.seed, self.verdict_candidates)
+            return SamplePreparer(kind, build), partial(collate_views, pad_token_id=pad, order=self.order)
         raise ValueError(f"{directory} holds {kind!r} samples, which {'evaluation' if evaluation else 'training'} does not read")
 
     def train_dataloader(self) -> EpochLoader:
@@ -209,18 +184,17 @@ class JudgeDataModule(LightningDataModule):
                 "epoch's order cannot be continued, so until it ends some of its samples may repeat and others be missed"
             )
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Called by the judge modules with the whole checkpoint before Lightning restores its loops
-        (Lightning 2 gives a datamodule its own state alone). When the checkpoint's processes x batch
-        size differ from this run's, the interrupted epoch goes on after as many samples as it had
-        trained on, not as many batches: it then ends after the samples it holds, at the step the
-        learning-rate schedule counts on."""
+    def carry_position(self, checkpoint: dict[str, Any]) -> None:
+        """When the checkpoint's processes x batch size differ from this run's, move its place in the
+        interrupted epoch to as many samples as it had trained on, not as many batches: the epoch
+        then ends after the samples it holds, at the step the learning-rate schedule counts on.
+        `EpochPosition` calls it with the whole checkpoint, before Lightning restores its loops."""
         saved = checkpoint.get(type(self).__qualname__, {}).get("train_stream")
         loops = checkpoint.get("loops", {}).get("fit_loop")
         if saved is None or loops is None:
             return
         now = self._stream_layout()
-        before, after = carry_position(loops, saved, now)
+        before, after = moved_position(loops, saved, now)
         if before != after:
             rank_zero_info(
                 f"resuming epoch {checkpoint.get('epoch', '?')} after {before} batches of {saved['processes']} x {saved['batch_size']} "
@@ -247,3 +221,13 @@ class JudgeDataModule(LightningDataModule):
         preparer, collate_fn = self._pieces(manifest["kind"], directory, evaluation=True)
         stream = ValStream(manifest["urls"], preparer, collate_fn, self.val_batch_size, rank, world)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+
+class EpochPosition(Callback):
+    """Hands a resumed fit's checkpoint to `JudgeDataModule.carry_position` before Lightning restores
+    its loops (Lightning 2 gives a datamodule its own state alone, and a callback the whole
+    checkpoint). The `carevl` command adds it to every trainer."""
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if isinstance(trainer.datamodule, JudgeDataModule):
+            trainer.datamodule.carry_position(checkpoint)

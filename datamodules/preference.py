@@ -8,8 +8,6 @@ and share its features between the chosen, every rejected and the reference pass
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,16 +18,7 @@ from carevl.flops import batch_work, packed_work, response_count
 from carevl.prompts import judge_prompt, user_turn
 
 
-REFERENCE_FILE = "reference-logps.json"
-
-
-def load_reference_logps(directory: str | Path) -> dict[str, list[float]] | None:
-    """Precomputed reference log-probs of a shard directory ({group id: [chosen, rejected...]}), if any."""
-    path = Path(directory) / REFERENCE_FILE
-    return json.loads(path.read_text())["logps"] if path.exists() else None
-
-
-def build_group(encoder: Encoder, reference: dict[str, list[float]] | None, sample: schema.PreferenceGroupSample, image: Any) -> list[dict[str, Any]]:
+def encode_group(encoder: Encoder, reference: dict[str, list[float]] | None, sample: schema.PreferenceGroupSample, image: Any) -> list[dict[str, Any]]:
     """One item per group: the chosen and every rejected critique after one shared prompt."""
     messages = user_turn(judge_prompt(sample.question, sample.responses))
     encodings = encoder.encode_many(image, messages, [sample.chosen, *sample.rejected])

@@ -2,11 +2,11 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from carevl import shapes
 from carevl.backbone import Backbone, LoraSettings
 from carevl.encoding import Encoder, collate, prompt_only
 from carevl.prompts import judge_prompt, user_turn, verdict_line
-from tests.conftest import compiled_graph, image_of
+from carevl.standins import shapes
+from tests.helpers import compiled_graph, image_of
 
 
 def encoded_items(backbone, n=3, seed=5):

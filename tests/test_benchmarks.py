@@ -8,7 +8,7 @@ import torch
 
 from carevl import benchmarks
 from carevl.metrics import MLLMJudgePairAccuracy, PositionConsistency, VLRewardBenchAccuracy, resolve
-from tests.conftest import SHARED_BENCHMARKS
+from tests.helpers import SHARED_BENCHMARKS
 
 VLRB = SHARED_BENCHMARKS / "vl_rewardbench.jsonl"
 MLLM = SHARED_BENCHMARKS / "mllm_judge_pair_samples.jsonl"

@@ -1,6 +1,5 @@
 """Saving, resuming and exporting training checkpoints (the CPU half of the scale-out recipe)."""
 
-import importlib.util
 import json
 import os
 import time
@@ -12,17 +11,9 @@ from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForImageTextToText
 
 from carevl.cli import run
-from tests.test_datamodule import write_bad_shards
-from tests.test_training import fit, metrics
+from tests.helpers import fit, load_tool, metrics, write_bad_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_resume_continues_from_the_saved_step_and_export_matches(tiny_qwen, world, tmp_path):

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from carevl.cli import main
+from tests.helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"curation", "strategies", "pipeline"} & set(p.parts))
@@ -37,14 +38,11 @@ def test_curation_config_count():
 
 @pytest.mark.parametrize("path", CURATION, ids=lambda p: p.name)
 def test_curation_config_parses_for_every_stage(path, capsys):
-    import importlib.util
 
     import yaml
 
     assert set(yaml.safe_load(path.read_text())) == set(STAGES)
-    spec = importlib.util.spec_from_file_location("curate", ROOT / "tools" / "curate.py")
-    curate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curate)
+    curate = load_tool("curate")
     for stage in STAGES:
         with pytest.raises(SystemExit) as exit_info:
             curate.main(["--config", str(path), stage, "--print_config"])

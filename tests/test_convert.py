@@ -7,8 +7,9 @@ import pytest
 import webdataset as wds
 
 from carevl import schema
-from carevl.shapes import png_bytes, random_scene, render
-from tests.conftest import SHARED_BENCHMARKS
+from carevl.images import png_bytes
+from carevl.standins.shapes import random_scene, render
+from tests.helpers import SHARED_BENCHMARKS
 from tools.convert_benchmark import main as convert
 
 VLRB = SHARED_BENCHMARKS / "vl_rewardbench.jsonl"

@@ -2,9 +2,9 @@
 
 import pytest
 
+from carevl.backends.interface import Chat, Sampling
 from carevl.curation.cost import Prices, estimate, image_tokens
-from carevl.inference import Chat, Sampling
-from carevl.shapes import judge_items
+from carevl.standins.shapes import judge_items
 
 
 @pytest.mark.parametrize(

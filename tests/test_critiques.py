@@ -1,26 +1,31 @@
 """Curation II on the shapes world: critiques sampled for the low-confidence pairs, scored by the
 simulated evaluator, grouped by every strategy into preference-group shards."""
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import webdataset as wds
 
-from carevl.backends.simulated import SimulatedAnswerer, SimulatedCaptioner, SimulatedEvaluator, SimulatedExpert, SimulatedJudge
 from carevl.curation import critiques, stages
 from carevl.curation.groups import STRATEGIES
 from carevl.curation.records import Records
-from carevl.inference import Sampling
 from carevl.prompts import parse_verdict
 from carevl.schema import decode, read_manifest
+from carevl.standins.simulated import (
+    SimulatedAnswerer,
+    SimulatedCaptioner,
+    SimulatedEvaluator,
+    SimulatedExpert,
+    SimulatedJudge,
+)
+from tests.helpers import ingest_world
 
 
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("cur") / "w")
-    stages.ingest(workdir, shapes_items=40, seed=8)
+    ingest_world(workdir, 40, 8)
     stages.candidates(workdir, {f"m{e}": (lambda e=e: SimulatedAnswerer(f"m{e}", workdir, error_rate=e / 10)) for e in (2, 5)})
     stages.captions(workdir, lambda: SimulatedCaptioner("cap", workdir))
     stages.pairs(workdir, max_pairs_per_item=3)

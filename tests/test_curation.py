@@ -12,21 +12,24 @@ from pathlib import Path
 import pytest
 import yaml
 
+from carevl.backends.interface import Sampling
 from carevl.backends.openai_api import OpenAIChat
-from carevl.backends.simulated import SimulatedAnswerer, SimulatedCaptioner, SimulatedExpert, SimulatedJudge
 from carevl.curation import stages
 from carevl.curation.records import Records
 from carevl.curation.report import write_report
-from carevl.inference import Sampling
-from carevl.loopback import LoopbackEndpoint
 from carevl.schema import read_manifest
+from carevl.standins.loopback import LoopbackEndpoint
+from carevl.standins.shapes import true_label
+from carevl.standins.simulated import SimulatedAnswerer, SimulatedCaptioner, SimulatedExpert, SimulatedJudge
+from carevl.standins.world import write_questions
+from tests.helpers import ingest_world
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "candidates", "captions", "pairs", "judge", "votes", "split", "sft_shards"]
 
 
 def run_simulated(workdir: str, items: int = 120) -> None:
-    stages.ingest(workdir, shapes_items=items, seed=3)
+    ingest_world(workdir, items, 3)
     models = {f"sim-{e}": (lambda e=e: SimulatedAnswerer(f"sim-{e}", workdir, error_rate=e / 10)) for e in (1, 3, 5)}
     stages.candidates(workdir, models, {"greedy": Sampling(), "t1": Sampling(temperature=1.0)})
     stages.captions(workdir, lambda: SimulatedCaptioner("sim-captioner", workdir, error_rate=0.05))
@@ -40,7 +43,7 @@ def run_simulated(workdir: str, items: int = 120) -> None:
 def test_high_confidence_labels_beat_the_judge_alone(tmp_path):
     workdir = str(tmp_path / "cur")
     run_simulated(workdir)
-    found = write_report(workdir)
+    found = write_report(workdir, truth=true_label)
     judge_hits, judge_total = found["precision"]["judge alone (all judged pairs)"]
     high_hits, high_total = found["precision"]["high confidence"]
     assert judge_total > 100 and high_total > 20
@@ -62,7 +65,7 @@ def test_pairs_merge_identical_answers_and_never_pair_an_answer_with_itself(tmp_
 
 
 def test_ingest_records_bad_input_with_reasons(tmp_path):
-    from carevl.shapes import judge_items
+    from carevl.standins.shapes import judge_items
 
     item = judge_items(1, seed=0)[0]
     (tmp_path / "good.png").write_bytes(item.image)
@@ -104,9 +107,9 @@ def test_a_line_cut_by_a_kill_is_dropped(tmp_path):
 
 def write_config(path: Path, workdir: Path, latency: float) -> Path:
     world = str(workdir)
-    sim = "carevl.backends.simulated."
+    sim = "carevl.standins.simulated."
     config = {
-        "ingest": {"workdir": world, "shapes_items": 40, "seed": 5},
+        "ingest": {"workdir": world, "source": str(write_questions(workdir.parent / "questions.jsonl", 40, seed=5))},
         "candidates": {
             "workdir": world,
             "chunk_size": 4,
@@ -174,7 +177,7 @@ def test_judge_over_http_records_failures_then_completes_and_never_writes_the_ke
     key = "sk-live-5d1e0f-must-not-leak"
     monkeypatch.setenv("OPENAI_API_KEY", key)
     workdir = tmp_path / "cur"
-    stages.ingest(str(workdir), shapes_items=8, seed=1)
+    ingest_world(str(workdir), 8, 1)
     stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}, {"t1": Sampling(temperature=1.0, n=3)})
     stages.pairs(str(workdir))
     n_pairs = len(Records(workdir / "pairs.jsonl").ok())
@@ -196,7 +199,7 @@ def test_judge_over_http_records_failures_then_completes_and_never_writes_the_ke
 
 def test_judge_prints_an_estimate_and_refuses_above_max_usd(tmp_path, capsys):
     workdir = tmp_path / "cur"
-    stages.ingest(str(workdir), shapes_items=6, seed=2)
+    ingest_world(str(workdir), 6, 2)
     stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}, {"t1": Sampling(temperature=1.0, n=2)})
     stages.pairs(str(workdir))
     with pytest.raises(RuntimeError, match="above max_usd"):
@@ -210,7 +213,7 @@ def test_judge_through_the_batch_api(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-batch-test")
     workdir = tmp_path / "cur"
-    stages.ingest(str(workdir), shapes_items=6, seed=2)
+    ingest_world(str(workdir), 6, 2)
     stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}, {"t1": Sampling(temperature=1.0, n=3)})
     stages.pairs(str(workdir))
     n_pairs = len(Records(workdir / "pairs.jsonl").ok())
@@ -243,7 +246,7 @@ def test_candidates_on_a_paid_endpoint_print_their_estimate_first(tmp_path, caps
     from carevl.curation.cost import Prices
 
     workdir = str(tmp_path / "cur")
-    stages.ingest(workdir, shapes_items=5, seed=2)
+    ingest_world(workdir, 5, 2)
     models = {"paid": lambda: pytest.fail("no request may be sent above max_usd"), "local": lambda: SimulatedAnswerer("local", workdir)}
     with pytest.raises(RuntimeError, match="above max_usd"):
         stages.candidates(workdir, models, {"greedy": Sampling()}, prices={"paid": Prices()}, max_usd=0.0)

@@ -1,38 +1,14 @@
-import io
-import json
 import random
 import warnings
 
 import pytest
-import torch
 
-from carevl import schema, shapes
+from carevl import schema
 from carevl.encoding import IGNORE_INDEX
+from carevl.standins import shapes
 from datamodules import JudgeDataModule
 from datamodules.stream import cut_batches
-
-
-def write_bad_shards(directory, n_good=20):
-    """Good samples plus one corrupt image, one record missing a field and one over-length sample."""
-    items = shapes.judge_items(n_good + 2, seed=3)
-    with schema.ShardWriter(directory, prefix="bad", max_count=8, kind="sft") as writer:
-        for index, it in enumerate(items):
-            sample = schema.SFTSample(
-                id=it.id, question=it.question, responses=list(it.responses), label=it.label,
-                target=it.critique(), source="test", image=it.image,
-            )
-            if index == 1:
-                sample.image = b"\x89PNG\r\n\x1a\n not really a png"
-            if index == 2:
-                sample.target = "word " * 600
-            writer.write(sample)
-            if index == 3:  # a record without 'target', written straight to the tar
-                raw = schema.encode(sample)
-                record = json.loads(raw["json"])
-                del record["target"]
-                raw.update(__key__="missing-target", json=json.dumps(record).encode())
-                writer._writer.write(raw)
-    return n_good
+from tests.helpers import write_bad_shards
 
 
 def make_module(processor, directory, **kwargs):
@@ -128,16 +104,16 @@ def test_a_resumed_position_moves_to_the_batches_that_hold_as_many_samples():
     4 x 2: 5 batches (30 samples) become 3 (24; rounded down, so 6 samples come twice). Lightning's
     counters move together (`completed` one behind, as saved at a batch's end); so do the totals
     across epochs. (tests/test_ddp.py resumes real runs on another number of processes.)"""
-    from datamodules.judge import carry_position
+    from datamodules.judge import moved_position
 
     counters = lambda n: {"ready": n, "started": n, "processed": n, "completed": n - 1}  # noqa: E731
     loops = {"epoch_loop.batch_progress": {"current": counters(5), "total": counters(17), "is_last_batch": False}}
-    assert carry_position(loops, {"processes": 2, "batch_size": 3}, {"processes": 4, "batch_size": 2}) == (5, 3)
+    assert moved_position(loops, {"processes": 2, "batch_size": 3}, {"processes": 4, "batch_size": 2}) == (5, 3)
     assert loops["epoch_loop.batch_progress"]["current"] == counters(3)
     assert loops["epoch_loop.batch_progress"]["total"] == counters(15)
-    assert carry_position(loops, {"processes": 4, "batch_size": 2}, {"processes": 1, "batch_size": 3}) == (3, 8)
+    assert moved_position(loops, {"processes": 4, "batch_size": 2}, {"processes": 1, "batch_size": 3}) == (3, 8)
     assert loops["epoch_loop.batch_progress"]["current"] == counters(8)
-    assert carry_position(loops, {"processes": 1, "batch_size": 3}, {"processes": 1, "batch_size": 3}) == (8, 8)
+    assert moved_position(loops, {"processes": 1, "batch_size": 3}, {"processes": 1, "batch_size": 3}) == (8, 8)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

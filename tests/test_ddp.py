@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from carevl import schema, shapes
-from tests.launch import carevl
+from carevl import schema
+from carevl.standins import shapes
+from tests.helpers import carevl
 
 
 def test_two_processes_uneven_shards(tiny_qwen, world, tmp_path):
@@ -24,13 +25,13 @@ def test_two_processes_uneven_shards(tiny_qwen, world, tmp_path):
             "accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2, "precision": "32-true", "logger": False,
             "enable_checkpointing": False, "enable_progress_bar": False, "num_sanity_val_steps": 0,
             "default_root_dir": str(tmp_path),
-            "callbacks": [{"class_path": "tests.ddp_probe.CountBatches", "init_args": {"out_dir": str(tmp_path / "counts")}},
+            "callbacks": [{"class_path": "tests.workers.ddp.CountBatches", "init_args": {"out_dir": str(tmp_path / "counts")}},
                           {"class_path": "carevl.callbacks.Throughput", "init_args": {"window": 2, "peak_tflops": 1.0}}],  # rank-local: no collective to hang on
         },
         "model": {
             "class_path": "carevl.sft.SFTJudge",
             "init_args": {"backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen}},
-                          "lr": 1e-3, "global_batch_size": None, "max_new_tokens": 4},
+                          "lr": 1e-3, "max_new_tokens": 4},
         },
         "data": {"class_path": "datamodules.JudgeDataModule",
                  "init_args": {"train": str(tmp_path / "train"), "val": str(world / "heldout"), "batch_size": 3, "val_batch_size": 5, "num_workers": 1}},
@@ -47,7 +48,7 @@ def test_two_processes_uneven_shards(tiny_qwen, world, tmp_path):
 
 def probe_config(tmp_path: Path, name: str, tiny_qwen: str, train: Path, devices: int = 2, max_steps: int = 3, accumulate: int = 1, callbacks: list = ()) -> Path:
     """A DDP SFT run of the tiny model (batches of 2, no validation, no logger) whose ranks write
-    what they ran to tmp_path/NAME (`tests.ddp_probe.CountBatches`); checkpointing is on when
+    what they ran to tmp_path/NAME (`tests.workers.ddp.CountBatches`); checkpointing is on when
     `callbacks` hold a checkpoint callback."""
     run = {
         "seed_everything": 0,
@@ -55,10 +56,10 @@ def probe_config(tmp_path: Path, name: str, tiny_qwen: str, train: Path, devices
             "accelerator": "cpu", "devices": devices, "strategy": "ddp", "max_steps": max_steps, "accumulate_grad_batches": accumulate,
             "precision": "32-true", "logger": False, "enable_progress_bar": False, "limit_val_batches": 0, "default_root_dir": str(tmp_path / name),
             "enable_checkpointing": any("Checkpoint" in callback["class_path"] for callback in callbacks),
-            "callbacks": [{"class_path": "tests.ddp_probe.CountBatches", "init_args": {"out_dir": str(tmp_path / name)}}, *callbacks],
+            "callbacks": [{"class_path": "tests.workers.ddp.CountBatches", "init_args": {"out_dir": str(tmp_path / name)}}, *callbacks],
         },
         "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
-            "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen}}, "lr": 1e-3, "global_batch_size": None, "val_generate": False}},
+            "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen}}, "lr": 1e-3, "val_generate": False}},
         "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(train), "batch_size": 2, "num_workers": 0}},
     }
     path = tmp_path / f"{name}.yaml"
@@ -80,7 +81,7 @@ def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_p
     import subprocess
     import sys
 
-    from tests.launch import ROOT, environment, free_port
+    from tests.helpers import ROOT, environment, free_port
 
     def config(name: str) -> Path:
         return probe_config(tmp_path, name, tiny_qwen, world / "train")

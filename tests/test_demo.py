@@ -1,10 +1,11 @@
 """The README's main job: the whole pipeline on the shapes world (slow: ~14 minutes on 2 cores)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,15 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_pipeline_on_the_shapes_world(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("pipeline", ROOT / "tools" / "pipeline.py")
-    pipeline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pipeline)
+    pipeline = load_tool("pipeline")
     for name in ("configs", "tools"):  # the pipeline's commands name paths relative to the repository
         (tmp_path / name).symlink_to(ROOT / name)
     monkeypatch.chdir(tmp_path)
     pipeline.main(["--config", "configs/pipeline/shapes.yaml"])
 
-    table = {row["run"]: row for row in json.loads(Path("runs/demo/logs/accuracy_table.json").read_text())}
+    table = {row["run"]: row for row in json.loads(Path("runs/demo/results.json").read_text())}
     assert table["base"]["accuracy"] == 0.0 and table["base"]["unparseable"] == 200, table["base"]
     assert all(row["accuracy"] is not None for row in table.values()), table
     for run in ("sft-judge", "sft", "dpo", "dpo-lowest_incorrect", "dpo-highest_incorrect", "dpo-all_incorrect"):

@@ -12,15 +12,15 @@ from transformers import AutoModelForImageTextToText
 
 from carevl.backbone import Backbone, LoraSettings
 from carevl.dpo import DPOJudge
-from carevl.reference import REFERENCE_FILE, model_fingerprint, part_path, precompute_reference
+from carevl.schema import REFERENCE_FILE
 from datamodules import JudgeDataModule
-from tests.conftest import compiled_graph
-from tests.test_training import fit, metrics
+from tests.helpers import compiled_graph, fit, metrics
+from tools.reference_logps import model_fingerprint, part_path, precompute_reference
 
 
 @pytest.fixture(scope="module")
 def groups_dir(tmp_path_factory):
-    from carevl.shapes import write_preference_groups
+    from carevl.standins.world import write_preference_groups
 
     out = tmp_path_factory.mktemp("groups")
     write_preference_groups(str(out), n=24, shard_size=12)
@@ -134,7 +134,7 @@ def test_bad_reference_settings_are_clear_errors(tiny_qwen, groups_dir):
     with pytest.raises(ValueError, match="needs LoRA"):
         DPOJudge(Backbone(model=tiny_qwen), reference="lora_disabled").configure_model()
     module = DPOJudge(Backbone(model=tiny_qwen), reference="precomputed")
-    with pytest.raises(ValueError, match="python -m carevl.reference"):
+    with pytest.raises(ValueError, match="python tools/reference_logps.py"):
         module.reference_logprobs({"inputs": {}}, None)
 
 
@@ -149,9 +149,9 @@ def test_loss_equals_trl_sigmoid_dpo_on_the_same_pairs_and_model(tiny_qwen, tmp_
     from carevl.encoding import Encoder
     from carevl.losses import dpo_group_loss
     from carevl.schema import PreferenceGroupSample
-    from carevl.shapes import judge_items, worse_critiques
-    from datamodules.preference import build_group, collate_groups
-    from tools.bench_dpo import trl_example
+    from carevl.standins.baselines import trl_pair
+    from carevl.standins.shapes import judge_items, worse_critiques
+    from datamodules.preference import collate_groups, encode_group
 
     beta = 0.1
     items = judge_items(4, seed=3)
@@ -167,7 +167,7 @@ def test_loss_equals_trl_sigmoid_dpo_on_the_same_pairs_and_model(tiny_qwen, tmp_
 
     encoder = Encoder(policy.processor)
     groups = [
-        build_group(encoder, None, PreferenceGroupSample(id=item.id, question=item.question, responses=list(item.responses), label=item.label,
+        encode_group(encoder, None, PreferenceGroupSample(id=item.id, question=item.question, responses=list(item.responses), label=item.label,
                                                          chosen=item.critique(), rejected=[bad], image=item.image),
                     Image.open(io.BytesIO(item.image)).convert("RGB"))[0]
         for item, bad in zip(items, rejected)
@@ -179,7 +179,7 @@ def test_loss_equals_trl_sigmoid_dpo_on_the_same_pairs_and_model(tiny_qwen, tmp_
     c, r = batch["chosen_index"], batch["rejected_index"]
     loss, _ = dpo_group_loss(ours[c], ours[r], ref[c], ref[r], batch["rejected_group"], beta)
 
-    rows = [trl_example(item.image, item.question, list(item.responses), item.critique(), bad) for item, bad in zip(items, rejected)]
+    rows = [trl_pair(item.image, item.question, list(item.responses), item.critique(), bad) for item, bad in zip(items, rejected)]
     args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=beta, loss_type=["sigmoid"], report_to="none",
                          use_cpu=True, max_length=None, bf16=False)
     trainer = trl.DPOTrainer(model=policy.hf, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=policy.processor)
@@ -195,9 +195,9 @@ def test_group_pair_losses_equal_the_pairs_computed_one_by_one(tiny_qwen):
     from carevl.encoding import Encoder
     from carevl.losses import dpo_group_loss
     from carevl.schema import PreferenceGroupSample
-    from carevl.shapes import judge_items, worse_critiques
-    from datamodules.preference import build_group, collate_groups
-    from tests.conftest import image_of
+    from carevl.standins.shapes import judge_items, worse_critiques
+    from datamodules.preference import collate_groups, encode_group
+    from tests.helpers import image_of
 
     item = judge_items(1, seed=9)[0]
     worse = worse_critiques(item)[:3]
@@ -211,7 +211,7 @@ def test_group_pair_losses_equal_the_pairs_computed_one_by_one(tiny_qwen):
     encoder = Encoder(module.backbone.processor)
 
     def losses(groups):
-        built = [build_group(encoder, None, PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=r), image_of(item))[0] for r in groups]
+        built = [encode_group(encoder, None, PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=r), image_of(item))[0] for r in groups]
         batch = collate_groups(built, {}, encoder.pad_token_id)
         with torch.no_grad():
             features = module.backbone.image_features(batch["inputs"])
@@ -273,17 +273,3 @@ def test_compiled_copy_reference_keeps_the_starting_model(tiny_qwen, groups_dir)
     assert (policy - start).abs().max() > 1e-2, "the policy's weights were changed, its log-probs must move"
     layers = module.reference_model.model.language_model.layers
     assert all(layer._compiled_call_impl is not None for layer in layers), "the copy runs eager"
-
-
-def test_benchmark_groups_hold_exactly_the_asked_number_of_distinct_worse_critiques():
-    """The speed benchmark's pairs count (groups x rejected) is what it trains on: every group gets
-    `rejected` distinct critiques other than the chosen one, or a clear error."""
-    from carevl.shapes import judge_items
-    from tools.bench_dpo import n_worse
-
-    for item in judge_items(24, seed=0):  # "count" and "shape" items have too few values for nine misreadings alone
-        worse = n_worse(item, 9)
-        assert len(worse) == len(set(worse)) == 9
-        assert item.critique() not in worse
-    with pytest.raises(ValueError, match="distinct worse critiques"):
-        n_worse(judge_items(1, seed=0)[0], 40)

@@ -10,12 +10,12 @@ import yaml
 from carevl import benchmarks
 from carevl.cli import run
 from carevl.metrics import MLLMJudgePairAccuracy, VLRewardBenchAccuracy
-from tests.test_training import fit, metrics
+from tests.helpers import fit, metrics
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Path:
-    from carevl.shapes import write_benchmarks
+    from carevl.standins.world import write_benchmarks
 
     out = tmp_path_factory.mktemp("bench")
     write_benchmarks(str(out), n=24, seed=3)
@@ -28,7 +28,7 @@ def evaluate(tmp_path, model, shards, order="odd_length", **module):
         "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False, "enable_progress_bar": False,
                     "default_root_dir": str(tmp_path)},
         "model": {
-            "class_path": "carevl.sft.JudgeEvaluator",
+            "class_path": "carevl.judge.JudgeEvaluator",
             "init_args": {
                 "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": model}},
                 "max_new_tokens": 8,

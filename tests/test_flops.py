@@ -11,12 +11,12 @@ from carevl.backbone import Backbone, LoraSettings
 from carevl.encoding import IGNORE_INDEX
 from carevl.flops import ModelFlops, batch_work, packed_work, peak_flops
 from datamodules import JudgeDataModule
-from tests.test_training import fit, metrics
+from tests.helpers import fit, metrics
 
 
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory):
-    from carevl.shapes import write_preference_groups
+    from carevl.standins.world import write_preference_groups
 
     out = tmp_path_factory.mktemp("flops-groups")
     write_preference_groups(str(out), n=6, shard_size=6)

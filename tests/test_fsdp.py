@@ -1,5 +1,5 @@
 """carevl's FSDP strategy (configs/strategies/fsdp.yaml) over two CPU processes (gloo), with
-torch's refusal of a CPU compute device lifted (tests/cpu_fsdp.py): each process holds half of every
+torch's refusal of a CPU compute device lifted (tests/workers/cpu_fsdp.py): each process holds half of every
 flat parameter, and training must do exactly what DDP does on the same data. The head runs in
 chunks recomputed in the backward pass, which under FSDP meets the root unit's weights (kept whole
 between forward and backward)."""
@@ -11,11 +11,10 @@ import pytest
 import torch
 import yaml
 
-from carevl.shapes import write_preference_groups
-from tests.launch import carevl
-from tests.test_training import metrics
+from carevl.standins.world import write_preference_groups
+from tests.helpers import carevl, metrics
 
-FSDP = {"class_path": "tests.cpu_fsdp.CPUFSDP", "init_args": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"}}
+FSDP = {"class_path": "tests.workers.cpu_fsdp.CPUFSDP", "init_args": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "sharded"}}
 
 
 def config(tmp_path: Path, name: str, strategy, model: dict, data: dict, steps: int, save_every: int | None = None, precision: str = "32-true", clip: float | None = None) -> Path:
@@ -58,10 +57,10 @@ def test_fsdp_trains_as_ddp_does_resumes_from_its_sharded_checkpoint_and_exports
     (torch.distributed.checkpoint re-shards); its exports are DDP's."""
     from transformers import AutoModelForImageTextToText
 
-    from tests.test_checkpoints import load_tool
+    from tests.helpers import load_tool
 
     backbone = {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "gradient_checkpointing": True, "logit_chunk": 16}}
-    model = {"class_path": "carevl.sft.SFTJudge", "init_args": {"backbone": backbone, "lr": 1e-3, "global_batch_size": None, "val_generate": False}}
+    model = {"class_path": "carevl.sft.SFTJudge", "init_args": {"backbone": backbone, "lr": 1e-3, "val_generate": False}}
     data = {"train": str(world / "train"), "kind": "sft", "batch_size": 2}
     # Clipped hard (as configs/strategies/fsdp.yaml clips, at 1.0): under FSDP the norm is taken
     # across both ranks' shards, so the steps stay DDP's.
@@ -105,7 +104,7 @@ def test_fsdp_dpo_against_the_adapters_off_reference_takes_ddps_steps_and_trains
 
     write_preference_groups(str(tmp_path / "groups"), n=12, shard_size=6)  # a shard per process
     backbone = {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "freeze_projector": True, "gradient_checkpointing": True, "logit_chunk": 16, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}}
-    model = {"class_path": "carevl.dpo.DPOJudge", "init_args": {"backbone": backbone, "reference": "lora_disabled", "beta": 0.1, "lr": 1e-2, "global_batch_size": None, "val_generate": False}}
+    model = {"class_path": "carevl.dpo.DPOJudge", "init_args": {"backbone": backbone, "reference": "lora_disabled", "beta": 0.1, "lr": 1e-2, "val_generate": False}}
     data = {"train": str(tmp_path / "groups"), "kind": "preference_group", "batch_size": 1}
     for name, strategy in (("ddp", "ddp"), ("fsdp", FSDP)):
         carevl("fit", config(tmp_path, name, strategy, model, data, steps=3))

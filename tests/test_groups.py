@@ -2,7 +2,7 @@
 
 import pytest
 
-from carevl.curation.groups import Critique, build_group
+from carevl.curation.groups import Critique, form_group
 
 # label 1; (verdict, score) per sample
 TABLE = [
@@ -31,32 +31,32 @@ def indices(group):
     ],
 )
 def test_strategies(strategy, expected):
-    group, reason = build_group(TABLE, label=1, strategy=strategy)
+    group, reason = form_group(TABLE, label=1, strategy=strategy)
     assert reason == "ok" and indices(group) == expected
 
 
 def test_relabeled_label_decides_correctness():
-    group, _ = build_group(TABLE, label=2, strategy="best_to_worse")
+    group, _ = form_group(TABLE, label=2, strategy="best_to_worse")
     assert indices(group) == (1, [0, 2, 3, 4, 5, 7])  # now 1 is the best correct; 5, 7 correct but worse
 
 
 def test_no_correct_critique_gives_no_group():
     table = [Critique(0, "a", 2, 50.0), Critique(1, "b", None, 20.0), Critique(2, "c", 1, None)]
-    assert build_group(table, 1, "best_to_worse") == (None, "no correct critique")
+    assert form_group(table, 1, "best_to_worse") == (None, "no correct critique")
 
 
 def test_only_correct_critiques():
     table = [Critique(0, "a", 1, 50.0), Critique(1, "b", 1, 80.0), Critique(2, "c", 1, 80.0)]
-    assert indices(build_group(table, 1, "best_to_worse")[0]) == (1, [0])
+    assert indices(form_group(table, 1, "best_to_worse")[0]) == (1, [0])
     for strategy in ("lowest_incorrect", "highest_incorrect", "all_incorrect"):
-        assert build_group(table, 1, strategy) == (None, "nothing to reject")
+        assert form_group(table, 1, strategy) == (None, "nothing to reject")
 
 
 def test_a_duplicate_of_the_chosen_text_is_never_rejected():
     table = [Critique(0, "same", 1, 90.0), Critique(1, "same", 2, 30.0), Critique(2, "other", 2, 20.0)]
-    assert indices(build_group(table, 1, "all_incorrect")[0]) == (0, [2])
+    assert indices(form_group(table, 1, "all_incorrect")[0]) == (0, [2])
 
 
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="strategy must be one of"):
-        build_group(TABLE, 1, "best")
+        form_group(TABLE, 1, "best")

@@ -4,8 +4,8 @@ sequence-classification reward model scoring raw, with one BOS token."""
 import pytest
 import torch
 
-from carevl.inference import Chat, Sampling
-from carevl.shapes import judge_items
+from carevl.backends.interface import Chat, Sampling
+from carevl.standins.shapes import judge_items
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def chat_model(tiny_qwen):
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory):
     from carevl.backends.hf import HFReward
-    from carevl.tiny import build_tiny_reward_model
+    from carevl.standins.tiny import build_tiny_reward_model
 
     return HFReward(str(build_tiny_reward_model(tmp_path_factory.mktemp("rm"))), batch_size=2)
 
@@ -47,7 +47,7 @@ def conversation(answer):
 
 
 def test_reward_scores_are_the_raw_logit_with_one_bos(reward_model):
-    from carevl.tiny import BOS
+    from carevl.standins.tiny import BOS
 
     conversations = [conversation("The shapes are red."), conversation("Blue."), conversation("The shapes are blue, I think.")]
     scores = reward_model.score(conversations)

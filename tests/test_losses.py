@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from carevl.encoding import IGNORE_INDEX
+from carevl.judge import warmup_cosine
 from carevl.losses import response_token_logprobs, sequence_logprobs, sft_loss, token_logprobs
-from carevl.sft import warmup_cosine
 
 
 def test_response_logprobs_match_hand_computation():

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from carevl.backends.interface import Chat, Sampling
 from carevl.backends.openai_api import OpenAIBatch, OpenAIChat, batch_bounds, retry_after
-from carevl.inference import Chat, Sampling
-from carevl.loopback import LoopbackEndpoint
 from carevl.prompts import JUDGMENT_SCHEMA
+from carevl.standins.loopback import LoopbackEndpoint
 
 KEY = "sk-test-3f9a1c-never-written"
 

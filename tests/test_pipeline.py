@@ -1,7 +1,6 @@
 """tools/pipeline.py: steps run in order, finished steps are skipped on a rerun, a changed or failed
 step reruns with everything after it, `together` steps run as parallel processes."""
 
-import importlib.util
 import json
 import os
 import shlex
@@ -11,10 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("pipeline", ROOT / "tools" / "pipeline.py")
-pipeline = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pipeline)
+from tests.helpers import ROOT, load_tool
+
+pipeline = load_tool("pipeline")
 
 # A step script: appends "<name> <pid> <OMP_NUM_THREADS>" to runs.txt; fails when the file `fail-<name>` exists.
 STEP = """
@@ -135,10 +133,8 @@ def test_shipped_pipelines_name_every_step_once():
         assert spec["steps"], path
 
 
-def test_accuracy_table_reads_the_newest_run_and_shows_missing_ones(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("accuracy_table", ROOT / "tools" / "accuracy_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+def test_results_table_reads_the_newest_run_and_shows_missing_ones(tmp_path, capsys):
+    table = load_tool("results_table")
     for version, accuracy in ((1, 0.8), (10, 0.9)):  # version_10 is newer than version_1 (not by string order)
         run = tmp_path / "sft" / f"version_{version}"
         run.mkdir(parents=True)
@@ -146,10 +142,11 @@ def test_accuracy_table_reads_the_newest_run_and_shows_missing_ones(tmp_path, ca
             "epoch,step,train/loss,val/unparseable,val/verdict_accuracy\n0,9,0.5,,\n"
             f"0,9,,3.0,{accuracy / 2}\n1,19,0.2,,\n1,19,,1.0,{accuracy}\n"
         )
-    table.main(["--logs", str(tmp_path), "--rows", "sft=SFT judge", "dpo=+ DPO"])
+    table.main(["--logs", str(tmp_path), "--out", str(tmp_path / "out"), "--rows", "sft=SFT judge", "dpo=+ DPO"])
     out = capsys.readouterr().out
     assert "| SFT judge | 90.0% | 1 |" in out and "| + DPO | missing | |" in out
-    saved = json.loads((tmp_path / "accuracy_table.json").read_text())
+    assert (tmp_path / "out" / "results.md").read_text() in out
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved[0] == {"run": "sft", "model": "SFT judge", "accuracy": 0.9, "unparseable": 1.0}
     with pytest.raises(SystemExit):
         table.main(["--logs", str(tmp_path), "--rows", "no-label"])
@@ -160,9 +157,7 @@ def test_every_carevl_and_curate_step_of_the_shipped_pipelines_parses(config, mo
     """Each training step's config and overrides, and each curation stage's options, are accepted."""
     from carevl.cli import main as carevl_main
 
-    curate_spec = importlib.util.spec_from_file_location("curate", ROOT / "tools" / "curate.py")
-    curate = importlib.util.module_from_spec(curate_spec)
-    curate_spec.loader.exec_module(curate)
+    curate = load_tool("curate")
     monkeypatch.chdir(ROOT)
     checked = 0
     for batch in pipeline.load(str(ROOT / "configs" / "pipeline" / config))["steps"]:

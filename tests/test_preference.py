@@ -8,9 +8,9 @@ from carevl.backbone import Backbone
 from carevl.encoding import Encoder, collate
 from carevl.prompts import judge_prompt, user_turn
 from carevl.schema import PreferenceGroupSample
-from carevl.shapes import judge_items
-from datamodules.preference import build_group, collate_groups
-from tests.conftest import image_of
+from carevl.standins.shapes import judge_items
+from datamodules.preference import collate_groups, encode_group
+from tests.helpers import image_of
 
 
 def groups(n=3):
@@ -31,7 +31,7 @@ def group_batch(tiny_any):
     backbone.eval()
     encoder = Encoder(backbone.processor, max_length=1024)
     samples = groups()
-    items = [item for sample in samples for item in build_group(encoder, None, sample, image_of(sample))]
+    items = [item for sample in samples for item in encode_group(encoder, None, sample, image_of(sample))]
     return backbone, encoder, samples, collate_groups(items, {}, encoder.pad_token_id)
 
 
@@ -65,7 +65,7 @@ def test_group_logprobs_equal_one_by_one(group_batch):
 
 
 def test_block_mask():
-    from carevl.backbone import block_mask
+    from carevl.group_logprobs import block_mask
 
     # a prompt of 2 tokens, responses of 2 and 1 tokens, one padding position
     mask = block_mask(torch.tensor([[-1, -1, 0, 0, 1, -2]]))[0].int()
@@ -84,8 +84,8 @@ def test_packed_prompts_and_a_chunked_head_give_the_same_logprobs_and_gradients(
     backbone.build()
     encoder = Encoder(backbone.processor, max_length=1024)
     samples = groups()
-    batch = collate_groups([item for s in samples for item in build_group(encoder, None, s, image_of(s))], {}, encoder.pad_token_id)
-    assert backbone.packs_prompts
+    batch = collate_groups([item for s in samples for item in encode_group(encoder, None, s, image_of(s))], {}, encoder.pad_token_id)
+    assert backbone.packs_group(batch)
     results = {}
     for pack, chunk in ((False, None), (True, None), (False, 7), (True, 7)):  # 7: a chunk boundary inside every critique
         backbone.hf.zero_grad()

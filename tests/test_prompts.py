@@ -1,6 +1,14 @@
 import pytest
 
-from carevl.prompts import judge_prompt, pair_prompt, pair_verdict_line, parse_pair_verdict, parse_verdict, user_turn, verdict_line
+from carevl.prompts import (
+    judge_prompt,
+    pair_prompt,
+    pair_verdict_line,
+    parse_pair_verdict,
+    parse_verdict,
+    user_turn,
+    verdict_line,
+)
 
 
 @pytest.mark.parametrize(

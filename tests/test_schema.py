@@ -26,7 +26,7 @@ def test_encode_decode_round_trip():
         (lambda r: r.pop("png"), "no image"),
         (lambda r: r.update(json=b"{not json"), "unreadable json"),
         (lambda r: r.update(json=json.dumps({"id": "x", "question": "q"}).encode()), "missing field"),
-        (lambda r: r.update(json=json.dumps({**json.loads(r["json"]), "label": 3}).encode()), "'label' must be one of \(1, 2\)"),
+        (lambda r: r.update(json=json.dumps({**json.loads(r["json"]), "label": 3}).encode()), r"'label' must be one of \(1, 2\)"),
         (lambda r: r.update(json=json.dumps({**json.loads(r["json"]), "responses": ["one"]}).encode()), "two strings"),
     ],
 )

@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from carevl import shapes
+from carevl.standins import shapes
+from carevl.standins.world import write_world
 
 
 @pytest.mark.parametrize("attribute", shapes.ATTRIBUTES)
@@ -32,7 +33,7 @@ def test_quoting_tasks_name_the_answer_that_gives_the_value():
 
 
 def test_pretraining_mixes_captions_answered_questions_and_quoting(tmp_path):
-    counts = shapes.write_world(str(tmp_path), train=0, heldout=2, captions=20, shard_size=100)
+    counts = write_world(str(tmp_path), train=0, heldout=2, captions=20, shard_size=100)
     assert counts["pretrain"] == 60
     kinds = Counter()
     with tarfile.open(next((tmp_path / "pretrain").glob("*.tar"))) as tar:
@@ -53,3 +54,15 @@ def test_pretraining_mixes_captions_answered_questions_and_quoting(tmp_path):
                 assert "Which answer says" in sample["prompt"]
                 kinds["quote"] += 1
     assert kinds == {"caption": 20, "question": 20, "quote": 20}
+
+
+def test_items_have_as_many_distinct_worse_critiques_as_asked_or_a_clear_error():
+    """The DPO speed benchmark's pairs count (groups x rejected) is what it trains on: every group
+    gets `rejected` distinct critiques other than the chosen one."""
+
+    for item in shapes.judge_items(24, seed=0):  # "count" and "shape" items have too few values for nine misreadings alone
+        worse = shapes.distinct_worse_critiques(item, 9)
+        assert len(worse) == len(set(worse)) == 9
+        assert item.critique() not in worse
+    with pytest.raises(ValueError, match="distinct worse critiques"):
+        shapes.distinct_worse_critiques(shapes.judge_items(1, seed=0)[0], 40)

@@ -1,9 +1,9 @@
-"""The configs a user runs, as shipped: configs/sft.yaml, `python -m carevl.reference`,
+"""The configs a user runs, as shipped: configs/sft.yaml, `python tools/reference_logps.py`,
 configs/dpo.yaml, then configs/eval/*.yaml on the DPO judge; and the strategy blocks stacked on
 sft.yaml. Each runs from a working directory laid out as the configs expect (data/..., runs/...).
-Only what a CPU run of the tiny judge needs is overridden: devices, steps, accumulation, the
+Only what a CPU run of the tiny judge needs is overridden: devices, steps, the global batch, the
 validation interval, the loader's workers, the generation budget and the strategy's class where a
-CPU needs the test variant (tests/cpu_deepspeed.py, tests/cpu_fsdp.py). Before these ran, the
+CPU needs the test variant (tests/workers/cpu_deepspeed.py, tests/workers/cpu_fsdp.py). Before these ran, the
 offload blocks failed at start-up and the FSDP block at its first step."""
 
 import json
@@ -14,20 +14,19 @@ import pytest
 import torch
 
 from carevl.benchmarks import MLLM_JUDGE, VLREWARDBENCH
-from carevl.shapes import write_benchmarks, write_preference_groups
-from tests.launch import ROOT, carevl, python_module
-from tests.test_training import metrics
+from carevl.standins.world import write_benchmarks, write_preference_groups
+from tests.helpers import ROOT, carevl, metrics, python_module
 
 pytest.importorskip("deepspeed")
 
 CPU = [
-    "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=2", "--trainer.accumulate_grad_batches=1",
+    "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=2", "--global_batch_size=4",
     "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
     "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-    "--model.init_args.global_batch_size=null", "--model.init_args.max_new_tokens=8",
+    "--model.init_args.max_new_tokens=8",
     "--data.init_args.num_workers=0", "--data.init_args.val_batch_size=2",
 ]
-TEST_STRATEGY = {"fsdp": "tests.cpu_fsdp.CPUFSDP"}  # every other block is DeepSpeed's
+TEST_STRATEGY = {"fsdp": "tests.workers.cpu_fsdp.CPUFSDP"}  # every other block is DeepSpeed's
 
 
 def workdir(tmp_path: Path, world: Path) -> Path:
@@ -39,7 +38,7 @@ def workdir(tmp_path: Path, world: Path) -> Path:
     return tmp_path
 
 
-def fit(cwd: Path, *configs_and_arguments: str, strategy: str = "tests.cpu_deepspeed.CPUDeepSpeed") -> None:
+def fit(cwd: Path, *configs_and_arguments: str, strategy: str = "tests.workers.cpu_deepspeed.CPUDeepSpeed") -> None:
     config, *rest = configs_and_arguments
     carevl("fit", config, *rest, *CPU, f"--trainer.strategy.class_path={strategy}", cwd=cwd, DS_ACCELERATOR="cpu")
 
@@ -65,7 +64,7 @@ def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
     trained_export(cwd / "runs" / "sft" / "hf", tiny_qwen)
 
     # the reference log-probs, as configs/dpo.yaml's header says to compute them
-    python_module("carevl.reference", "--model", "runs/sft/hf", "--shards", "data/dpo/groups", "--dtype", "bfloat16", cwd=cwd)
+    python_module("tools.reference_logps", "--model", "runs/sft/hf", "--shards", "data/dpo/groups", "--dtype", "bfloat16", cwd=cwd)
     assert len(json.loads((cwd / "data" / "dpo" / "groups" / "reference-logps.json").read_text())["logps"]) == 16
 
     # configs/dpo.yaml (ZeRO-3, the precomputed reference), validated on VL-RewardBench-format shards
@@ -90,5 +89,5 @@ def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
 def test_a_strategy_block_stacked_on_the_sft_config_trains_and_exports(tiny_qwen, world, tmp_path, block):
     cwd = workdir(tmp_path, world)
     fit(cwd, "configs/sft.yaml", "--config", f"configs/strategies/{block}.yaml", f"--model.init_args.backbone.init_args.model={tiny_qwen}",
-        strategy=TEST_STRATEGY.get(block, "tests.cpu_deepspeed.CPUDeepSpeed"))
+        strategy=TEST_STRATEGY.get(block, "tests.workers.cpu_deepspeed.CPUDeepSpeed"))
     trained_export(cwd / "runs" / "sft" / "hf", tiny_qwen)

@@ -2,7 +2,9 @@
 
 import torch
 
-from tools.gpu_smoke import OperatorCount
+from tests.helpers import load_tool
+
+OperatorCount = load_tool("bench/gpu_smoke").OperatorCount
 
 
 def test_operation_count_takes_innermost_launching_operators():

@@ -1,53 +1,16 @@
 """The real CLI trains the tiny judge: frozen vision stays bit-identical, trainable weights move,
 bad samples are skipped and counted in the logs, and the loss falls on data with a known answer."""
 
-import csv
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForImageTextToText
 
-from carevl.cli import main, run
-from tests.test_datamodule import write_bad_shards
-
-
-def fit(tmp_path, model, train, val=None, trainer=None, module="carevl.sft.SFTJudge", module_args=None, **overrides):
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": overrides.pop("max_steps", 3), "precision": "32-true",
-            "enable_checkpointing": False, "enable_progress_bar": False, "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0, "limit_val_batches": overrides.pop("limit_val_batches", 1),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "run"}},
-            **(trainer or {}),
-        },
-        "model": {
-            "class_path": module,
-            "init_args": {
-                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": model, **overrides.pop("backbone", {})}},
-                "lr": overrides.pop("lr", 1e-3), "warmup_ratio": 0.0, "global_batch_size": None, "max_new_tokens": 8,
-                **(module_args or {}),
-            },
-        },
-        "data": {
-            "class_path": "datamodules.JudgeDataModule",
-            "init_args": {"train": str(train), "val": [str(v) for v in val] if isinstance(val, list) else str(val) if val else None, "batch_size": 4, "num_workers": 1,
-                          "max_length": 256, **overrides},
-        },
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return run(["fit", "--config", str(path)])
-
-
-def metrics(tmp_path) -> list[dict]:
-    with open(next(Path(tmp_path).rglob("metrics.csv"))) as f:
-        return list(csv.DictReader(f))
+from tests.helpers import fit, metrics, write_bad_shards
 
 
 def test_fit_keeps_vision_frozen_and_moves_trainable_weights(tiny_qwen, world, tmp_path):
@@ -88,7 +51,7 @@ def test_bf16_weights_train_at_a_small_learning_rate_and_export_in_bf16(tiny_qwe
 def test_bf16_dpo_against_a_copy_starts_at_exactly_log_2(tiny_qwen, tmp_path):
     """The copy reference keeps the policy's dtypes (float32 where the policy trains): both compute
     the same, so the first loss is log 2 exactly. A copy cast back to bfloat16 gave 0.69338."""
-    from carevl.shapes import write_preference_groups
+    from carevl.standins.world import write_preference_groups
 
     write_preference_groups(str(tmp_path / "groups"), n=4, shard_size=4)
     fit(tmp_path, tiny_qwen, tmp_path / "groups", trainer={"precision": "bf16-mixed"}, module="carevl.dpo.DPOJudge",
@@ -138,3 +101,4 @@ def test_a_non_finite_loss_stops_training_before_the_optimizer_steps(tiny_qwen, 
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 2 .*samples: \['shapes"):
         fit(tmp_path, tiny_qwen, world / "train", trainer={"callbacks": [poison], "limit_val_batches": 0}, max_steps=4)
     assert json.loads((tmp_path / "changed.json").read_text()) == [], "no weight moved on the non-finite loss"
+

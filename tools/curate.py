@@ -16,18 +16,21 @@ import logging
 from jsonargparse import CLI
 
 from carevl.curation.critiques import critiques, evaluate, groups
-from carevl.curation.report import write_report
+from carevl.curation.report import Truth, write_report
 from carevl.curation.stages import candidates, captions, ingest, judge, pairs, sft_shards, split, votes
 
 
-def report(workdir: str, out: str | None = None) -> dict:
+def report(workdir: str, out: str | None = None, truth: Truth | None = None) -> dict:
     """Write the curation report (markdown, JSON and PNG plots).
 
     Args:
         workdir: the curation work directory.
         out: where the report goes (default <workdir>/report).
+        truth: import path of a function (item record, the pair's two answers) -> the truly better
+            answer (1, 2 or None), for data with a known truth: the report adds label precision
+            (the shapes world's: carevl.standins.shapes.true_label).
     """
-    return write_report(workdir, out)
+    return write_report(workdir, out, truth)
 
 
 def main(argv: list[str] | None = None) -> None:

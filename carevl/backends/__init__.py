@@ -1,2 +1,2 @@
-"""Implementations of `carevl.inference.ChatModel` and `RewardModel`; each imports its heavy
-dependency (openai, transformers, vllm) only when built."""
+"""Inference backends: the interfaces (`carevl.backends.interface`) and their implementations, each
+importing its heavy dependency (openai, transformers, vllm) only when built."""

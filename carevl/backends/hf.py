@@ -1,6 +1,6 @@
 """Hugging Face transformers backends for CPU and small runs.
 
-`HFChat` generates with any image-text-to-text checkpoint (the tiny ones of `carevl.tiny` included).
+`HFChat` generates with any image-text-to-text checkpoint (the tiny ones of `carevl.standins.tiny` included).
 It runs one conversation at a time, seeding the generator from the seed and the conversation, so a
 reply depends only on its own input: a resumed stage reproduces an uninterrupted one.
 
@@ -17,7 +17,8 @@ import logging
 
 import torch
 
-from carevl.inference import Chat, ChatModel, Reply, RewardModel, Sampling, chunks, load_image
+from carevl.backends.interface import Chat, ChatModel, Reply, RewardModel, Sampling, chunks
+from carevl.images import load_image
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,11 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from carevl.inference import Chat, ChatModel, Reply, Sampling, data_url
+from carevl.backends.interface import BatchChatModel, Chat, ChatModel, Reply, Sampling
+from carevl.images import data_url
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class OpenAIChat(ChatModel):
         return Reply(error=f"{reason}: gave up after {self.max_attempts} attempts")
 
 
-class OpenAIBatch:
+class OpenAIBatch(BatchChatModel):
     """The Batch API: requests go up as JSONL files (at most 50,000 requests and ~190 MB each), are
     polled until done, and come back joined by custom_id. Requests of an expired or cancelled batch
     that got no answer are resubmitted, up to `max_resubmits` times.

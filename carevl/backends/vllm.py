@@ -15,8 +15,8 @@ vLLM and a GPU are present.
 
 from __future__ import annotations
 
+from carevl.backends.interface import Chat, ChatModel, Reply, RewardModel, Sampling
 from carevl.backends.openai_api import message_payload
-from carevl.inference import Chat, ChatModel, Reply, RewardModel, Sampling
 
 
 def _sampling_params(sampling: Sampling, schema: dict | None):

@@ -12,7 +12,7 @@ import io
 import math
 from dataclasses import dataclass
 
-from carevl.inference import Chat, Sampling
+from carevl.backends.interface import Chat, Sampling
 
 
 @dataclass

@@ -22,10 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from carevl import prompts
-from carevl.curation.groups import STRATEGIES, Critique, build_group
+from carevl.backends.interface import ChatModel, Sampling
+from carevl.curation.groups import STRATEGIES, Critique, form_group
 from carevl.curation.records import ImageStore, Records, content_key
 from carevl.curation.stages import caption_by_image, item_chat, items_by_id, records, reply_record, run_units, summarize
-from carevl.inference import ChatModel, Sampling
 
 log = logging.getLogger(__name__)
 CRITIQUES, EVALUATIONS, SELECTION = "critiques.jsonl", "evaluations.jsonl", "critiques.selection.json"
@@ -157,7 +157,7 @@ def evaluate(workdir: str, evaluator: Callable[[], ChatModel], name: str, sampli
     def work(chunk: list, write) -> None:
         nonlocal model
         model = model or evaluator()
-        from carevl.inference import Chat
+        from carevl.backends.interface import Chat
 
         def fields(texts: list[str]) -> dict:
             score = prompts.parse_score(texts[0])
@@ -208,7 +208,7 @@ def groups(workdir: str, strategies: list[str] | None = None, evaluator: str | N
                 contexts = [critique_context(prompts.evaluator_prompt(item["question"], captions_.get(item["image"], ""), pair["responses"], pair["label"], s["text"])) for s in record["samples"]]
                 table = [Critique(i, s["text"], s["verdict"], scores.get(c)) for i, (s, c) in enumerate(zip(record["samples"], contexts))]
                 counts["critiques without a score"] += sum(c.score is None for c in table) if strategy == strategies[0] else 0
-                group, reason = build_group(table, pair["label"], strategy)
+                group, reason = form_group(table, pair["label"], strategy)
                 counts[f"{strategy}: {'written' if group else reason}"] += 1
                 if group is None:
                     continue

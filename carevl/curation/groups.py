@@ -34,7 +34,7 @@ class Group:
     rejected: tuple[Critique, ...]
 
 
-def build_group(critiques: list[Critique], label: int, strategy: str) -> tuple[Group | None, str]:
+def form_group(critiques: list[Critique], label: int, strategy: str) -> tuple[Group | None, str]:
     """(group, reason): the group of one pair, or None with why ("no correct critique", ...)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

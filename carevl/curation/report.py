@@ -1,36 +1,29 @@
 """The curation report: counts per stage, failures by reason, judge-expert agreement, vote histogram,
-confidence split sizes and, where items carry the world's truth (the shapes world), the label
-precision of the high-confidence set against the judge alone. Markdown plus PNG plots."""
+confidence split sizes and, given a way to tell which answer is truly better (`truth`: the shapes
+world has one), the label precision of the high-confidence set against the judge alone. Markdown
+plus PNG plots."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from carevl import shapes
 from carevl.curation.stages import FILES, items_by_id, records
 
-
-def true_label(item: dict, responses: list[str]) -> int | None:
-    """1 or 2 where exactly one answer states the world's true value; None otherwise or without truth."""
-    truth = item.get("meta", {}).get("truth")
-    if truth is None:
-        return None
-    attribute = truth["attribute"]
-    value = shapes.scene_of(truth["scene"]).value(attribute)
-    right = [shapes.mentioned_value(text, attribute) == value for text in responses]
-    return (1 if right[0] else 2) if right[0] != right[1] else None
+# (item record, the pair's two answers) -> the truly better answer, 1 or 2, or None when unknown
+Truth = Callable[[dict, list[str]], "int | None"]
 
 
-def precision(rows: list[dict], items: dict[str, dict], label_of) -> tuple[int, int]:
+def precision(rows: list[dict], items: dict[str, dict], label_of, truth: Truth) -> tuple[int, int]:
     """(labels matching the truth, pairs with a known true label and a label)."""
     hits = total = 0
     for row in rows:
-        truth, label = true_label(items[row["item"]], row["responses"]), label_of(row)
-        if truth is not None and label is not None:
+        true, label = truth(items[row["item"]], row["responses"]), label_of(row)
+        if true is not None and label is not None:
             total += 1
-            hits += truth == label
+            hits += true == label
     return hits, total
 
 
@@ -38,7 +31,7 @@ def percent(hits: int, total: int) -> str:
     return f"{100 * hits / total:.1f}% ({hits}/{total})" if total else "n/a"
 
 
-def figures(workdir: str | Path) -> dict:
+def figures(workdir: str | Path, truth: Truth | None = None) -> dict:
     items = items_by_id(workdir)
     stages = {}
     for stage in FILES:
@@ -49,19 +42,21 @@ def figures(workdir: str | Path) -> dict:
     agree = sum((1 if r["votes"][0] > r["votes"][1] else 2) == r["judge"] for r in with_both)
     high = [r for r in rows if r["confidence"] == "high"]
     low = [r for r in rows if r["confidence"] == "low"]
-    return {
+    found = {
         "stages": stages,
         "pairs": len(rows),
         "judge_expert_agreement": [agree, len(with_both)],
         "max_votes": dict(sorted(Counter(max(r["votes"]) for r in rows).items())),
         "expert_ties": dict(sorted(Counter(r["ties"] for r in rows).items())),
         "split": dict(sorted(Counter(f"{r['confidence']}: {r['rule']}" for r in rows).items())),
-        "precision": {
-            "judge alone (all judged pairs)": precision(rows, items, lambda r: r["judge"]),
-            "high confidence": precision(high, items, lambda r: r["label"]),
-            "low confidence, relabeled": precision(low, items, lambda r: r["label"]),
-        },
     }
+    if truth is not None:
+        found["precision"] = {
+            "judge alone (all judged pairs)": precision(rows, items, lambda r: r["judge"], truth),
+            "high confidence": precision(high, items, lambda r: r["label"], truth),
+            "low confidence, relabeled": precision(low, items, lambda r: r["label"], truth),
+        }
+    return found
 
 
 def plot(values: dict, title: str, xlabel: str, path: Path) -> None:
@@ -78,14 +73,16 @@ def plot(values: dict, title: str, xlabel: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(workdir: str, out: str | None = None) -> dict:
+def write_report(workdir: str, out: str | None = None, truth: Truth | None = None) -> dict:
     """Write report.md, report.json and the PNG plots to `out` (default <workdir>/report).
 
     Args:
         workdir: the curation work directory.
         out: where the report goes.
+        truth: a function (item record, the pair's two answers) -> the truly better answer (1, 2 or
+            None), where the data has a known truth: the report then adds label precision.
     """
-    found = figures(workdir)
+    found = figures(workdir, truth)
     target = Path(out or Path(workdir) / "report")
     target.mkdir(parents=True, exist_ok=True)
     plot(found["max_votes"], "Votes for the majority answer", "max(v1, v2)", target / "votes.png")
@@ -98,7 +95,7 @@ def write_report(workdir: str, out: str | None = None) -> dict:
     lines += ["| max(v1, v2) | pairs |", "|---:|---:|"] + [f"| {k} | {v} |" for k, v in found["max_votes"].items()]
     lines += ["", "| experts tied | pairs |", "|---:|---:|"] + [f"| {k} | {v} |" for k, v in found["expert_ties"].items()]
     lines += ["", "| confidence: rule | pairs |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in found["split"].items()]
-    if any(total for _, total in found["precision"].values()):
+    if any(total for _, total in found.get("precision", {}).values()):
         lines += ["", "Label precision against the world's truth (pairs where exactly one answer is right):", "", "| labels | precision |", "|---|---:|"]
         lines += [f"| {name} | {percent(*value)} |" for name, value in found["precision"].items()]
     lines += ["", "![votes](votes.png) ![split](split.png)", ""]

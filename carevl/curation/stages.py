@@ -28,13 +28,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from carevl import prompts
-from carevl.backends.openai_api import OpenAIBatch
+from carevl.backends.interface import BatchChatModel, Chat, ChatModel, Reply, RewardModel, Sampling, chunks
 from carevl.curation import cost
 from carevl.curation.records import ImageStore, Records, content_key
 from carevl.curation.split import HIGH, count_votes, decide
-from carevl.inference import Chat, ChatModel, Reply, RewardModel, Sampling, chunks, load_image
+from carevl.images import load_image, png_bytes
 from carevl.schema import IMAGE_EXTENSIONS
-from carevl.shapes import png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +110,15 @@ def item_chat(store: ImageStore, item: dict, text: str) -> Chat:
     return Chat.user(text, store.get(item["image"], item["image_ext"]))
 
 
-def ingest(workdir: str, source: str | None = None, shapes_items: int = 0, seed: int = 0) -> dict:
+def ingest(workdir: str, source: str) -> dict:
     """Store images once (content-addressed) and record the image-question items.
 
     Args:
         workdir: the curation work directory (created if missing).
-        source: a JSONL file of {"id", "image" (path, relative to the file), "question", "meta"?}.
-        shapes_items: instead of (or besides) a source, this many shapes-world items, whose meta
-            carries the world's truth for the simulations and the report.
-        seed: the shapes world's seed.
+        source: a questions file: one JSON object a line, {"id", "image" (a path relative to the
+            file), "question", "meta" (optional; carried into every record and shard of the item)}
+            (`carevl.schema.QUESTION_FIELDS`).
     """
-    from carevl import shapes
-
     store, out = ImageStore(workdir), records(workdir, "ingest")
     counts = Counter()
     new = []
@@ -149,24 +145,20 @@ def ingest(workdir: str, source: str | None = None, shapes_items: int = 0, seed:
             seen.add(record_id)
             new.append({**base, "image": store.put(image, ext), "image_ext": ext, "question": question.strip(), "meta": meta})
 
-    if source is not None:
-        root = Path(source).parent
-        for number, line in enumerate(Path(source).read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                new.append({"key": content_key("ingest", source, number), "id": None, "error": f"unparseable: line {number + 1}"})
-                continue
-            path = root / str(row.get("image", ""))
-            image = path.read_bytes() if row.get("image") and path.is_file() else None
-            ext = path.suffix.lstrip(".").lower().replace("jpeg", "jpg") or "png"
-            add(content_key("ingest", row, image.hex()[:64] if image else None), row.get("id"), row.get("question"), image, ext, row.get("meta") or {})
-    if shapes_items:
-        for item in shapes.judge_items(shapes_items, seed, prefix="curation", attributes=shapes.JUDGE_ATTRIBUTES):
-            meta = {"truth": {"scene": item.scene.__dict__, "attribute": item.attribute}}
-            add(content_key("ingest-shapes", item.id, seed), item.id, item.question, item.image, "png", meta)
+    root = Path(source).parent
+    for number, line in enumerate(Path(source).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            new.append({"key": content_key("ingest", source, number), "id": None, "error": f"unparseable: line {number + 1}"})
+            continue
+        path = root / str(row.get("image", ""))
+        image = path.read_bytes() if row.get("image") and path.is_file() else None
+        ext = path.suffix.lstrip(".").lower().replace("jpeg", "jpg") or "png"
+        key = content_key("ingest", row, image.hex()[:64] if image else None)
+        add(key, row.get("id"), row.get("question"), image, ext, row.get("meta") or {})
     out.append(new)
     for record in new:
         counts["failed: " + record["error"].split(":")[0] if "error" in record else "done"] += 1
@@ -222,7 +214,7 @@ def candidates(
                 continue
             model = build() if callable(build) else build
 
-            def work(chunk: list, write) -> None:
+            def work(chunk: list, write, model=model, name=name, decoding=decoding, sampling=sampling) -> None:
                 replies = model.generate([item_chat(store, item, item["question"]) for _, item in chunk], sampling)
                 write([
                     reply_record({"key": key, "item": item["id"], "model": name, "decoding": decoding}, reply, lambda texts: {"answers": texts})
@@ -332,7 +324,7 @@ def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) ->
 def judge(
     workdir: str,
     model: Callable[[], ChatModel] | None = None,
-    batch: Callable[[], OpenAIBatch] | None = None,
+    batch: Callable[[], BatchChatModel] | None = None,
     both_orders: bool = False,
     sampling: Sampling | None = None,
     structured: bool = True,
@@ -450,7 +442,7 @@ def votes(workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_siz
             continue
         expert = build() if callable(build) else build
 
-        def work(chunk: list, write) -> None:
+        def work(chunk: list, write, expert=expert, name=name) -> None:
             conversations = [prompts.expert_conversation(items[item]["question"], captions_[items[item]["image"]], text) for _, (item, text) in chunk]
             scores = expert.score(conversations)
             write([

@@ -4,15 +4,15 @@ real CLI, modules, data pipeline and DeepSpeed, loading that checkpoint the way 
 theirs. Prints tokens/s, peak memory and MFU, and checks that a run resumed from a saved
 checkpoint continues from its step.
 
-    python tools/gpu_smoke.py --shape 2b --strategy zero2            # full fine-tuning
-    python tools/gpu_smoke.py --shape 7b --strategy zero3 --lora      # 7B on one 80 GB GPU
-    python tools/gpu_smoke.py --shape tiny --strategy ddp --accelerator cpu --steps 2   # CPU dry run
-    python tools/gpu_smoke.py --shape 2b --narrow --strategy ddp --accelerator cpu --batch-size 4 \
+    python tools/bench/gpu_smoke.py --shape 2b --strategy zero2            # full fine-tuning
+    python tools/bench/gpu_smoke.py --shape 7b --strategy zero3 --lora      # 7B on one 80 GB GPU
+    python tools/bench/gpu_smoke.py --shape tiny --strategy ddp --accelerator cpu --steps 2   # CPU dry run
+    python tools/bench/gpu_smoke.py --shape 2b --narrow --strategy ddp --accelerator cpu --batch-size 4 \
         --steps 3 --warmup 2 --count-ops [--compile]   # a 2B step's kernel-sized operations, on CPU
 
 The DPO reference is, by default, what the configs use: a frozen copy under DDP and ZeRO-2; under
 ZeRO-3 and FSDP the policy with its adapters off (LoRA) or log-probs precomputed by
-`carevl.reference` (timed apart). Gradient checkpointing is on (--no-gradient-checkpointing turns it off). Each phase
+`tools/reference_logps.py` (timed apart). Gradient checkpointing is on (--no-gradient-checkpointing turns it off). Each phase
 (timed steps, resume) runs in its own process: a finished DeepSpeed run keeps its GPU memory until
 its process ends. --profile prints torch.profiler's top operators over three steps. --count-ops
 counts each step's kernel-sized operations by phase; with --narrow (the shape's depth and images,
@@ -40,12 +40,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from carevl import shapes
 from carevl.cli import run
 from carevl.flops import peak_flops
-from carevl.reference import precompute_reference
+from carevl.images import png_bytes
 from carevl.schema import PreferenceGroupSample, SFTSample, ShardWriter
-from carevl.tiny import build_tiny_model
+from carevl.standins import shapes
+from carevl.standins.tiny import build_tiny_model
+from tools.reference_logps import precompute_reference
 
 # Qwen2-VL-2B/7B-Instruct language-model and vision-tower shapes (their config.json files).
 SHAPES = {
@@ -98,7 +99,7 @@ def write_data(out: Path, groups: int, image_size: int, repeat: int) -> None:
     items = shapes.judge_items(groups, seed=0)
     with ShardWriter(out / "sft", prefix="sft", max_count=256, kind="sft") as sft, ShardWriter(out / "groups", prefix="groups", max_count=256, kind="preference_group") as dpo:
         for item in items:
-            image = shapes.png_bytes(shapes.render(item.scene, rng, size=image_size))
+            image = png_bytes(shapes.render(item.scene, rng, size=image_size))
             fields = {**item.fields(), "image": image}
             long = lambda text: " ".join([text.rsplit(" Overall", 1)[0]] * repeat + ["Overall" + text.rsplit(" Overall", 1)[1]])  # noqa: E731
             sft.write(SFTSample(**fields, target=long(item.critique()), source="smoke"))
@@ -294,7 +295,7 @@ def fit(stage: str, args, checkpoint: Path, data: Path, root: Path, max_steps: i
                 "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {
                     "model": str(checkpoint), "gradient_checkpointing": args.gradient_checkpointing, "compile_layers": args.compile, "batch_vision_attention": args.batch_vision_attention,
                     "freeze_projector": stage == "dpo", "dtype": "bfloat16" if gpu else "float32", **lora}},
-                "lr": 1e-5, "global_batch_size": None, "val_generate": False,
+                "lr": 1e-5, "val_generate": False,
                 **({"reference": reference_mode(args)} if stage == "dpo" else {}),
             },
         },
@@ -389,7 +390,7 @@ def main() -> None:
         (work / stage).mkdir(parents=True, exist_ok=True)
         PHASES[phase](stage, args, work / "model", work / "data", work / stage)
         return
-    checkpoint = shaped_checkpoint(work / "model", args.shape, "cuda" if args.accelerator == "gpu" else "cpu", narrow=args.narrow)
+    shaped_checkpoint(work / "model", args.shape, "cuda" if args.accelerator == "gpu" else "cpu", narrow=args.narrow)
     most = max(args.batch_size + args.groups_per_step)
     write_data(work / "data", groups=max(64, 2 * most * (args.steps + 2)), image_size=args.image_size, repeat=args.repeat)
     print(f"{args.shape}-shaped Qwen2-VL, {args.strategy}, {'LoRA' if args.lora else 'full'}, SFT batch {'/'.join(map(str, args.batch_size))}, DPO {'/'.join(map(str, args.groups_per_step))} group(s) per step, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {'compiled' if args.compile else 'eager'} layers, vision attention {'by image size' if args.batch_vision_attention else 'per image'}, work dir {work}", flush=True)

@@ -7,7 +7,7 @@ Three runs, one after the other, each in its own process (so peak memory is its 
   groups-unpacked  (optional) the same with `pack_prompts: false`: the image is encoded once, but the
           prompt tokens run through the language model once per critique
   pairs-precomputed, groups-precomputed  (optional) pairs or groups with `reference: precomputed`:
-          `python -m carevl.reference` runs first (timed apart, and counted in the ratios that say
+          `python tools/reference_logps.py` runs first (timed apart, and counted in the ratios that say
           so), then training loads no reference model (TRL cannot do this with images)
 Each run trains one epoch over the same pairs with the same number of pairs per optimizer step,
 a frozen-copy reference, fp32 on CPU (bf16 on GPU), and reports the epoch's wall time and peak
@@ -16,14 +16,13 @@ left out on both sides: TRL's `trainer.train()` (its optimizer, loaders and step
 Lightning run from `on_train_start` to `on_train_end` (its loaders and steps; the model and the
 reference copy are built before). Then the ratios are printed.
 
-    python tools/bench_dpo.py --groups 24 --rejected 9 --profile
+    python tools/bench/dpo.py --groups 24 --rejected 9 --profile
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import resource
 import shutil
@@ -33,64 +32,23 @@ import tempfile
 import time
 from pathlib import Path
 
-
 MODES = ("trl", "pairs", "groups", "groups-unpacked", "pairs-precomputed", "groups-precomputed")
-
-
-def n_worse(item, n: int) -> list[str]:
-    """n distinct worse critiques of a shapes-world item, in this order: the simulated ones, the scene
-    misread as each other value of the asked attribute (under either verdict), then shortened
-    analyses under the wrong verdict (for attributes with few values)."""
-    from itertools import chain
-
-    from carevl import shapes
-
-    truth = item.scene.value(item.attribute)
-    caption, recall = f"The image shows {item.scene.caption()}.", shapes.recall_critique(item.values, truth, "image")
-    misread = (
-        f"The image shows {shapes.with_value(item.scene, item.attribute, value).caption()}. {recall} {shapes.verdict_line(label)}"
-        for value in shapes.attribute_values(item.attribute) if value != truth
-        for label in (1, 2)
-    )
-    shortened = (f"{text} {shapes.verdict_line(3 - item.label)}" for text in (recall, caption))
-    candidates = chain(shapes.worse_critiques(item), misread, shortened)
-    critiques = list(dict.fromkeys(c for c in candidates if c != item.critique()))[:n]
-    if len(critiques) < n:
-        raise ValueError(f"{item.id}: only {len(critiques)} distinct worse critiques, {n} asked for")
-    return critiques
 
 
 def write_data(out: Path, groups: int, rejected: int, seed: int = 0) -> None:
     from carevl.schema import PreferenceGroupSample, ShardWriter
-    from carevl.shapes import judge_items
+    from carevl.standins.shapes import distinct_worse_critiques, judge_items
 
     items = judge_items(groups, seed)
     with ShardWriter(out / "groups", prefix="groups", max_count=10_000, kind="preference_group") as grouped, ShardWriter(
         out / "pairs", prefix="pairs", max_count=10_000, kind="preference_group"
     ) as paired:
         for item in items:
-            worse = n_worse(item, rejected)
+            worse = distinct_worse_critiques(item, rejected)
             common = {"question": item.question, "responses": list(item.responses), "label": item.label, "chosen": item.critique(), "image": item.image}
             grouped.write(PreferenceGroupSample(id=item.id, rejected=worse, **common))
             for j, text in enumerate(worse):
                 paired.write(PreferenceGroupSample(id=f"{item.id}-{j}", rejected=[text], **common))
-
-
-def trl_example(image: bytes, question: str, responses: list[str], chosen: str, rejected: str) -> dict:
-    """One (chosen, rejected) pair in TRL's conversational vision format, with carevl's judge prompt."""
-    from PIL import Image
-
-    from carevl.prompts import judge_prompt
-
-    def turn(role: str, text: str, with_image: bool = False) -> list[dict]:
-        return [{"role": role, "content": ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]}]
-
-    return {
-        "images": [Image.open(io.BytesIO(image)).convert("RGB")],
-        "prompt": turn("user", judge_prompt(question, responses), with_image=True),
-        "chosen": turn("assistant", chosen),
-        "rejected": turn("assistant", rejected),
-    }
 
 
 def peak_memory_mb() -> float:
@@ -109,12 +67,13 @@ def run_trl(model_dir: str, data: Path, pairs_per_step: int) -> float:
     from trl import DPOConfig, DPOTrainer
 
     from carevl import schema
+    from carevl.standins.baselines import trl_pair
 
     rows = []
     for url in schema.read_manifest(data / "pairs")["urls"]:
         for raw in wds.WebDataset(url, shardshuffle=False):
             sample = schema.decode(raw, "preference_group")
-            rows.append(trl_example(sample.image, sample.question, sample.responses, sample.chosen, sample.rejected[0]))
+            rows.append(trl_pair(sample.image, sample.question, sample.responses, sample.chosen, sample.rejected[0]))
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     for name, param in model.named_parameters():  # the same frozen vision encoder as carevl's
         if name.startswith("model.visual.") and not name.startswith("model.visual.merger."):
@@ -148,7 +107,7 @@ def run_carevl(model_dir: str, shards: Path, groups_per_step: int, pack: bool = 
 
     timer = EpochTimer()
     gpu = torch.cuda.is_available()
-    module = DPOJudge(Backbone(model=model_dir), reference=reference, beta=0.1, lr=1e-5, warmup_ratio=0.0, global_batch_size=None, pack_prompts=pack)
+    module = DPOJudge(Backbone(model=model_dir), reference=reference, beta=0.1, lr=1e-5, warmup_ratio=0.0, pack_prompts=pack)
     data = JudgeDataModule(processor=model_dir, train=str(shards), kind="preference_group", batch_size=groups_per_step, num_workers=1, shuffle_buffer=1)
     trainer = Trainer(
         accelerator="gpu" if gpu else "cpu", devices=1, max_epochs=1, precision="bf16-mixed" if gpu else "32-true", logger=False,
@@ -161,7 +120,6 @@ def run_carevl(model_dir: str, shards: Path, groups_per_step: int, pack: bool = 
 def profile_carevl(model_dir: str, data: Path, rejected: int, pairs_per_step: int, steps: int = 5) -> None:
     """Where a carevl step's time goes (vision features, policy and reference forwards, backward),
     on pairs and on groups, timed outside Lightning on the same batches."""
-    import torch
 
     from carevl.backbone import Backbone
     from carevl.dpo import DPOJudge
@@ -210,7 +168,7 @@ def child(mode: str, model_dir: str, data: Path, rejected: int, pairs_per_step: 
         shards, per_step = (data / "pairs", pairs_per_step) if kind == "pairs" else (data / "groups", max(1, pairs_per_step // rejected))
         reference = "copy"
         if variant == "precomputed":
-            from carevl.reference import precompute_reference
+            from tools.reference_logps import precompute_reference
 
             shards, reference = shutil.copytree(shards, data / mode), "precomputed"
             start = time.perf_counter()
@@ -241,7 +199,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     if args.model is None:
-        from carevl.tiny import build_tiny_model
+        from carevl.standins.tiny import build_tiny_model
 
         args.model = str(build_tiny_model(work / "model"))
     write_data(work / "data", args.groups, args.rejected)

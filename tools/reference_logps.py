@@ -4,8 +4,8 @@ under the frozen starting model, written beside the shards (reference-logps.json
 Training with ``reference: precomputed`` then loads no reference weights at all, which is what
 makes ZeRO-3 runs simple. Run it once per (starting model, shard set):
 
-    python -m carevl.reference --model runs/sft/hf --shards data/dpo/groups
-    torchrun --nproc-per-node 8 -m carevl.reference --model runs/sft/hf --shards data/dpo/groups --dtype bfloat16
+    python tools/reference_logps.py --model runs/sft/hf --shards data/dpo/groups
+    torchrun --nproc-per-node 8 tools/reference_logps.py --model runs/sft/hf --shards data/dpo/groups --dtype bfloat16
 
 Under torchrun each process takes its part of the groups (every WORLD_SIZE-th from RANK) on its own
 GPU, with no communication. Each part appends every batch's log-probs to its own JSONL file beside
@@ -31,7 +31,8 @@ from carevl import schema
 from carevl.backbone import Backbone
 from carevl.curation.records import Records, content_key, read_complete
 from carevl.encoding import Encoder
-from datamodules.preference import REFERENCE_FILE, build_group, collate_groups
+from carevl.schema import REFERENCE_FILE
+from datamodules.preference import collate_groups, encode_group
 from datamodules.stream import SamplePreparer, ValStream
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def compute_part(records: Records, done: set[str], settings: dict, shards: str |
     backbone.eval().to(device)
     encoder = Encoder(backbone.processor, max_length=settings["max_length"])
     manifest = schema.read_manifest(shards)
-    build = partial(build_group, encoder, None)
+    build = partial(encode_group, encoder, None)
     preparer = SamplePreparer("preference_group", lambda sample, image: [] if sample.id in done else build(sample, image))
     batches = ValStream(manifest["urls"], preparer, partial(collate_groups, pad_token_id=encoder.pad_token_id), batch_size, rank=part, world_size=parts)
     skipped: Counter = Counter()

@@ -5,7 +5,7 @@ concurrency / latency requests per second; the script prints what the client rea
 (the target is >= 0.90). The endpoint runs in its own process, as a remote one would; both share
 this machine's cores.
 
-    python tools/bench_openai.py --latency 0.1 --concurrency 8 32 64 --requests 640
+    python tools/bench/openai_client.py --latency 0.1 --concurrency 8 32 64 --requests 640
 """
 
 import argparse
@@ -14,10 +14,10 @@ import subprocess
 import sys
 import time
 
+from carevl.backends.interface import Chat, Sampling
 from carevl.backends.openai_api import OpenAIChat
-from carevl.inference import Chat, Sampling
 from carevl.prompts import JUDGMENT_SCHEMA, curation_judge_prompt
-from carevl.shapes import judge_items
+from carevl.standins.shapes import judge_items
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     item = judge_items(1, seed=0)[0]
     chats = [Chat.user(curation_judge_prompt(item.question, item.responses), item.image)] * args.requests
     print(f"{'concurrency':>11} {'requests/s':>10} {'ceiling':>8} {'ratio':>6}")
-    server = subprocess.Popen([sys.executable, "-m", "carevl.loopback", "--latency", str(args.latency)], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "carevl.standins.loopback", "--latency", str(args.latency)], stdout=subprocess.PIPE, text=True)
     try:
         base_url = server.stdout.readline().strip()
         for concurrency in args.concurrency:

@@ -17,8 +17,8 @@ import re
 import time
 from pathlib import Path
 
-from carevl import shapes
-from carevl.inference import Chat, ChatModel, Reply, RewardModel, Sampling
+from carevl.backends.interface import Chat, ChatModel, Reply, RewardModel, Sampling
+from carevl.standins import shapes
 
 
 def seeded(*parts) -> random.Random:

@@ -1,6 +1,7 @@
-"""Print (and save as JSON) the held-out verdict accuracy of several runs, read from their CSV logs.
+"""Write (and print) the held-out verdict accuracy of several runs as results.md and results.json,
+read from their CSV logs: the demo pipeline's last step, whose table the README quotes.
 
-    python tools/accuracy_table.py --logs runs/demo/logs --rows base="base model" sft-high="SFT, high confidence"
+    python tools/results_table.py --logs runs/demo/logs --out runs/demo --rows base="base model" sft="SFT"
 
 Each row names a CSV logger run (`<logs>/<name>/version_*/metrics.csv`, the newest version) and the
 label it gets in the table. A run's accuracy is the last `val/verdict_accuracy` it logged; a missing
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logs", required=True, help="the CSV loggers' save_dir")
     parser.add_argument("--rows", nargs="+", required=True, metavar="RUN=LABEL", help="logger run names and their labels, in table order")
-    parser.add_argument("--out", help="also write the table as JSON here (default <logs>/accuracy_table.json)")
+    parser.add_argument("--out", help="directory of results.md and results.json (default: --logs)")
     args = parser.parse_args(argv)
     rows = []
     for spec in args.rows:
@@ -61,9 +62,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"a row is RUN=LABEL, got {spec!r}")
         rows.append((name, label))
     results = table(Path(args.logs), rows)
-    out = Path(args.out or Path(args.logs) / "accuracy_table.json")
-    out.write_text(json.dumps(results, indent=1))
-    print("\n" + markdown(results) + f"\n\n(written to {out})")
+    out = Path(args.out or args.logs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results) + "\n")
+    print("\n" + markdown(results) + f"\n\n(written to {out / 'results.md'} and results.json)")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
-"""The two inference interfaces the curation stages and evaluation call, whatever runs the model.
+"""The inference interfaces the curation stages call, whatever runs the model.
 
 - `ChatModel.generate`: chat generation with images, `n` samples per conversation.
 - `RewardModel.score`: one scalar per text-only conversation (a reward model's raw output).
+- `BatchChatModel.run`: chat generation through an offline batch service (the OpenAI Batch API).
 
-Implementations live in `carevl.backends`: OpenAI-compatible endpoints (`openai_api`), Hugging Face
-transformers (`hf`), vLLM's offline engine (`vllm`, imported lazily) and the shapes world's
-simulations (`simulated`). A backend never raises for one bad item: the item's `Reply` carries the
-reason, and the stage records it as failed.
+Implementations: OpenAI-compatible endpoints (`carevl.backends.openai_api`), Hugging Face
+transformers (`carevl.backends.hf`), vLLM's offline engine (`carevl.backends.vllm`, imported
+lazily); the shapes world's simulations (`carevl.standins.simulated`) stand in for them on CPU. A
+backend never raises for one bad item: the item's `Reply` carries the reason, and the stage
+records it as failed.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -82,6 +83,19 @@ class ChatModel(ABC):
             on_reply(index, reply)
 
 
+class BatchChatModel(ABC):
+    """Generates replies through a batch service: requests are submitted together and answered
+    within hours. `name` identifies the model in records."""
+
+    name: str = "batch-chat-model"
+
+    @abstractmethod
+    def run(self, chats: dict[str, Chat], sampling: Sampling, schema: dict | None, state_file: str | Path, on_replies) -> None:
+        """Get a reply for every chat (keyed by an id), calling `on_replies({id: Reply})` as each
+        submission completes. Submissions in flight are kept in `state_file`, so a killed run
+        resumes them instead of paying for them again."""
+
+
 class RewardModel(ABC):
     """Scores text-only conversations (user turn + assistant answer) with one raw scalar each."""
 
@@ -90,32 +104,6 @@ class RewardModel(ABC):
     @abstractmethod
     def score(self, conversations: list[list[dict]]) -> list[float | None]:
         """One score per conversation, None where scoring failed."""
-
-
-def image_mime(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    raise ValueError("image bytes are not PNG, JPEG or WebP")
-
-
-def data_url(data: bytes) -> str:
-    return f"data:{image_mime(data)};base64,{base64.b64encode(data).decode()}"
-
-
-def load_image(data: bytes):
-    """A PIL RGB image from encoded bytes; raises ValueError for corrupt data."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"unreadable image ({error})") from error
-    return image.convert("RGB")
 
 
 def chunks(items: list, size: int):

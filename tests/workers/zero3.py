@@ -1,4 +1,4 @@
-"""Run by tests/test_zero3.py in its own process (DeepSpeed's CPU accelerator, gloo, world size 1):
+"""Run by tests/test_deepspeed.py in its own process (DeepSpeed's CPU accelerator, gloo, world size 1):
 a judge module's `configure_model` inside Lightning's ZeRO-3 context, as `carevl fit` runs it under
 `configs/strategies/zero3.yaml`. Prints what the test checks, as JSON."""
 

@@ -8,7 +8,7 @@ The tiny judge's tokenizer, trained on the shapes world's words, splits English 
 characters per token where real ones take ~4, which inflates the text's share of a sample; an
 estimate from character counts at 4 per token and a fixed image token count is printed beside it.
 
-    python tools/bench_padding.py --records ../shared/benchmarks/vl_rewardbench.jsonl
+    python tools/bench/padding.py --records ../shared/benchmarks/vl_rewardbench.jsonl
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from carevl import schema, shapes
+from carevl import schema
 from carevl.backbone import Backbone
+from carevl.images import png_bytes
 from carevl.losses import sft_loss
 from carevl.prompts import verdict_line
-from carevl.tiny import build_tiny_model
+from carevl.standins import shapes
+from carevl.standins.tiny import build_tiny_model
 from datamodules import JudgeDataModule
 from datamodules.stream import cut_batches
 
@@ -48,7 +50,7 @@ def write_shards(rows: list[dict], out: Path, image_size: int) -> int:
             label = 1 if row["human_ranking"][0] == 0 else 2
             writer.write(schema.SFTSample(
                 id=row["id"], question=row["query"], responses=list(row["response"]), label=label,
-                target=f"{row['rationale'].strip()} {verdict_line(label)}", source="vl_rewardbench", image=shapes.png_bytes(image),
+                target=f"{row['rationale'].strip()} {verdict_line(label)}", source="vl_rewardbench", image=png_bytes(image),
             ))
     return len(rows)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from carevl import shapes
+from carevl.standins import shapes
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 image (transformers) and by image size (`carevl.vision_attention`), alternating the two in one
 process, and print the ratio.
 
-    python -m tools.bench_vision_attention                       # CPU: the 2B/7B tower's depth and heads' layout, narrow widths
-    python -m tools.bench_vision_attention --device cuda --full  # the real widths, bf16, on a GPU
-    python -m tools.bench_vision_attention --mixed               # images of three sizes instead of one
+    python -m tools.bench.vision_attention                       # CPU: the 2B/7B tower's depth and heads' layout, narrow widths
+    python -m tools.bench.vision_attention --device cuda --full  # the real widths, bf16, on a GPU
+    python -m tools.bench.vision_attention --mixed               # images of three sizes instead of one
 
 With narrow widths the forward's time is mostly the host's dispatching, which is what bounds a GPU
 step at small batches; --full on a GPU times the real tower.
@@ -17,7 +17,7 @@ import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 from carevl.vision_attention import batch_vision_attention
-from tools.gpu_smoke import NARROW_VISION, VISION
+from tools.bench.gpu_smoke import NARROW_VISION, VISION
 
 
 def tower(full: bool, device: str, dtype: torch.dtype, batched: bool) -> torch.nn.Module:

@@ -1,8 +1,8 @@
-"""Run by tests/test_zero3.py in its own process (DeepSpeed's CPU accelerator, gloo, world size 1):
+"""Run by tests/test_deepspeed.py in its own process (DeepSpeed's CPU accelerator, gloo, world size 1):
 training steps of the judge modules through DeepSpeed's engine under ZeRO stage 2 or 3, bf16,
 gradient checkpointing on, the head in chunks of 7 response tokens: DPO with LoRA and the
 adapters-off reference, SFT with LoRA, and DPO of the whole language model against log-probs
-precomputed by `carevl.reference` (configs/dpo.yaml's setting) and against a frozen copy (under
+precomputed by `tools/reference_logps.py` (configs/dpo.yaml's setting) and against a frozen copy (under
 ZeRO-3 loaded again, partitioned, in its own inference engine). Lightning refuses DeepSpeed without
 CUDA, so the engine is driven directly, on the modules' own step functions (`DPOJudge.group_step`,
 `SFTJudge`'s loss). Prints what the test checks, as JSON.
@@ -30,9 +30,9 @@ from carevl.backbone import Backbone, LoraSettings  # noqa: E402
 from carevl.dpo import DPOJudge  # noqa: E402
 from carevl.flops import ModelFlops  # noqa: E402
 from carevl.losses import sft_loss  # noqa: E402
-from carevl.reference import precompute_reference  # noqa: E402
 from carevl.sft import SFTJudge  # noqa: E402
 from datamodules import JudgeDataModule  # noqa: E402
+from tools.reference_logps import precompute_reference  # noqa: E402
 
 
 def gathered(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,7 +91,7 @@ def checkpoint_round_trip(checkpoint: str, sft: str, stage: str, out: str) -> No
 
 def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
     config = engine_config(stage)
-    # The reference, computed once in the training dtype, as `python -m carevl.reference` does: before
+    # The reference, computed once in the training dtype, as `python tools/reference_logps.py` does: before
     # any ZeRO-3 model exists (transformers then builds every model partitioned).
     precompute_reference(checkpoint, groups, batch_size=2, max_length=512, dtype="bfloat16", device="cpu")
     report = {}

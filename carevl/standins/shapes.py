@@ -6,17 +6,19 @@ value, the other a wrong one. Judge critiques follow the recipe that makes a tin
 the task: say what the image shows, compare each answer with it, then give the verdict.
 
 The world is the embedded default of the demo and the tests, and the ground truth that the
-simulated curation stages are measured against.
+simulated curation stages are measured against (`carevl.standins.world` writes its files). Why
+the critiques, answers and questions look as they do: docs/shapes-world.md.
 """
 
 from __future__ import annotations
 
-import io
 import random
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from carevl.images import png_bytes
 from carevl.prompts import verdict_line
 
 COLOURS = {
@@ -136,12 +138,6 @@ def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Im
     return image
 
 
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @dataclass(frozen=True)
 class JudgeItem:
     """One judge example: the scene, the question, the two answers and the better one."""
@@ -168,14 +164,8 @@ class JudgeItem:
 
     def critique(self) -> str:
         """Say what the image shows, quote each answer's value, name the answer whose value the image
-        has, then give the verdict.
-
-        The decisive step is a recall, not a comparison: after "The image has purple, as Answer" the
-        judge names the answer that says purple. A tiny model learns that lookup in minutes (from
-        where the value stands in a sentence-style prompt: tools/lookup_probe.py); asked instead to
-        write "correct" or "wrong" after each quoted value, the same model stayed at chance on the
-        first decision after 1,250 steps.
-        """
+        has, then give the verdict. The decisive step is a recall, not a comparison: after "The image
+        has purple, as Answer" the judge names the answer that says purple."""
         truth = self.scene.value(self.attribute)
         return " ".join([f"The image shows {self.scene.caption()}.", recall_critique(self.values, truth, "image"), verdict_line(self.label)])
 
@@ -226,11 +216,7 @@ def quote_task(rng: random.Random) -> tuple[str, str]:
 
     Real language models arrive able to copy and look up words of their prompt; a tiny random one
     does not, and learning that inside the long judge prompt takes far longer than the judgement.
-    The answers are sentences, the style of the world's answerers. The tiny model finds the answer
-    that says a value by where the value stands in the prompt, not by matching its own quotes: with
-    sentence-only quoting here and in the judge data it reached 91.5% held-out verdict accuracy;
-    with quoting in every style of `ANSWER_STYLES` 57.0%, and on judge pairs whose answers mix the
-    styles it stayed at chance in every run (46.5-56.0%).
+    The answers are sentences, the style of the world's answerers.
     """
     attribute = rng.choice(ATTRIBUTES)
     picked = rng.sample(attribute_values(attribute), 2)
@@ -241,93 +227,8 @@ def quote_task(rng: random.Random) -> tuple[str, str]:
 
 
 # Attributes the demo's judge questions ask about. Positions are drawn and captioned, but a tiny
-# language model learns to read *where* the content is (which image token holds it) too slowly for
-# a CPU demo: after 750 caption steps it names the right position 57% of the time, against 98-100%
-# for colour, shape and count.
+# language model learns to read *where* the content is too slowly for a CPU demo.
 JUDGE_ATTRIBUTES = ("colour", "shape", "count")
-
-
-def write_world(
-    out_dir: str,
-    train: int = 2000,
-    heldout: int = 200,
-    captions: int = 2000,
-    shard_size: int = 500,
-    seed: int = 0,
-    attributes: tuple[str, ...] = JUDGE_ATTRIBUTES,
-) -> dict[str, int]:
-    """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, and ``pretrain``
-    instruct samples for the tiny base model: ``captions`` captions, as many questions about the
-    image answered in one sentence (what the candidate models do), and as many quoting tasks.
-
-    The answered questions are what lets SFT find the asked attribute's value fast: with captions
-    and quoting only, the tiny judge reached 72.5% held-out verdict accuracy after 5 epochs of
-    2,000 samples and 88.5% after 10; with them, 91.5% after 4 (same pretraining cost).
-
-    Seeds differ per split, so held-out images never appear in training.
-    """
-    from pathlib import Path
-
-    from carevl.schema import InstructSample, SFTSample, ShardWriter
-
-    out = Path(out_dir)
-    for split, n, split_seed in (("train", train, seed), ("heldout", heldout, seed + 1)):
-        with ShardWriter(out / split, prefix=split, max_count=shard_size, kind="sft") as writer:
-            for item in judge_items(n, split_seed, prefix=f"shapes-{split}", attributes=attributes):
-                writer.write(SFTSample(**item.fields(), target=item.critique(), source="shapes-world"))
-    rng = random.Random(seed + 2)
-    with ShardWriter(out / "pretrain", prefix="pretrain", max_count=shard_size, kind="instruct") as writer:
-        for index in range(3 * captions):
-            scene = random_scene(rng)
-            if index % 3 == 0:
-                prompt, target = CAPTION_PROMPT, caption_target(scene)
-            elif index % 3 == 1:
-                attribute = rng.choice(attributes)
-                prompt, target = QUESTIONS[attribute], answer(attribute, scene.value(attribute))
-            else:
-                prompt, target = quote_task(rng)
-            writer.write(
-                InstructSample(
-                    id=f"shapes-pretrain-{index:06d}",
-                    prompt=prompt,
-                    target=target,
-                    source="shapes-world",
-                    image=png_bytes(render(scene, rng)),
-                    meta={"scene": scene.__dict__},
-                )
-            )
-    return {"train": train, "heldout": heldout, "pretrain": 3 * captions}
-
-
-# The shapes world in the benchmarks' formats, so `carevl test` runs on the demo judge. The
-# categories are a stated mapping, not the benchmarks' own: colour questions stand for
-# VL-RewardBench "general", shape for "hallucination" (object recognition), count for "reasoning";
-# every MLLM-as-a-Judge record stands for the "coco" subset, and a third of them are ties (two
-# answers that are both wrong).
-BENCHMARK_CATEGORIES = {"colour": "general", "shape": "hallucination", "count": "reasoning", "position": "general"}
-
-
-def write_benchmarks(out_dir: str, n: int = 120, seed: int = 7, attributes: tuple[str, ...] = JUDGE_ATTRIBUTES) -> dict[str, int]:
-    """Write `vlrewardbench/` and `mllm_judge/` benchmark shards of fresh shapes-world items."""
-    from pathlib import Path
-
-    from carevl.benchmarks import MLLM_JUDGE, VLREWARDBENCH
-    from carevl.schema import BenchmarkSample, ShardWriter
-
-    out = Path(out_dir)
-    rng = random.Random(seed)
-    with ShardWriter(out / VLREWARDBENCH, prefix="benchmark", kind="benchmark") as vlrb, ShardWriter(
-        out / MLLM_JUDGE, prefix="benchmark", kind="benchmark"
-    ) as mllm:
-        for item in judge_items(n, seed, prefix="shapes-bench", attributes=attributes):
-            fields = item.fields()
-            vlrb.write(BenchmarkSample(**fields, benchmark=VLREWARDBENCH, category=BENCHMARK_CATEGORIES[item.attribute]))
-            if rng.random() < 1 / 3:
-                truth = item.scene.value(item.attribute)
-                wrong = [v for v in attribute_values(item.attribute) if v != truth]
-                fields.update(responses=[ANSWERS[item.attribute].format(v) for v in rng.sample(wrong, 2)], label="tie")
-            mllm.write(BenchmarkSample(**fields, benchmark=MLLM_JUDGE, category="coco"))
-    return {VLREWARDBENCH: n, MLLM_JUDGE: n}
 
 
 def worse_critiques(item: JudgeItem) -> list[str]:
@@ -348,22 +249,30 @@ def worse_critiques(item: JudgeItem) -> list[str]:
     ]
 
 
+def distinct_worse_critiques(item: JudgeItem, n: int) -> list[str]:
+    """n distinct worse critiques of an item, in this order: `worse_critiques`, the scene misread as
+    each other value of the asked attribute (under either verdict), then shortened analyses under
+    the wrong verdict (for attributes with few values). Raises ValueError when there are fewer."""
+    truth = item.scene.value(item.attribute)
+    caption, recall = f"The image shows {item.scene.caption()}.", recall_critique(item.values, truth, "image")
+    misread = (
+        f"The image shows {with_value(item.scene, item.attribute, value).caption()}. {recall} {verdict_line(label)}"
+        for value in attribute_values(item.attribute)
+        if value != truth
+        for label in (1, 2)
+    )
+    shortened = (f"{text} {verdict_line(3 - item.label)}" for text in (recall, caption))
+    candidates = [*worse_critiques(item), *misread, *shortened]
+    critiques = list(dict.fromkeys(c for c in candidates if c != item.critique()))[:n]
+    if len(critiques) < n:
+        raise ValueError(f"{item.id}: only {len(critiques)} distinct worse critiques, {n} asked for")
+    return critiques
+
+
 def with_value(scene: Scene, attribute: str, value: str) -> Scene:
     """The scene with one attribute set to `value` (as `Scene.value` words it)."""
     field = {"count": {word: n for n, word in COUNT_WORDS.items()}[value]} if attribute == "count" else {attribute: value}
     return Scene(**{**scene.__dict__, **field})
-
-
-def write_preference_groups(out_dir: str, n: int = 400, seed: int = 11, attributes: tuple[str, ...] = JUDGE_ATTRIBUTES, shard_size: int = 200) -> int:
-    """Preference-group shards of the shapes world: the correct critique against 1-4 simulated worse ones."""
-    from carevl.schema import PreferenceGroupSample, ShardWriter
-
-    rng = random.Random(seed)
-    with ShardWriter(out_dir, prefix="groups", max_count=shard_size, kind="preference_group") as writer:
-        for item in judge_items(n, seed, prefix="shapes-groups", attributes=attributes):
-            rejected = worse_critiques(item)[: rng.randint(1, 4)]
-            writer.write(PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=rejected, strategy="simulated"))
-    return n
 
 
 # -- reading the world back from text (the simulated curation backends and the curation report) ------
@@ -376,11 +285,21 @@ def attribute_of(question: str) -> str | None:
 
 def mentioned_value(text: str, attribute: str) -> str | None:
     """The first value of `attribute` that `text` names as a word ("circles" names circle)."""
-    import re
-
     found = [(m.start(), value) for value in attribute_values(attribute) for m in [re.search(rf"\b{value}s?\b", text, re.IGNORECASE)] if m]
     return min(found)[1] if found else None
 
 
 def scene_of(record: dict) -> Scene:
     return Scene(**record)
+
+
+def true_label(item: dict, responses: list[str]) -> int | None:
+    """The truly better answer of a curation pair (1 or 2) where exactly one answer states the
+    world's value, from the item's `meta.truth`; None otherwise. The curation report's `truth`."""
+    truth = item.get("meta", {}).get("truth")
+    if truth is None:
+        return None
+    attribute = truth["attribute"]
+    value = scene_of(truth["scene"]).value(attribute)
+    right = [mentioned_value(text, attribute) == value for text in responses]
+    return (1 if right[0] else 2) if right[0] != right[1] else None

@@ -2,7 +2,7 @@
 inside Lightning's `zero.Init` context the way `carevl fit` builds it under
 configs/strategies/zero3.yaml; the modules' training steps run through DeepSpeed's engine under
 ZeRO-2 and ZeRO-3; ZeRO checkpoints resume and export; and `carevl fit` runs through Lightning's
-DeepSpeed strategy with its CUDA checks lifted (tests/cpu_deepspeed.py)."""
+DeepSpeed strategy with its CUDA checks lifted (tests/workers/cpu_deepspeed.py)."""
 
 import dataclasses
 import json
@@ -17,13 +17,12 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from tests.launch import ROOT, carevl, free_port, python_module
-from tests.test_training import metrics
+from tests.helpers import ROOT, carevl, free_port, metrics, python_module
 
 
 def test_zero3_loads_the_checkpoint_into_partitioned_weights_and_starts_lora_at_zero(tiny_qwen):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "zero3_probe.py"), tiny_qwen, free_port()], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "zero3.py"), tiny_qwen, free_port()], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     # Every weight is a ZeRO-3 partition, and every checkpoint weight arrived intact.
@@ -40,11 +39,11 @@ def test_zero_steps_train_what_is_trainable_against_their_references(tiny_qwen, 
     """DPO and SFT steps through DeepSpeed's engine (bf16, gradient checkpointing, the head in
     chunks of 7 under ZeRO-2 and whole under ZeRO-3, whose released head weight a recomputed chunk
     would find empty: with chunks there, the first backward fails)."""
-    from carevl.shapes import write_preference_groups
+    from carevl.standins.world import write_preference_groups
 
     write_preference_groups(str(tmp_path / "groups"), n=4, shard_size=4)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "tests" / "zero_steps_probe.py"), tiny_qwen, str(tmp_path / "groups"), str(world / "train"), str(stage), free_port()]
+    command = [sys.executable, str(ROOT / "tests" / "workers" / "zero_steps.py"), tiny_qwen, str(tmp_path / "groups"), str(world / "train"), str(stage), free_port()]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -83,10 +82,10 @@ def test_a_zero_checkpoint_resumes_exactly_and_exports_its_weights(tiny_qwen, wo
     import yaml
     from transformers import AutoModelForImageTextToText
 
-    from tests.test_checkpoints import load_tool
+    from tests.helpers import load_tool
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "tests" / "zero_steps_probe.py"), "checkpoint", tiny_qwen, str(world / "train"), str(stage), str(tmp_path), free_port()]
+    command = [sys.executable, str(ROOT / "tests" / "workers" / "zero_steps.py"), "checkpoint", tiny_qwen, str(world / "train"), str(stage), str(tmp_path), free_port()]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -110,7 +109,7 @@ def test_a_zero_checkpoint_resumes_exactly_and_exports_its_weights(tiny_qwen, wo
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_exports(tiny_qwen, tmp_path, stage):
-    """`carevl fit` through Lightning's DeepSpeed strategy (tests/cpu_deepspeed.py lifts its CUDA
+    """`carevl fit` through Lightning's DeepSpeed strategy (tests/workers/cpu_deepspeed.py lifts its CUDA
     checks) under ZeRO-2 and ZeRO-3 over two processes (under ZeRO-3 each holds half of every
     weight): full DPO against a frozen copy (under ZeRO-3 given its own engine in on_fit_start),
     Throughput logging MFU, ZeRO checkpoints saved and exported (by the tool, and by ExportHF from
@@ -121,8 +120,8 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     import yaml
     from transformers import AutoModelForImageTextToText
 
-    from carevl.shapes import write_preference_groups
-    from tests.test_checkpoints import load_tool
+    from carevl.standins.world import write_preference_groups
+    from tests.helpers import load_tool
 
     write_preference_groups(str(tmp_path / "groups"), n=8, shard_size=4)  # a shard per process
     checkpoints = tmp_path / "ckpt"
@@ -130,7 +129,7 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu", "devices": 2, "precision": "bf16-mixed", "max_steps": 2, "log_every_n_steps": 1,
-            "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json")}},
+            "strategy": {"class_path": "tests.workers.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json")}},
             "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run"}},
             "callbacks": [
@@ -142,7 +141,7 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
         },
         "model": {"class_path": "carevl.dpo.DPOJudge", "init_args": {
             "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "freeze_projector": True, "gradient_checkpointing": True}},
-            "reference": "copy", "beta": 0.1, "lr": 1e-3, "global_batch_size": None, "val_generate": False}},
+            "reference": "copy", "beta": 0.1, "lr": 1e-3, "val_generate": False}},
         "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(tmp_path / "groups"), "kind": "preference_group", "batch_size": 1, "num_workers": 0}},
     }
     path = tmp_path / "dpo.yaml"
@@ -197,14 +196,14 @@ def sft_config(tiny_qwen: str, world, tmp_path, name: str, deepspeed: str, max_s
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu", "devices": devices, "precision": "bf16-mixed", "max_steps": max_steps, "log_every_n_steps": 1,
-            "strategy": {"class_path": "tests.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json")}},
+            "strategy": {"class_path": "tests.workers.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json")}},
             "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0, "callbacks": list(callbacks),
             "enable_checkpointing": any("Checkpoint" in callback["class_path"] for callback in callbacks),
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": name}},
         },
         "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
             "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "gradient_checkpointing": True}},
-            "lr": 1e-3, "weight_decay": 0.01, "global_batch_size": None, "val_generate": False}},
+            "lr": 1e-3, "weight_decay": 0.01, "val_generate": False}},
         "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(world / "train"), "kind": "sft", "batch_size": 2, "num_workers": 0}},
     }
     path = tmp_path / f"{name}.yaml"
@@ -262,7 +261,7 @@ def test_a_zero_checkpoint_resumes_on_another_number_of_processes_as_a_universal
 
 def test_a_run_killed_while_saving_resumes_from_the_complete_checkpoint_before(tiny_qwen, world, tmp_path):
     """carevl.callbacks.Checkpoints under ZeRO-2, where a checkpoint is a directory of files: the
-    process dies right after the first file of its step-4 checkpoint (tests/kill_probe.py).
+    process dies right after the first file of its step-4 checkpoint (tests/workers/kill.py).
     `last.ckpt` still links to step 2, complete, and `--ckpt_path=last` trains steps 2 to 5 to the
     uninterrupted run's losses, removing the cut-short directory first. (Lightning's
     save_last=True killed the same way, during its second write over last.ckpt, resumed at step 4
@@ -276,7 +275,7 @@ def test_a_run_killed_while_saving_resumes_from_the_complete_checkpoint_before(t
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], "the two newest are kept"
 
     shutil.rmtree(checkpoints)
-    dies = {"class_path": "tests.kill_probe.DieWhileSaving", "init_args": {"after_files": 3}}  # step 2 writes 2 files
+    dies = {"class_path": "tests.workers.kill.DieWhileSaving", "init_args": {"after_files": 3}}  # step 2 writes 2 files
     carevl("fit", sft_config(tiny_qwen, world, tmp_path, "killed", "zero2", max_steps=6, callbacks=[periodic, dies], devices=1), DS_ACCELERATOR="cpu", fails=True)
     assert (checkpoints / "epoch=0-step=4.ckpt").is_dir(), "the save was cut short"
     assert (checkpoints / "last.ckpt").resolve().name == "epoch=0-step=2.ckpt"

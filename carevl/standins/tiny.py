@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from carevl import shapes
 from carevl.prompts import judge_prompt
+from carevl.standins import shapes
 
 log = logging.getLogger(__name__)
 

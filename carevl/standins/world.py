@@ -1,0 +1,141 @@
+"""Write the shapes world's files: judge SFT train and held-out shards, the tiny base model's
+pretraining shards, held-out records in the two benchmarks' formats (bench/vlrewardbench,
+bench/mllm_judge), DPO preference groups (groups/, groups-heldout/) and a questions file for
+curation (questions.jsonl, the input of `tools/curate.py ingest`).
+
+    python -m carevl.standins.world --out runs/demo/world --questions 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from carevl.benchmarks import MLLM_JUDGE, VLREWARDBENCH
+from carevl.images import png_bytes
+from carevl.schema import BenchmarkSample, InstructSample, PreferenceGroupSample, SFTSample, ShardWriter, question_line
+from carevl.standins import shapes
+
+
+def write_world(
+    out_dir: str,
+    train: int = 2000,
+    heldout: int = 200,
+    captions: int = 2000,
+    shard_size: int = 500,
+    seed: int = 0,
+    attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES,
+) -> dict[str, int]:
+    """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, and ``pretrain``
+    instruct samples for the tiny base model: ``captions`` captions, as many questions about the
+    image answered in one sentence (what the candidate models do, and what lets SFT find the asked
+    attribute's value fast: docs/shapes-world.md), and as many quoting tasks.
+
+    Seeds differ per split, so held-out images never appear in training.
+    """
+    out = Path(out_dir)
+    for split, n, split_seed in (("train", train, seed), ("heldout", heldout, seed + 1)):
+        with ShardWriter(out / split, prefix=split, max_count=shard_size, kind="sft") as writer:
+            for item in shapes.judge_items(n, split_seed, prefix=f"shapes-{split}", attributes=attributes):
+                writer.write(SFTSample(**item.fields(), target=item.critique(), source="shapes-world"))
+    rng = random.Random(seed + 2)
+    with ShardWriter(out / "pretrain", prefix="pretrain", max_count=shard_size, kind="instruct") as writer:
+        for index in range(3 * captions):
+            scene = shapes.random_scene(rng)
+            if index % 3 == 0:
+                prompt, target = shapes.CAPTION_PROMPT, shapes.caption_target(scene)
+            elif index % 3 == 1:
+                attribute = rng.choice(attributes)
+                prompt, target = shapes.QUESTIONS[attribute], shapes.answer(attribute, scene.value(attribute))
+            else:
+                prompt, target = shapes.quote_task(rng)
+            writer.write(
+                InstructSample(
+                    id=f"shapes-pretrain-{index:06d}",
+                    prompt=prompt,
+                    target=target,
+                    source="shapes-world",
+                    image=png_bytes(shapes.render(scene, rng)),
+                    meta={"scene": scene.__dict__},
+                )
+            )
+    return {"train": train, "heldout": heldout, "pretrain": 3 * captions}
+
+
+# The shapes world in the benchmarks' formats, so `carevl test` runs on the demo judge. The
+# categories are a stated mapping, not the benchmarks' own: colour questions stand for
+# VL-RewardBench "general", shape for "hallucination" (object recognition), count for "reasoning";
+# every MLLM-as-a-Judge record stands for the "coco" subset, and a third of them are ties (two
+# answers that are both wrong).
+BENCHMARK_CATEGORIES = {"colour": "general", "shape": "hallucination", "count": "reasoning", "position": "general"}
+
+
+def write_benchmarks(out_dir: str, n: int = 120, seed: int = 7, attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES) -> dict[str, int]:
+    """Write `vlrewardbench/` and `mllm_judge/` benchmark shards of fresh shapes-world items."""
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    with ShardWriter(out / VLREWARDBENCH, prefix="benchmark", kind="benchmark") as vlrb, ShardWriter(
+        out / MLLM_JUDGE, prefix="benchmark", kind="benchmark"
+    ) as mllm:
+        for item in shapes.judge_items(n, seed, prefix="shapes-bench", attributes=attributes):
+            fields = item.fields()
+            vlrb.write(BenchmarkSample(**fields, benchmark=VLREWARDBENCH, category=BENCHMARK_CATEGORIES[item.attribute]))
+            if rng.random() < 1 / 3:
+                truth = item.scene.value(item.attribute)
+                wrong = [v for v in shapes.attribute_values(item.attribute) if v != truth]
+                fields.update(responses=[shapes.ANSWERS[item.attribute].format(v) for v in rng.sample(wrong, 2)], label="tie")
+            mllm.write(BenchmarkSample(**fields, benchmark=MLLM_JUDGE, category="coco"))
+    return {VLREWARDBENCH: n, MLLM_JUDGE: n}
+
+
+def write_preference_groups(out_dir: str, n: int = 400, seed: int = 11, attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES, shard_size: int = 200) -> int:
+    """Preference-group shards of the shapes world: the correct critique against 1-4 simulated worse ones."""
+    rng = random.Random(seed)
+    with ShardWriter(out_dir, prefix="groups", max_count=shard_size, kind="preference_group") as writer:
+        for item in shapes.judge_items(n, seed, prefix="shapes-groups", attributes=attributes):
+            rejected = shapes.worse_critiques(item)[: rng.randint(1, 4)]
+            writer.write(PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=rejected, strategy="simulated"))
+    return n
+
+
+def write_questions(path: str | Path, n: int, seed: int = 0, attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES) -> Path:
+    """A questions file of `n` world items for curation (`carevl.schema.QUESTION_FIELDS`), images
+    beside it under ``<name>-images/``. Each item's `meta.truth` holds its scene and the asked
+    attribute: what the simulated curation models read and the report's precision checks against."""
+    out = Path(path)
+    images = out.parent / f"{out.stem}-images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for item in shapes.judge_items(n, seed, prefix="curation", attributes=attributes):
+        (images / f"{item.id}.png").write_bytes(item.image)
+        meta = {"truth": {"scene": item.scene.__dict__, "attribute": item.attribute}}
+        lines.append(question_line(item.id, f"{images.name}/{item.id}.png", item.question, meta))
+    out.write_text("".join(lines))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output directory (train/, heldout/, pretrain/ go under it)")
+    parser.add_argument("--train", type=int, default=2000, help="judge training samples")
+    parser.add_argument("--heldout", type=int, default=200, help="held-out judge samples")
+    parser.add_argument("--captions", type=int, default=2000, help="caption samples (and as many answered questions and quoting tasks) for base-model pretraining")
+    parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
+    parser.add_argument("--benchmark", type=int, default=120, help="records of the world in each benchmark format (bench/)")
+    parser.add_argument("--groups", type=int, default=800, help="DPO preference groups (correct vs simulated worse critiques, groups/)")
+    parser.add_argument("--questions", type=int, default=0, help="curation items (questions.jsonl and its images, the ingest stage's input)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    counts = write_world(args.out, args.train, args.heldout, args.captions, args.shard_size, args.seed)
+    counts.update(write_benchmarks(f"{args.out}/bench", args.benchmark, seed=args.seed + 7))
+    counts["groups"] = write_preference_groups(f"{args.out}/groups", args.groups, seed=args.seed + 11)
+    counts["groups-heldout"] = write_preference_groups(f"{args.out}/groups-heldout", args.groups // 8, seed=args.seed + 13)
+    if args.questions:
+        write_questions(f"{args.out}/questions.jsonl", args.questions, seed=args.seed)
+        counts["questions"] = args.questions
+    print(f"wrote {counts} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

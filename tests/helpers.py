@@ -1,0 +1,156 @@
+"""What many tests share: a training run through the real CLI and its logged metrics, shard sets
+with planted defects, world items ingested for curation, tools loaded from their files, and
+`carevl` (or another module of the project) run in a child process, for the tests that start
+several processes (gloo on CPU) or run the shipped configs from a working directory of their own.
+Code run inside those processes (callbacks, strategies, scripts) lives in tests/workers/."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
+
+
+def fit(tmp_path, model, train, val=None, trainer=None, module="carevl.sft.SFTJudge", module_args=None, **overrides):
+    """`carevl fit` in-process from a config written to `tmp_path`, CSV-logged there: `module` on
+    the checkpoint `model` and the shards `train` (and `val`), CPU, 3 steps unless said. `trainer`
+    and `module_args` update those sections; `backbone`, `lr`, `max_steps` and `limit_val_batches`
+    are read from `overrides`, the rest of which go to the datamodule."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": overrides.pop("max_steps", 3), "precision": "32-true",
+            "enable_checkpointing": False, "enable_progress_bar": False, "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0, "limit_val_batches": overrides.pop("limit_val_batches", 1),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "run"}},
+            **(trainer or {}),
+        },
+        "model": {
+            "class_path": module,
+            "init_args": {
+                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": model, **overrides.pop("backbone", {})}},
+                "lr": overrides.pop("lr", 1e-3), "warmup_ratio": 0.0, "max_new_tokens": 8,
+                **(module_args or {}),
+            },
+        },
+        "data": {
+            "class_path": "datamodules.JudgeDataModule",
+            "init_args": {"train": str(train), "val": [str(v) for v in val] if isinstance(val, list) else str(val) if val else None, "batch_size": 4, "num_workers": 1,
+                          "max_length": 256, **overrides},
+        },
+    }
+    path = Path(tmp_path) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    from carevl.cli import run
+
+    return run(["fit", "--config", str(path)])
+
+
+def metrics(tmp_path) -> list[dict]:
+    with open(next(Path(tmp_path).rglob("metrics.csv"))) as f:
+        return list(csv.DictReader(f))
+
+
+def write_bad_shards(directory, n_good=20):
+    """Good samples plus one corrupt image, one record missing a field and one over-length sample."""
+    from carevl import schema
+    from carevl.standins import shapes
+
+    items = shapes.judge_items(n_good + 2, seed=3)
+    with schema.ShardWriter(directory, prefix="bad", max_count=8, kind="sft") as writer:
+        for index, it in enumerate(items):
+            sample = schema.SFTSample(
+                id=it.id, question=it.question, responses=list(it.responses), label=it.label,
+                target=it.critique(), source="test", image=it.image,
+            )
+            if index == 1:
+                sample.image = b"\x89PNG\r\n\x1a\n not really a png"
+            if index == 2:
+                sample.target = "word " * 600
+            writer.write(sample)
+            if index == 3:  # a record without 'target', written straight to the tar
+                raw = schema.encode(sample)
+                record = json.loads(raw["json"])
+                del record["target"]
+                raw.update(__key__="missing-target", json=json.dumps(record).encode())
+                writer._writer.write(raw)
+    return n_good
+
+
+def ingest_world(workdir: str | Path, items: int, seed: int) -> dict:
+    """`items` shapes-world questions written as a questions file under `workdir`/input and ingested
+    into `workdir`, as the demo pipeline does."""
+    from carevl.curation.stages import ingest
+    from carevl.standins.world import write_questions
+
+    source = write_questions(Path(workdir) / "input" / "questions.jsonl", items, seed=seed)
+    return ingest(str(workdir), source=str(source))
+
+
+def image_of(item):
+    """The RGB image of a shapes-world item."""
+    from carevl.images import load_image
+
+    return load_image(item.image)
+
+
+def compiled_graph(output: torch.Tensor) -> bool:
+    """Whether a compiled region (torch.compile's autograd function) produced part of `output`."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in type(node).__name__:
+            return True
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return False
+
+
+def load_tool(path: str):
+    """A script under tools/ (e.g. "export_checkpoint" or "bench/gpu_smoke") loaded as a module."""
+    spec = importlib.util.spec_from_file_location(Path(path).name, ROOT / "tools" / f"{path}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def environment(**env: str) -> dict[str, str]:
+    """The environment of a child process: the project importable, offline, outside any SLURM job
+    the tests themselves run in (whose ranks it must not take), with `env` on top."""
+    variables = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    variables.pop("SLURM_JOB_ID", None)
+    return {**variables, **env}
+
+
+def python_module(module: str, *arguments: str, cwd: Path = ROOT, fails: bool = False, **env: str) -> str:
+    """`python -m MODULE ARGUMENTS...` in `cwd`, on its own rendezvous port; its stderr. Fails the
+    test with the end of its stderr when it fails (with `fails`: when it succeeds)."""
+    variables = environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), **env)
+    done = subprocess.run([sys.executable, "-m", module, *arguments], cwd=cwd, env=variables, capture_output=True, text=True, timeout=600)
+    assert (done.returncode != 0) == fails, done.stderr[-3000:]
+    return done.stderr
+
+
+def carevl(command: str, config: Path | str, *arguments: str, cwd: Path = ROOT, fails: bool = False, **env: str) -> str:
+    """`carevl COMMAND --config CONFIG ARGUMENTS...` (see `python_module`)."""
+    return python_module("carevl.cli", command, "--config", str(config), *arguments, cwd=cwd, fails=fails, **env)
