@@ -217,15 +217,23 @@ def losses(tmp_path, name: str) -> dict[int, float]:
 
 
 def test_an_offload_config_trains_as_its_stage_does(tiny_qwen, world, tmp_path):
-    """configs/deepspeed/zero2_offload.json keeps the optimizer on the CPU. DeepSpeed refuses a
-    torch optimizer there (the offload configs failed at start-up before), so the judge steps with
-    DeepSpeed's CPU Adam in AdamW mode (built on first use). Three SFT steps then give ZeRO-2's own
-    losses. (zero3_offload runs stacked on configs/sft.yaml in tests/test_shipped_configs.py.)"""
+    """configs/deepspeed/zero2_offload.json keeps the optimizer on the CPU, where DeepSpeed refuses a
+    torch optimizer, so the judge steps with DeepSpeed's CPU Adam in AdamW mode (built on first
+    use). Three SFT steps of bf16 weights then give ZeRO-2's own losses: the first exactly (no
+    optimizer step yet), the later ones as closely as bf16 weights allow. The two Adams agree to
+    float32 rounding, but the float32 master weights are cast to bf16 for the forward, and an
+    update that lands near a rounding boundary moves a weight by one bf16 step (2^-8 relative) in
+    one run and not in the other: seen as a 1.8e-5 relative loss difference on one machine, less
+    on another. The tolerance, 1e-3, is a quarter of one bf16 step, and a tenth of what each step
+    moves the loss. (zero3_offload runs stacked on configs/sft.yaml in tests/test_shipped_configs.py.)"""
     for name in ("zero2", "zero2_offload"):
         carevl("fit", sft_config(tiny_qwen, world, tmp_path, name, name, max_steps=3), DS_ACCELERATOR="cpu")
     plain, offloaded = losses(tmp_path, "zero2"), losses(tmp_path, "zero2_offload")
-    assert sorted(plain) == [0, 1, 2] and plain[2] != plain[0]
-    assert offloaded == pytest.approx(plain, rel=1e-5)
+    assert sorted(plain) == sorted(offloaded) == [0, 1, 2]
+    assert offloaded[0] == plain[0]
+    for step in (1, 2):
+        assert abs(plain[step] - plain[step - 1]) > 1e-2 * plain[step - 1], "each step must move the loss past the tolerance"
+        assert offloaded[step] == pytest.approx(plain[step], rel=1e-3)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
