@@ -109,8 +109,11 @@ def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_p
         "SLURM_NODELIST=localhost SLURM_JOB_NAME=carevl \"$@\" & pids+=($!)\n"
         "done\nstatus=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n")
     srun.chmod(0o755)
-    slurm = environment(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4243", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1", MASTER_PORT=free_port())
-    done = subprocess.run(["bash", "tools/slurm.sbatch", str(config("slurm"))], cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=600)
+    # submitted from outside the repository, with the environment carevl is installed in on PATH
+    # (wherever it lives), as sbatch passes the submitting shell's environment to the job
+    path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    slurm = environment(PATH=path, SLURM_JOB_ID="4243", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1", MASTER_PORT=free_port())
+    done = subprocess.run(["bash", str(ROOT / "tools" / "slurm.sbatch"), str(config("slurm"))], cwd=tmp_path, env=slurm, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     local, torchrun, srun_ = (ranks(tmp_path, name) for name in ("local", "torchrun", "slurm"))
