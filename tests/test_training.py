@@ -102,3 +102,17 @@ def test_a_non_finite_loss_stops_training_before_the_optimizer_steps(tiny_qwen, 
         fit(tmp_path, tiny_qwen, world / "train", trainer={"callbacks": [poison], "limit_val_batches": 0}, max_steps=4)
     assert json.loads((tmp_path / "changed.json").read_text()) == [], "no weight moved on the non-finite loss"
 
+
+def test_tensorboard_logs_the_same_losses_as_csv(tiny_qwen, world, tmp_path):
+    """TensorBoard is a documented logger option beside CSV: the same run's losses reach its event file."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(tmp_path / "csv", tiny_qwen, world / "train", max_steps=3, limit_val_batches=0)
+    board = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run"}}
+    fit(tmp_path / "tb", tiny_qwen, world / "train", trainer={"logger": board}, max_steps=3, limit_val_batches=0)
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = [event.value for event in events.Scalars("train/loss")]
+    expected = [float(row["train/loss"]) for row in metrics(tmp_path / "csv") if row.get("train/loss")]
+    assert len(logged) == 3 and logged == pytest.approx(expected, rel=1e-6)
