@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install carevl with its test dependencies. Idempotent; offline-friendly on the
-# project's CPU machines, where torch 2.14.1 and torchvision 0.29.1 install from local files.
+# Create .venv and install carevl with its test dependencies at the versions in constraints.txt.
+# Idempotent; offline-friendly on the project's CPU machines, where torch 2.14.1 and torchvision
+# 0.29.1 install from local files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -11,7 +12,8 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-if ! python -c "import carevl, datamodules, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.carevl-installed ]; then
-  python -m pip install -q -e ".[dev]"
+if ! python -c "import carevl, datamodules, pytest" 2>/dev/null || [ pyproject.toml -nt .venv/.carevl-installed ] \
+    || [ constraints.txt -nt .venv/.carevl-installed ]; then
+  python -m pip install -q -e ".[dev]" -c constraints.txt
   touch .venv/.carevl-installed
 fi
