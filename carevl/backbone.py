@@ -36,14 +36,20 @@ class Family:
 
 
 FAMILIES = {
-    "qwen2_vl": Family(vision=("model.visual.",), projector=("model.visual.merger.",), language="model.language_model."),
-    "qwen2_5_vl": Family(vision=("model.visual.",), projector=("model.visual.merger.",), language="model.language_model."),
+    "qwen2_vl": Family(
+        vision=("model.visual.",), projector=("model.visual.merger.",), language="model.language_model."
+    ),
+    "qwen2_5_vl": Family(
+        vision=("model.visual.",), projector=("model.visual.merger.",), language="model.language_model."
+    ),
     "llava_onevision": Family(
         vision=("model.vision_tower.",),
         projector=("model.multi_modal_projector.", "model.image_newline"),
         language="model.language_model.",
     ),
-    "mllama": Family(vision=("model.vision_model.",), projector=("model.multi_modal_projector.",), language="model.language_model."),
+    "mllama": Family(
+        vision=("model.vision_model.",), projector=("model.multi_modal_projector.",), language="model.language_model."
+    ),
 }
 LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,7 +177,9 @@ class Backbone(nn.Module):
         if self.random_init:  # a model of the checkpoint's shape with fresh random weights (throughput checks)
             from transformers import AutoConfig
 
-            hf = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(self.name, trust_remote_code=self.trust_remote_code), **options)
+            hf = AutoModelForImageTextToText.from_config(
+                AutoConfig.from_pretrained(self.name, trust_remote_code=self.trust_remote_code), **options
+            )
         else:
             hf = AutoModelForImageTextToText.from_pretrained(self.name, **options)
         self.processor = AutoProcessor.from_pretrained(self.name, trust_remote_code=self.trust_remote_code)
@@ -197,7 +205,13 @@ class Backbone(nn.Module):
         self.model_flops = ModelFlops.of(self.hf, family.vision, family.projector)
         trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
         total = sum(p.numel() for p in hf.parameters())
-        log.info("loaded %s (%s): %.1fM of %.1fM parameters trainable", self.name, hf.config.model_type, trainable / 1e6, total / 1e6)
+        log.info(
+            "loaded %s (%s): %.1fM of %.1fM parameters trainable",
+            self.name,
+            hf.config.model_type,
+            trainable / 1e6,
+            total / 1e6,
+        )
 
     @staticmethod
     def _hold_in_float32(hf: nn.Module, which: str) -> None:
@@ -206,18 +220,28 @@ class Backbone(nn.Module):
         if which not in FLOAT32_WEIGHTS:
             raise ValueError(f"float32_weights must be one of {FLOAT32_WEIGHTS}, got {which!r}")
         for param in hf.parameters():
-            if param.is_floating_point() and param.dtype != torch.float32 and (which == "all" or (which == "trainable" and param.requires_grad)):
+            if (
+                param.is_floating_point()
+                and param.dtype != torch.float32
+                and (which == "all" or (which == "trainable" and param.requires_grad))
+            ):
                 param.data = param.data.float()
 
     def _load_options(self) -> dict:
-        return dict(dtype=DTYPES[self.dtype], attn_implementation=self.attn_implementation, trust_remote_code=self.trust_remote_code)
+        return dict(
+            dtype=DTYPES[self.dtype],
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+        )
 
     def load_frozen(self) -> nn.Module:
         """The checkpoint loaded again, frozen and in eval mode: the DPO reference where the policy's
         weights cannot be copied (ZeRO-3 has partitioned them). Inside ZeRO-3's `zero.Init` (where
         Lightning runs `configure_model`) it is partitioned as it loads."""
         if self.random_init:
-            raise ValueError("a reference loaded from the checkpoint would not equal a random_init policy: use random_init: false")
+            raise ValueError(
+                "a reference loaded from the checkpoint would not equal a random_init policy: use random_init: false"
+            )
         from transformers import AutoModelForImageTextToText
 
         hf = AutoModelForImageTextToText.from_pretrained(self.name, **self._load_options()).eval()
@@ -269,11 +293,15 @@ class Backbone(nn.Module):
         targets = [
             name
             for name, module in hf.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith(family.language) and name.rsplit(".", 1)[-1] in self.lora.layers
+            if isinstance(module, nn.Linear)
+            and name.startswith(family.language)
+            and name.rsplit(".", 1)[-1] in self.lora.layers
         ]
         if not targets:
             raise ValueError(f"no LoRA target layers {self.lora.layers} under {family.language}")
-        config = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout, target_modules=targets)
+        config = LoraConfig(
+            r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout, target_modules=targets
+        )
         peft_model = get_peft_model(hf, config, autocast_adapter_dtype=adapter_float32)
         if zero3:
             # peft initialises the adapters after zero.Init has partitioned them, which writes into
@@ -305,7 +333,11 @@ class Backbone(nn.Module):
 
     def vision_parameters(self) -> dict[str, torch.Tensor]:
         family = self.family_of(self.hf)
-        return {n: p for n, p in self.hf.named_parameters() if n.startswith(family.vision) and not n.startswith(family.projector)}
+        return {
+            n: p
+            for n, p in self.hf.named_parameters()
+            if n.startswith(family.vision) and not n.startswith(family.projector)
+        }
 
     # -- computing ------------------------------------------------------------------------------
 
@@ -324,7 +356,9 @@ class Backbone(nn.Module):
         """The tokenizer's padding id (0 when it has none)."""
         return self.processor.tokenizer.pad_token_id or 0
 
-    def image_features(self, inputs: dict[str, torch.Tensor], model: nn.Module | None = None) -> list[torch.Tensor] | None:
+    def image_features(
+        self, inputs: dict[str, torch.Tensor], model: nn.Module | None = None
+    ) -> list[torch.Tensor] | None:
         """Per-image features of a group batch's unique images (`carevl.group_logprobs.image_features`),
         with this model or `model` (the reference, of the same architecture)."""
         return group_logprobs.image_features(self.hf if model is None else model, inputs)
@@ -333,11 +367,15 @@ class Backbone(nn.Module):
         """Whether scoring `batch` with shared image features computes each group's prompt once."""
         return group_logprobs.packs_group(self.hf, batch)
 
-    def group_logprobs(self, batch: dict, features: list[torch.Tensor] | None = None, model: nn.Module | None = None, pack: bool = True) -> torch.Tensor:
+    def group_logprobs(
+        self, batch: dict, features: list[torch.Tensor] | None = None, model: nn.Module | None = None, pack: bool = True
+    ) -> torch.Tensor:
         """(S,) summed response log-probs of every sequence of a preference-group batch, by this model
         or by `model` (the frozen reference); see `carevl.group_logprobs.group_logprobs`."""
         hf = self.hf if model is None else model
-        return group_logprobs.group_logprobs(hf, batch, features, chunk=self.head_chunk, pad_token_id=self.pad_token_id, pack=pack)
+        return group_logprobs.group_logprobs(
+            hf, batch, features, chunk=self.head_chunk, pad_token_id=self.pad_token_id, pack=pack
+        )
 
     def sequence_logprobs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) log pi(response | image, prompt), summed over response tokens."""
@@ -391,11 +429,16 @@ class Backbone(nn.Module):
         missing = set(dict(copy_.model.named_parameters())) - set(weights)
         unexpected = set(weights) - set(copy_.model.state_dict())
         if missing or unexpected:
-            raise RuntimeError(f"gathered weights do not match the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+            raise RuntimeError(
+                f"gathered weights do not match the model: missing {sorted(missing)[:5]}, unexpected "
+                f"{sorted(unexpected)[:5]}"
+            )
         copy_.model.load_state_dict(weights, strict=False)
         return copy_
 
-    def export(self, out_dir: str | Path, merge_lora: bool = True, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    def export(
+        self, out_dir: str | Path, merge_lora: bool = True, weights: dict[str, torch.Tensor] | None = None
+    ) -> Path:
         """Write model and processor as a Hugging Face checkpoint.
 
         With LoRA, `merge_lora` folds the adapters into a copy of the weights (the training model is

@@ -107,7 +107,10 @@ def mllm_judge_fields(record: dict[str, Any]) -> dict[str, Any]:
         "question": str(record["instruction"]),
         "responses": [str(record["answer1"]["answer"]), str(record["answer2"]["answer"])],
         "label": _TIE_LETTERS[letter],
-        "meta": {"image_id": record.get("id"), "models": [record["answer1"].get("name"), record["answer2"].get("name")]},
+        "meta": {
+            "image_id": record.get("id"),
+            "models": [record["answer1"].get("name"), record["answer2"].get("name")],
+        },
     }
 
 
@@ -182,7 +185,9 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
                     raise ValueError(f"{path}:{number}: not JSON ({error})") from error
 
 
-def with_image_files(records: Iterable[dict[str, Any]], image_root: str | Path) -> Iterator[tuple[dict[str, Any], bytes | None, str]]:
+def with_image_files(
+    records: Iterable[dict[str, Any]], image_root: str | Path
+) -> Iterator[tuple[dict[str, Any], bytes | None, str]]:
     """(record, image bytes or None when the file is missing, image path) for records naming `image_path`."""
     root = Path(image_root)
     for record in records:

@@ -70,8 +70,17 @@ class Checkpoints(ModelCheckpoint):
 
     def __init__(self, dirpath: str, every_n_train_steps: int, keep: int = 2):
         if keep < 2:
-            raise ValueError(f"keep must be at least 2 (the checkpoint `last.ckpt` links to must outlive the next save), got {keep}")
-        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, monitor="step", mode="max", save_top_k=keep, save_last="link")
+            raise ValueError(
+                f"keep must be at least 2 (the checkpoint `last.ckpt` links to must outlive the next save), got {keep}"
+            )
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            monitor="step",
+            mode="max",
+            save_top_k=keep,
+            save_last="link",
+        )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Remove the directories of saves a kill cut short (never loadable), so that the step saves
@@ -81,7 +90,11 @@ class Checkpoints(ModelCheckpoint):
         self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
         if trainer.is_global_zero:
             for path in Path(self.dirpath).glob("*.ckpt"):
-                if path.is_dir() and not path.is_symlink() and not any((path / marker).is_file() for marker in COMPLETE_MARKERS):
+                if (
+                    path.is_dir()
+                    and not path.is_symlink()
+                    and not any((path / marker).is_file() for marker in COMPLETE_MARKERS)
+                ):
                     log.warning("removing %s: its save was cut short", path)
                     shutil.rmtree(path)
         trainer.strategy.barrier("carevl-checkpoints")
@@ -136,7 +149,11 @@ class TimeLimit(Callback):
         self.deadline = float(value) if value else None
         self._step = trainer.global_step
         if self.deadline is not None:
-            log.info("time limit: stopping with a checkpoint %.0f min before %s", self.margin_s / 60, time.ctime(self.deadline))
+            log.info(
+                "time limit: stopping with a checkpoint %.0f min before %s",
+                self.margin_s / 60,
+                time.ctime(self.deadline),
+            )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self.deadline is None or self.stopped or trainer.global_step == self._step:
@@ -149,7 +166,12 @@ class TimeLimit(Callback):
         self.stopped = True
         trainer.should_stop = True
         if trainer.is_global_zero:
-            log.warning("time limit: stopped at step %d, %.0f min before the deadline; resume from %s", trainer.global_step, (self.deadline - time.time()) / 60, path)
+            log.warning(
+                "time limit: stopped at step %d, %.0f min before the deadline; resume from %s",
+                trainer.global_step,
+                (self.deadline - time.time()) / 60,
+                path,
+            )
             job = os.environ.get("SLURM_JOB_ID")
             if self.requeue and job:
                 try:
@@ -195,7 +217,11 @@ class Throughput(Callback):
             name = torch.cuda.get_device_name(device)
             self.peak = peak_flops(name, trainer.precision)
             if self.peak is None:
-                log.info("throughput: no known peak for %s at precision %s: MFU not logged (set peak_tflops)", name, trainer.precision)
+                log.info(
+                    "throughput: no known peak for %s at precision %s: MFU not logged (set peak_tflops)",
+                    name,
+                    trainer.precision,
+                )
         self._restart(trainer)
 
     def _restart(self, trainer: Trainer) -> None:

@@ -43,8 +43,12 @@ class CarevlCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.backbone.init_args.model", "data.init_args.processor")
-        parser.link_arguments("model.init_args.backbone.init_args.trust_remote_code", "data.init_args.trust_remote_code")
-        parser.link_arguments("model.init_args.eval_mode", "data.init_args.verdict_candidates", compute_fn=scores_verdicts)
+        parser.link_arguments(
+            "model.init_args.backbone.init_args.trust_remote_code", "data.init_args.trust_remote_code"
+        )
+        parser.link_arguments(
+            "model.init_args.eval_mode", "data.init_args.verdict_candidates", compute_fn=scores_verdicts
+        )
         parser.add_argument(
             "--global_batch_size",
             type=int | None,
@@ -65,7 +69,9 @@ class CarevlCLI(LightningCLI):
                     f"both global_batch_size ({global_batch_size}) and trainer.accumulate_grad_batches "
                     f"({trainer.accumulate_grad_batches}) are set: state the global batch once"
                 )
-            trainer.accumulate_grad_batches = accumulation(global_batch_size, self.datamodule.batch_size, trainer.world_size)
+            trainer.accumulate_grad_batches = accumulation(
+                global_batch_size, self.datamodule.batch_size, trainer.world_size
+            )
         return trainer
 
 

@@ -49,7 +49,16 @@ class DPOJudge(JudgeModule):
         **kwargs: the other `JudgeModule` arguments (schedule, validation, evaluation).
     """
 
-    def __init__(self, backbone: Backbone, reference: str = "copy", beta: float = 0.01, nll_weight: float = 0.0, lr: float = 1e-6, pack_prompts: bool = True, **kwargs):
+    def __init__(
+        self,
+        backbone: Backbone,
+        reference: str = "copy",
+        beta: float = 0.01,
+        nll_weight: float = 0.0,
+        lr: float = 1e-6,
+        pack_prompts: bool = True,
+        **kwargs,
+    ):
         if reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {reference!r}")
         super().__init__(backbone, lr=lr, **kwargs)
@@ -64,7 +73,9 @@ class DPOJudge(JudgeModule):
             raise ValueError("reference 'lora_disabled' needs LoRA on the backbone (backbone.init_args.lora)")
         if mode == "copy" and self._reference is None:
             strategy = getattr(self._trainer, "strategy", None)
-            if zero_stage(deepspeed_config(strategy)) == 3:  # partitioned as it loads; prepare_reference gives it an engine
+            if (
+                zero_stage(deepspeed_config(strategy)) == 3
+            ):  # partitioned as it loads; prepare_reference gives it an engine
                 object.__setattr__(self, "_reference", self.backbone.load_frozen())
                 return
             sharded = sharded_strategy(strategy)
@@ -125,7 +136,10 @@ class DPOJudge(JudgeModule):
         mode = self.hparams.reference
         if mode == "precomputed":
             if "reference_logps" not in batch:
-                raise ValueError("reference 'precomputed' needs reference-logps.json beside the shards: run python tools/reference_logps.py")
+                raise ValueError(
+                    "reference 'precomputed' needs reference-logps.json beside the shards: run python "
+                    "tools/reference_logps.py"
+                )
             return batch["reference_logps"].to(self.device)
         with torch.no_grad():
             if mode == "lora_disabled":
@@ -142,7 +156,14 @@ class DPOJudge(JudgeModule):
         policy = self.backbone.group_logprobs(batch, features, pack=self.hparams.pack_prompts)
         reference = self.reference_logprobs(batch, features)
         chosen, rejected = batch["chosen_index"], batch["rejected_index"]
-        loss, stats = dpo_group_loss(policy[chosen], policy[rejected], reference[chosen], reference[rejected], batch["rejected_group"], self.hparams.beta)
+        loss, stats = dpo_group_loss(
+            policy[chosen],
+            policy[rejected],
+            reference[chosen],
+            reference[rejected],
+            batch["rejected_group"],
+            self.hparams.beta,
+        )
         if self.hparams.nll_weight:
             tokens = (batch["inputs"]["labels"][chosen] != IGNORE_INDEX).sum(dim=1).clamp_min(1)
             nll = -(policy[chosen] / tokens).mean()

@@ -75,11 +75,16 @@ class Encoder:
         prompt_length = features["input_ids"].shape[1]
         encoded = []
         for target in targets:
-            response_ids = self.tokenizer(self.response_text(messages, prompt, target), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            response_ids = self.tokenizer(
+                self.response_text(messages, prompt, target), add_special_tokens=False, return_tensors="pt"
+            )["input_ids"]
             length = prompt_length + response_ids.shape[1]
             if length > self.max_length:
                 raise TooLong(f"{length} tokens > max_length {self.max_length}")
-            item = {key: _extend(key, value, response_ids) if key in TOKEN_KEYS else value for key, value in features.items()}
+            item = {
+                key: _extend(key, value, response_ids) if key in TOKEN_KEYS else value
+                for key, value in features.items()
+            }
             item["labels"] = torch.cat([torch.full((1, prompt_length), IGNORE_INDEX), response_ids], dim=1)
             item["prompt_length"] = torch.tensor([prompt_length])
             encoded.append(item)
@@ -109,7 +114,9 @@ def _pad_to(value: torch.Tensor, dim: int, size: int, fill: float, left: bool) -
     return torch.cat([filler, value] if left else [value, filler], dim=dim)
 
 
-def collate(features: list[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+def collate(
+    features: list[dict[str, torch.Tensor]], pad_token_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
     """Batch per-sample inputs of any family.
 
     Token-aligned inputs (`TOKEN_KEYS`) are padded to the longest sequence (input_ids with the pad

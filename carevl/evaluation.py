@@ -37,7 +37,9 @@ def score_verdicts(backbone: Any, batch: dict) -> tuple[list, torch.Tensor]:
     """Verdicts of a benchmark batch by likelihood: for each view, the candidate verdict line with
     the highest summed log-prob right after the prompt. Returns (verdicts, (B, K) log-probs)."""
     if "candidate_inputs" not in batch:
-        raise ValueError("score mode needs candidate inputs: the datamodule builds them when the module's eval_mode is 'score'")
+        raise ValueError(
+            "score mode needs candidate inputs: the datamodule builds them when the module's eval_mode is 'score'"
+        )
     k = batch["num_candidates"]
     logps = backbone.sequence_logprobs(batch["candidate_inputs"]).view(-1, k)
     choices = [[v for v, _ in benchmarks.verdict_choices(b)] for b in batch["benchmarks"]]
@@ -64,7 +66,9 @@ class BenchmarkEvaluation(nn.Module):
                 benchmarks.MLLM_JUDGE: nn.ModuleList(MLLMJudgePairAccuracy(unparseable) for _ in range(runs)),
             }
         )
-        self.consistency = nn.ModuleDict({name: nn.ModuleList(PositionConsistency() for _ in range(runs)) for name in benchmarks.BENCHMARKS})
+        self.consistency = nn.ModuleDict(
+            {name: nn.ModuleList(PositionConsistency() for _ in range(runs)) for name in benchmarks.BENCHMARKS}
+        )
         self.predictions: list[dict[str, Any]] = []
         self._waiting: dict[tuple, Any] = {}
 
@@ -160,7 +164,9 @@ def markdown_table(name: str, results: dict[str, float], judge: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: str | Path, results: dict[str, dict[str, float]], judge: str, settings: dict[str, Any]) -> Path:
+def write_results(
+    out_dir: str | Path, results: dict[str, dict[str, float]], judge: str, settings: dict[str, Any]
+) -> Path:
     """results.json (metrics and the settings that produced them) and results.md (the tables)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,13 @@ def batch_work(lengths: list[int], response_tokens: int, image_grid_thw: torch.T
     }
 
 
-def packed_work(lengths: list[int], prompt_lengths: list[int], image_index: list[int], response_tokens: int, image_grid_thw: torch.Tensor | None) -> dict[str, float]:
+def packed_work(
+    lengths: list[int],
+    prompt_lengths: list[int],
+    image_index: list[int],
+    response_tokens: int,
+    image_grid_thw: torch.Tensor | None,
+) -> dict[str, float]:
     """The work of preference groups whose prompt is computed once per group: p + sum(r) tokens
     and p^2 + sum(2 p r + r^2) spans (each critique sees the prompt and itself)."""
     work = batch_work([], response_tokens, image_grid_thw)
@@ -115,7 +121,12 @@ class ModelFlops:
     per_patch_span: float
 
     @classmethod
-    def of(cls, hf: torch.nn.Module, vision_prefixes: tuple[str, ...] = ("model.visual.",), projector_prefixes: tuple[str, ...] = ("model.visual.merger.",)) -> ModelFlops:
+    def of(
+        cls,
+        hf: torch.nn.Module,
+        vision_prefixes: tuple[str, ...] = ("model.visual.",),
+        projector_prefixes: tuple[str, ...] = ("model.visual.merger.",),
+    ) -> ModelFlops:
         """Count `hf`'s weights by role. The prefixes name the vision tower and projector
         parameters (`carevl.backbone.FAMILIES`)."""
         text = hf.config.get_text_config()
@@ -136,12 +147,16 @@ class ModelFlops:
                 body_weights += n
         head = text.vocab_size * text.hidden_size
         head_trains = hf.get_output_embeddings().weight.requires_grad
-        width = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        width = text.num_attention_heads * (
+            getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        )
         attention = 4.0 * text.num_hidden_layers * width
         vision_config = getattr(hf.config, "vision_config", None)
         merge = getattr(vision_config, "spatial_merge_size", 1) ** 2
         vision_attention = 0.0
-        if vision_config is not None and hasattr(vision_config, "embed_dim"):  # Qwen2-VL: full attention within each image
+        if vision_config is not None and hasattr(
+            vision_config, "embed_dim"
+        ):  # Qwen2-VL: full attention within each image
             vision_attention = 4.0 * vision_config.depth * vision_config.embed_dim * (3 if vision_trains else 1)
         return cls(
             per_token=body,
@@ -156,8 +171,16 @@ class ModelFlops:
 
     def step(self, work: dict[str, float], reference_forward: bool = False) -> float:
         """FLOPs of a training step on `work` (plus a reference forward on the same tokens)."""
-        flops = self.per_token * work["tokens"] + self.per_response_token * work["response_tokens"] + self.per_span * work["spans"]
+        flops = (
+            self.per_token * work["tokens"]
+            + self.per_response_token * work["response_tokens"]
+            + self.per_span * work["spans"]
+        )
         flops += self.per_patch * work["patches"] + self.per_patch_span * work["patch_spans"]
         if reference_forward:
-            flops += self.per_token_forward * work["tokens"] + self.head_forward * work["response_tokens"] + self.per_span_forward * work["spans"]
+            flops += (
+                self.per_token_forward * work["tokens"]
+                + self.head_forward * work["response_tokens"]
+                + self.per_span_forward * work["spans"]
+            )
         return flops

@@ -99,17 +99,25 @@ class JudgeModule(LightningModule):
         if self.backbone.compile_layers and sharded:
             raise ValueError(
                 f"compile_layers does not work under {sharded}: parameters are gathered by hooks around every "
-                "submodule, which split the compiled layers apart. Use DDP or DeepSpeed ZeRO-2, or set compile_layers: false."
+                "submodule, which split the compiled layers apart. Use DDP or DeepSpeed ZeRO-2, or set "
+                "compile_layers: false."
             )
-        fitting = getattr(getattr(self._trainer, "state", None), "fn", None) == "fit"  # evaluation and export keep the configured dtype
-        self.backbone.build(deepspeed_config=deepspeed_config(strategy), float32_weights=float32_weights(strategy) if fitting else "none")
+        fitting = (
+            getattr(getattr(self._trainer, "state", None), "fn", None) == "fit"
+        )  # evaluation and export keep the configured dtype
+        self.backbone.build(
+            deepspeed_config=deepspeed_config(strategy),
+            float32_weights=float32_weights(strategy) if fitting else "none",
+        )
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         if offloads_optimizer(deepspeed_config(self.trainer.strategy)):
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # AdamW on the CPU (built on first use)
 
-            optimizer = DeepSpeedCPUAdam(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, adamw_mode=True)
+            optimizer = DeepSpeedCPUAdam(
+                params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, adamw_mode=True
+            )
         else:
             optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -127,7 +135,9 @@ class JudgeModule(LightningModule):
                 raise ValueError(f"under FSDP gradients are clipped by their norm, not by {gradient_clip_algorithm!r}")
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        self.clip_gradients(
+            optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+        )
 
     # -- logging shared by training steps ---------------------------------------------------------
 
@@ -148,10 +158,16 @@ class JudgeModule(LightningModule):
         optimizer never steps on it, so no NaN reaches the weights or a later checkpoint."""
         nonfinite = self.trainer.strategy.reduce((~torch.isfinite(loss.detach())).float(), reduce_op="sum")
         if nonfinite > 0:
-            here = f"this rank's samples: {self._batch_ids}" if not torch.isfinite(loss) else "the loss was non-finite on another rank"
+            here = (
+                f"this rank's samples: {self._batch_ids}"
+                if not torch.isfinite(loss)
+                else "the loss was non-finite on another rank"
+            )
             raise FloatingPointError(
-                f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch}); {here}. The optimizer "
-                "did not step on it: the last checkpoint is finite. A resumed run (--ckpt_path) meets the same batches in the "
+                f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch}); {here}. The "
+                "optimizer "
+                "did not step on it: the last checkpoint is finite. A resumed run (--ckpt_path) meets the same "
+                "batches in the "
                 "same order: look at those samples, or lower the learning rate, first."
             )
 
@@ -196,7 +212,9 @@ class JudgeModule(LightningModule):
     def validate_verdicts(self, batch: dict) -> None:
         if not self.hparams.val_generate or "prompt_inputs" not in batch:
             return
-        texts = self.backbone.generate(batch["prompt_inputs"], max_new_tokens=self.hparams.max_new_tokens, do_sample=False)
+        texts = self.backbone.generate(
+            batch["prompt_inputs"], max_new_tokens=self.hparams.max_new_tokens, do_sample=False
+        )
         self.val_accuracy.update([parse_verdict(t) for t in texts], batch["verdict_labels"])
 
     def evaluate_benchmark(self, batch: dict) -> None:
@@ -206,7 +224,11 @@ class JudgeModule(LightningModule):
             verdicts, logps = score_verdicts(self.backbone, batch)
             self.benchmark_eval.update(0, batch, verdicts, logps.tolist())
             return
-        sampling = {"do_sample": True, "temperature": hp.eval_temperature, "top_p": hp.eval_top_p} if hp.eval_sample else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": hp.eval_temperature, "top_p": hp.eval_top_p}
+            if hp.eval_sample
+            else {"do_sample": False}
+        )
         for run in range(hp.eval_runs):
             texts = self.backbone.generate(batch["prompt_inputs"], max_new_tokens=hp.max_new_tokens, **sampling)
             verdicts = [benchmarks.parse(name, text) for name, text in zip(batch["benchmarks"], texts)]
@@ -239,7 +261,18 @@ class JudgeModule(LightningModule):
         step = f"{stage}-step{self.global_step}" if stage == "val" else stage
         write_predictions(out / f"predictions-{step}-rank{self.global_rank}.jsonl", self.benchmark_eval.predictions)
         if self.trainer.is_global_zero:
-            settings = {k: self.hparams[k] for k in ("eval_mode", "eval_runs", "eval_sample", "eval_temperature", "eval_top_p", "unparseable", "max_new_tokens")}
+            settings = {
+                k: self.hparams[k]
+                for k in (
+                    "eval_mode",
+                    "eval_runs",
+                    "eval_sample",
+                    "eval_temperature",
+                    "eval_top_p",
+                    "unparseable",
+                    "max_new_tokens",
+                )
+            }
             settings["order"] = self.benchmark_order
             write_results(out / step, results, self.backbone.name, settings)
             for name, values in results.items():

@@ -19,7 +19,9 @@ def _logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
-def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk: int | None = None) -> torch.Tensor:
+def token_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk: int | None = None
+) -> torch.Tensor:
     """(N,) log pi(target) for N rows of hidden states (N, H) through the head (H -> vocabulary).
 
     Cross-entropy keeps its float32 log-softmax, N x vocabulary, for the backward pass: 4.9 GB for
@@ -37,7 +39,9 @@ def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.M
     return torch.cat([checkpoint(_logprobs, h, t, head, use_reentrant=False) for h, t in pieces])
 
 
-def response_token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def response_token_logprobs(
+    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the response tokens.
 
     Args:
@@ -63,7 +67,9 @@ def sequence_logprobs(logps: torch.Tensor, rows: torch.Tensor, batch_size: int) 
     return torch.zeros(batch_size, dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
 
 
-def sft_loss(logps: torch.Tensor, weights: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+def sft_loss(
+    logps: torch.Tensor, weights: torch.Tensor | None = None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """Token-mean negative log-likelihood of response tokens, optionally weighted per sample."""
     if logps.numel() == 0:
         raise ValueError("no response tokens in the batch: every label is masked")

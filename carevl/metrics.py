@@ -109,7 +109,9 @@ class VLRewardBenchAccuracy(Metric):
             self.add_state(state, default=torch.zeros(len(self.names)), dist_reduce_fx="sum")
 
     def update(self, predictions: list, labels: list, categories: list[str], keys: list[str]) -> None:
-        correct, counted, unparseable = grouped_counts(predictions, labels, categories, keys, self.names, self.policy, (1, 2))
+        correct, counted, unparseable = grouped_counts(
+            predictions, labels, categories, keys, self.names, self.policy, (1, 2)
+        )
         self.correct += correct
         self.counted += counted
         self.unparseable += unparseable
@@ -148,7 +150,9 @@ class MLLMJudgePairAccuracy(Metric):
 
     def update(self, predictions: list, labels: list, subsets: list[str], keys: list[str]) -> None:
         choices = (1, 2, "tie")
-        correct, counted, unparseable = grouped_counts(predictions, labels, subsets, keys, self.names, self.policy, choices)
+        correct, counted, unparseable = grouped_counts(
+            predictions, labels, subsets, keys, self.names, self.policy, choices
+        )
         self.tie_correct += correct
         self.tie_counted += counted
         self.unparseable += unparseable
@@ -161,7 +165,10 @@ class MLLMJudgePairAccuracy(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         result = {}
-        for prefix, correct, counted in (("w_tie", self.tie_correct, self.tie_counted), ("wo_tie", self.notie_correct, self.notie_counted)):
+        for prefix, correct, counted in (
+            ("w_tie", self.tie_correct, self.tie_counted),
+            ("wo_tie", self.notie_correct, self.notie_counted),
+        ):
             accuracy = correct / counted.clamp_min(1)
             present = counted > 0
             result[f"pair_{prefix}"] = accuracy[present].mean() if present.any() else torch.tensor(0.0)

@@ -66,7 +66,7 @@ PAIR_TEMPLATE = (
     "Answer A: {answer1}\n"
     "Answer B: {answer2}\n"
     "Weigh how well each answer follows the question, how accurate it is about the image, and how "
-    "helpful it is. Reply as JSON with an \"Analysis\" and a \"Judgement\", the judgement being "
+    'helpful it is. Reply as JSON with an "Analysis" and a "Judgement", the judgement being '
     "[[A]] if A is better, [[B]] if B is better, or [[C]] for a tie."
 )
 _PAIR_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
@@ -150,11 +150,16 @@ EXPERT_TEMPLATE = "{question}\n\nImage description: {caption}"
 def curation_judge_prompt(question: str, responses: list[str] | tuple[str, str]) -> str:
     if len(responses) != 2:
         raise ValueError(f"a judge prompt needs exactly two responses, got {len(responses)}")
-    return CURATION_JUDGE_TEMPLATE.format(question=question.strip(), answer1=responses[0].strip(), answer2=responses[1].strip())
+    return CURATION_JUDGE_TEMPLATE.format(
+        question=question.strip(), answer1=responses[0].strip(), answer2=responses[1].strip()
+    )
 
 
 def expert_conversation(question: str, caption: str, answer: str) -> list[dict]:
-    return [{"role": "user", "content": EXPERT_TEMPLATE.format(question=question.strip(), caption=caption.strip())}, {"role": "assistant", "content": answer}]
+    return [
+        {"role": "user", "content": EXPERT_TEMPLATE.format(question=question.strip(), caption=caption.strip())},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def parse_judgment(text: object) -> tuple[int | None, str | None]:
@@ -169,7 +174,13 @@ def parse_judgment(text: object) -> tuple[int | None, str | None]:
     if isinstance(record, dict):
         verdict = record.get("verdict")
         explanation = record.get("explanation")
-        verdict = verdict if verdict in (1, 2) else parse_verdict(f"Overall Judgment: Answer {verdict} is better") if isinstance(verdict, str) else None
+        verdict = (
+            verdict
+            if verdict in (1, 2)
+            else parse_verdict(f"Overall Judgment: Answer {verdict} is better")
+            if isinstance(verdict, str)
+            else None
+        )
         return verdict, explanation.strip() if isinstance(explanation, str) and explanation.strip() else None
     verdict = parse_verdict(text)
     cut = re.split(r"(?:\*\*)?Overall Judgment", text, flags=re.IGNORECASE)[0].strip()
@@ -200,9 +211,16 @@ Explain each aspect's points in one sentence, then end with the total on its own
 _SCORE = re.compile(r"Score\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
-def evaluator_prompt(question: str, caption: str, responses: list[str] | tuple[str, str], label: int, critique: str) -> str:
+def evaluator_prompt(
+    question: str, caption: str, responses: list[str] | tuple[str, str], label: int, critique: str
+) -> str:
     return EVALUATOR_TEMPLATE.format(
-        caption=caption.strip(), question=question.strip(), answer1=responses[0].strip(), answer2=responses[1].strip(), label=label, critique=critique.strip()
+        caption=caption.strip(),
+        question=question.strip(),
+        answer1=responses[0].strip(),
+        answer2=responses[1].strip(),
+        label=label,
+        critique=critique.strip(),
     )
 
 

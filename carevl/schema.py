@@ -136,10 +136,16 @@ class PreferenceGroupSample:
     def validate(self) -> None:
         check_pair(self.id, self.responses, self.label)
         check_text(self.id, "chosen", self.chosen)
-        if not isinstance(self.rejected, list) or not self.rejected or not all(isinstance(r, str) and r.strip() for r in self.rejected):
+        if (
+            not isinstance(self.rejected, list)
+            or not self.rejected
+            or not all(isinstance(r, str) and r.strip() for r in self.rejected)
+        ):
             raise SchemaError(f"{self.id}: 'rejected' must be a non-empty list of non-empty strings")
         if self.rejected_scores is not None and len(self.rejected_scores) != len(self.rejected):
-            raise SchemaError(f"{self.id}: {len(self.rejected_scores)} rejected scores for {len(self.rejected)} rejected critiques")
+            raise SchemaError(
+                f"{self.id}: {len(self.rejected_scores)} rejected scores for {len(self.rejected)} rejected critiques"
+            )
 
 
 Sample = SFTSample | InstructSample | BenchmarkSample | PreferenceGroupSample

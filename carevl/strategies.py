@@ -82,7 +82,9 @@ def whole_weights(strategy: object, module: nn.Module) -> dict[str, torch.Tensor
     if is_fsdp(strategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True):
+        with FullyShardedDataParallel.summon_full_params(
+            strategy.model, writeback=False, rank0_only=True, offload_to_cpu=True
+        ):
             if on_rank0:
                 for name, param in module.named_parameters():
                     for wrapper in WRAPPER_NAMES:
@@ -187,8 +189,10 @@ class DeepSpeed(DeepSpeedStrategy):
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         if is_universal(checkpoint_path):
             if not fitting:
-                raise ValueError(f"{checkpoint_path} is a universal checkpoint, which only `fit` resumes from: export the "
-                                 "checkpoint it was converted from (tools/export_checkpoint.py) and evaluate that")
+                raise ValueError(
+                    f"{checkpoint_path} is a universal checkpoint, which only `fit` resumes from: export the "
+                    "checkpoint it was converted from (tools/export_checkpoint.py) and evaluate that"
+                )
             # DeepSpeed reads the setting only while loading (the engine's parsed config; no public setter)
             self.deepspeed_engine._config.load_universal_checkpoint = True
         else:
@@ -197,7 +201,8 @@ class DeepSpeed(DeepSpeedStrategy):
             if saved and saved != self.world_size and (fitting or self.zero_stage_3):
                 universal = f"{str(checkpoint_path).rstrip('/')}-universal"
                 raise ValueError(
-                    f"{checkpoint_path} was saved by {saved} processes and this run has {self.world_size}: DeepSpeed cannot "
+                    f"{checkpoint_path} was saved by {saved} processes and this run has {self.world_size}: DeepSpeed "
+                    "cannot "
                     f"re-partition a ZeRO checkpoint. Resume with {saved} processes, or convert it to a universal "
                     f"checkpoint, which resumes on any number:\n  python -m deepspeed.checkpoint.ds_to_universal "
                     f"--inject_missing_state --input_folder {checkpoint_path}/{tag} --output_folder {universal}/{tag}\n"

@@ -34,7 +34,11 @@ def attend_by_size(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sizes: lis
         def images(t: torch.Tensor) -> torch.Tensor:
             return t.view(count, size, *t.shape[1:]).transpose(1, 2)
 
-        return F.scaled_dot_product_attention(images(q), images(k), images(v), scale=scale).transpose(1, 2).reshape(q.shape)
+        return (
+            F.scaled_dot_product_attention(images(q), images(k), images(v), scale=scale)
+            .transpose(1, 2)
+            .reshape(q.shape)
+        )
     chunks = [torch.split(t, sizes) for t in (q, k, v)]
     members: dict[int, list[int]] = {}
     for image, size in enumerate(sizes):
@@ -62,7 +66,13 @@ class ImageSizes:
         return self.sizes
 
 
-def _forward(self: nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+def _forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """Qwen2-VL's `VisionAttention.forward` (qkv, rotary, attention, proj), attending by size."""
     tokens = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(tokens, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)

@@ -10,7 +10,9 @@ from carevl.encoding import Encoder, collate
 from carevl.prompts import user_turn
 
 
-def build_views(encoder: Encoder, order: str, seed: int, candidates: bool, sample: schema.BenchmarkSample, image: Any) -> list[dict[str, Any]]:
+def build_views(
+    encoder: Encoder, order: str, seed: int, candidates: bool, sample: schema.BenchmarkSample, image: Any
+) -> list[dict[str, Any]]:
     """The views of one record under the answer-order rule (two for order "both")."""
     items = []
     for swap in benchmarks.views(sample.id, sample.responses, order, seed):
@@ -26,7 +28,10 @@ def build_views(encoder: Encoder, order: str, seed: int, candidates: bool, sampl
         }
         if candidates:
             lines = [line for _, line in benchmarks.verdict_choices(sample.benchmark)]
-            item["candidates"] = [{k: v for k, v in c.items() if k != "prompt_length"} for c in encoder.encode_many(image, messages, lines)]
+            item["candidates"] = [
+                {k: v for k, v in c.items() if k != "prompt_length"}
+                for c in encoder.encode_many(image, messages, lines)
+            ]
         items.append(item)
     return items
 
@@ -34,7 +39,9 @@ def build_views(encoder: Encoder, order: str, seed: int, candidates: bool, sampl
 _LISTS = {"id": "ids", "benchmark": "benchmarks", "category": "categories", "label": "labels", "swapped": "swapped"}
 
 
-def collate_views(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, order: str) -> dict[str, Any]:
+def collate_views(
+    items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, order: str
+) -> dict[str, Any]:
     """A benchmark batch: left-padded prompts, record fields as lists, the answer-order rule the
     views follow, candidate inputs if built."""
     batch = {

@@ -135,14 +135,18 @@ class JudgeDataModule(LightningDataModule):
         """The preparer and collate function of one shard kind (benchmark records only in evaluation)."""
         pad = self.encoder.pad_token_id
         if kind in ("sft", "instruct"):
-            return SamplePreparer(kind, partial(build_item, self.encoder)), partial(collate_items, pad_token_id=pad, with_prompts=evaluation)
+            return SamplePreparer(kind, partial(build_item, self.encoder)), partial(
+                collate_items, pad_token_id=pad, with_prompts=evaluation
+            )
         if kind == "preference_group":
             build = partial(encode_group, self.encoder, schema.read_reference_logps(directory))
             return SamplePreparer(kind, build), partial(collate_groups, pad_token_id=pad)
         if kind == "benchmark" and evaluation:
             build = partial(build_views, self.encoder, self.order, self.seed, self.verdict_candidates)
             return SamplePreparer(kind, build), partial(collate_views, pad_token_id=pad, order=self.order)
-        raise ValueError(f"{directory} holds {kind!r} samples, which {'evaluation' if evaluation else 'training'} does not read")
+        raise ValueError(
+            f"{directory} holds {kind!r} samples, which {'evaluation' if evaluation else 'training'} does not read"
+        )
 
     def train_dataloader(self) -> EpochLoader:
         if self.train_dir is None:
@@ -154,10 +158,23 @@ class JudgeDataModule(LightningDataModule):
             raise ValueError(f"{len(urls)} training shards for {world} processes: write at least one shard per process")
         batches = manifest["samples"] // (world * self.batch_size)
         if batches == 0:
-            raise ValueError(f"{manifest['samples']} samples cannot fill one batch of {self.batch_size} on each of {world} processes")
+            raise ValueError(
+                f"{manifest['samples']} samples cannot fill one batch of {self.batch_size} on each of {world} processes"
+            )
         preparer, collate_fn = self._pieces(self.kind, self.train_dir, evaluation=False)
-        stream = TrainStream(urls[rank::world], preparer, collate_fn, self.batch_size, self.shuffle_buffer, self.seed, rank, self.group_by_length)
-        return EpochLoader(stream, batches, self.num_workers, position=self._position if self.trainer is not None else None)
+        stream = TrainStream(
+            urls[rank::world],
+            preparer,
+            collate_fn,
+            self.batch_size,
+            self.shuffle_buffer,
+            self.seed,
+            rank,
+            self.group_by_length,
+        )
+        return EpochLoader(
+            stream, batches, self.num_workers, position=self._position if self.trainer is not None else None
+        )
 
     def _position(self) -> tuple[int, int]:
         """(epoch, batches of it already trained on), where the trainer stands; after a resume, where
@@ -169,8 +186,12 @@ class JudgeDataModule(LightningDataModule):
         an epoch's order."""
         _, world = self._rank()
         return {
-            "processes": world, "num_workers": self.num_workers, "batch_size": self.batch_size,
-            "shuffle_buffer": self.shuffle_buffer, "group_by_length": self.group_by_length, "seed": self.seed,
+            "processes": world,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "group_by_length": self.group_by_length,
+            "seed": self.seed,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -181,7 +202,8 @@ class JudgeDataModule(LightningDataModule):
         if saved is not None and saved != now:
             rank_zero_warn(
                 f"the checkpoint's run read its training shards with {saved}, this run with {now}: the interrupted "
-                "epoch's order cannot be continued, so until it ends some of its samples may repeat and others be missed"
+                "epoch's order cannot be continued, so until it ends some of its samples may repeat and others be "
+                "missed"
             )
 
     def carry_position(self, checkpoint: dict[str, Any]) -> None:
@@ -197,7 +219,8 @@ class JudgeDataModule(LightningDataModule):
         before, after = moved_position(loops, saved, now)
         if before != after:
             rank_zero_info(
-                f"resuming epoch {checkpoint.get('epoch', '?')} after {before} batches of {saved['processes']} x {saved['batch_size']} "
+                f"resuming epoch {checkpoint.get('epoch', '?')} after {before} batches of {saved['processes']} x "
+                f"{saved['batch_size']} "
                 f"samples: {after} batches of {now['processes']} x {now['batch_size']} hold as many"
             )
 

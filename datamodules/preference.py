@@ -18,7 +18,9 @@ from carevl.flops import batch_work, packed_work, response_count
 from carevl.prompts import judge_prompt, user_turn
 
 
-def encode_group(encoder: Encoder, reference: dict[str, list[float]] | None, sample: schema.PreferenceGroupSample, image: Any) -> list[dict[str, Any]]:
+def encode_group(
+    encoder: Encoder, reference: dict[str, list[float]] | None, sample: schema.PreferenceGroupSample, image: Any
+) -> list[dict[str, Any]]:
     """One item per group: the chosen and every rejected critique after one shared prompt."""
     messages = user_turn(judge_prompt(sample.question, sample.responses))
     encodings = encoder.encode_many(image, messages, [sample.chosen, *sample.rejected])
@@ -28,7 +30,9 @@ def encode_group(encoder: Encoder, reference: dict[str, list[float]] | None, sam
         if sample.id not in reference:
             raise schema.SchemaError(f"{sample.id}: no precomputed reference log-probs (rerun the precompute command)")
         if len(reference[sample.id]) != len(encodings):
-            raise schema.SchemaError(f"{sample.id}: {len(reference[sample.id])} reference log-probs for {len(encodings)} critiques")
+            raise schema.SchemaError(
+                f"{sample.id}: {len(reference[sample.id])} reference log-probs for {len(encodings)} critiques"
+            )
         item["reference_logps"] = reference[sample.id]
     return [item]
 
@@ -51,7 +55,11 @@ def collate_groups(items: list[dict[str, Any]], skipped: dict[str, int], pad_tok
             image_index.append(g)
     inputs = collate(token_rows, pad_token_id)
     inputs.update(collate(image_rows, pad_token_id) if image_rows[0] else {})
-    lengths, responses, grid = [int(row["input_ids"].shape[1]) for row in token_rows], response_count(inputs["labels"]), inputs.get("image_grid_thw")
+    lengths, responses, grid = (
+        [int(row["input_ids"].shape[1]) for row in token_rows],
+        response_count(inputs["labels"]),
+        inputs.get("image_grid_thw"),
+    )
     batch = {
         "inputs": inputs,
         "image_index": torch.tensor(image_index),
@@ -65,5 +73,7 @@ def collate_groups(items: list[dict[str, Any]], skipped: dict[str, int], pad_tok
         "skipped": skipped,
     }
     if all("reference_logps" in item for item in items):
-        batch["reference_logps"] = torch.tensor([v for item in items for v in item["reference_logps"]], dtype=torch.float32)
+        batch["reference_logps"] = torch.tensor(
+            [v for item in items for v in item["reference_logps"]], dtype=torch.float32
+        )
     return batch

@@ -20,10 +20,20 @@ def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSampl
     else:
         messages, label = user_turn(sample.prompt), None
     features = encoder.encode(image, messages, sample.target)
-    return [{"features": features, "id": sample.id, "weight": float(sample.weight), "verdict_label": label, "length": features["input_ids"].shape[1]}]
+    return [
+        {
+            "features": features,
+            "id": sample.id,
+            "weight": float(sample.weight),
+            "verdict_label": label,
+            "length": features["input_ids"].shape[1],
+        }
+    ]
 
 
-def collate_items(items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, with_prompts: bool) -> dict[str, Any]:
+def collate_items(
+    items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, with_prompts: bool
+) -> dict[str, Any]:
     """A batch: padded model inputs, ids, weights, verdict labels, skip counts since the last batch,
     the work it asks of the model (`carevl.flops`), and (validation) left-padded prompt-only inputs
     for generation."""
@@ -31,7 +41,9 @@ def collate_items(items: list[dict[str, Any]], skipped: dict[str, int], pad_toke
     inputs = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], pad_token_id)
     batch = {
         "inputs": inputs,
-        "work": batch_work([item["length"] for item in items], response_count(inputs["labels"]), inputs.get("image_grid_thw")),
+        "work": batch_work(
+            [item["length"] for item in items], response_count(inputs["labels"]), inputs.get("image_grid_thw")
+        ),
         "ids": [item["id"] for item in items],
         "weights": torch.tensor([item["weight"] for item in items]),
         "skipped": skipped,

@@ -82,7 +82,9 @@ class SamplePreparer:
         return counts
 
 
-def read_samples(urls: list[str], preparer: SamplePreparer, share: int = 0, shares: int = 1) -> Iterator[dict[str, Any]]:
+def read_samples(
+    urls: list[str], preparer: SamplePreparer, share: int = 0, shares: int = 1
+) -> Iterator[dict[str, Any]]:
     """Prepared samples of the shards, in order; only every `shares`-th sample from `share` on is decoded."""
     raw = wds.tarfile_to_samples(handler=preparer.unreadable)({"url": url} for url in urls)
     for sample in islice(raw, share, None, shares):
@@ -106,7 +108,9 @@ def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
     yield from pool
 
 
-def cut_batches(pool: list[dict[str, Any]], batch_size: int, group_by_length: int, rng: random.Random) -> list[list[dict[str, Any]]]:
+def cut_batches(
+    pool: list[dict[str, Any]], batch_size: int, group_by_length: int, rng: random.Random
+) -> list[list[dict[str, Any]]]:
     """A pool of shuffled items cut into batches: in order, or (grouping by length) sorted by each
     item's `length` first, the batches then shuffled."""
     if group_by_length:
@@ -130,7 +134,15 @@ class TrainStream(IterableDataset):
     worth of samples sorted by token count, and each pool's batches come in random order."""
 
     def __init__(
-        self, urls: list[str], preparer: SamplePreparer, collate: Callable, batch_size: int, shuffle_buffer: int, seed: int, rank: int, group_by_length: int = 0
+        self,
+        urls: list[str],
+        preparer: SamplePreparer,
+        collate: Callable,
+        batch_size: int,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int,
+        group_by_length: int = 0,
     ):
         self.urls, self.preparer, self.collate = urls, preparer, collate
         self.batch_size, self.shuffle_buffer, self.seed, self.rank = batch_size, shuffle_buffer, seed, rank
@@ -165,13 +177,17 @@ class TrainStream(IterableDataset):
                         yield self.collate(batch, self.preparer.take_skipped())
                     pending = []
             if usable == 0:
-                raise RuntimeError(f"no usable sample in share {share} of {shares} of shards {order}: every sample was skipped")
+                raise RuntimeError(
+                    f"no usable sample in share {share} of {shares} of shards {order}: every sample was skipped"
+                )
 
 
 class ValStream(IterableDataset):
     """One pass over every shard; this rank and worker keep their share of samples."""
 
-    def __init__(self, urls: list[str], preparer: SamplePreparer, collate: Callable, batch_size: int, rank: int, world_size: int):
+    def __init__(
+        self, urls: list[str], preparer: SamplePreparer, collate: Callable, batch_size: int, rank: int, world_size: int
+    ):
         self.urls, self.preparer, self.collate = urls, preparer, collate
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
@@ -196,7 +212,9 @@ class EpochLoader:
     it, each iteration is a new epoch from its start.
     """
 
-    def __init__(self, stream: TrainStream, batches: int, num_workers: int, position: Callable[[], tuple[int, int]] | None = None):
+    def __init__(
+        self, stream: TrainStream, batches: int, num_workers: int, position: Callable[[], tuple[int, int]] | None = None
+    ):
         self.stream, self.batches, self.num_workers, self.position = stream, batches, num_workers, position
         self.iterations = 0
 
@@ -207,7 +225,12 @@ class EpochLoader:
         epoch, done = self.position() if self.position is not None else (self.iterations, 0)
         self.iterations += 1
         if done:
-            log.info("resuming epoch %d after %d of its %d batches: the loader regenerates them and drops them", epoch, done, self.batches)
+            log.info(
+                "resuming epoch %d after %d of its %d batches: the loader regenerates them and drops them",
+                epoch,
+                done,
+                self.batches,
+            )
         # set before the workers start, so each epoch reshuffles differently
         self.stream.epoch, self.stream.done = epoch + 1, done
         loader = DataLoader(

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> str:
     from carevl.standins.tiny import build_tiny_model
@@ -31,4 +32,6 @@ def tiny_any(request, tmp_path_factory) -> str:
     """A tiny checkpoint of each family in the backbone's family table."""
     from carevl.standins.tiny import build_tiny_model
 
-    return str(build_tiny_model(tmp_path_factory.mktemp(f"tiny-{request.param}"), family=request.param, hidden=64, layers=2))
+    return str(
+        build_tiny_model(tmp_path_factory.mktemp(f"tiny-{request.param}"), family=request.param, hidden=64, layers=2)
+    )

@@ -30,24 +30,44 @@ def fit(tmp_path, model, train, val=None, trainer=None, module="carevl.sft.SFTJu
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": overrides.pop("max_steps", 3), "precision": "32-true",
-            "enable_checkpointing": False, "enable_progress_bar": False, "log_every_n_steps": 1,
-            "num_sanity_val_steps": 0, "limit_val_batches": overrides.pop("limit_val_batches", 1),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": "run"}},
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": overrides.pop("max_steps", 3),
+            "precision": "32-true",
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": overrides.pop("limit_val_batches", 1),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path), "name": "run"},
+            },
             **(trainer or {}),
         },
         "model": {
             "class_path": module,
             "init_args": {
-                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": model, **overrides.pop("backbone", {})}},
-                "lr": overrides.pop("lr", 1e-3), "warmup_ratio": 0.0, "max_new_tokens": 8,
+                "backbone": {
+                    "class_path": "carevl.backbone.Backbone",
+                    "init_args": {"model": model, **overrides.pop("backbone", {})},
+                },
+                "lr": overrides.pop("lr", 1e-3),
+                "warmup_ratio": 0.0,
+                "max_new_tokens": 8,
                 **(module_args or {}),
             },
         },
         "data": {
             "class_path": "datamodules.JudgeDataModule",
-            "init_args": {"train": str(train), "val": [str(v) for v in val] if isinstance(val, list) else str(val) if val else None, "batch_size": 4, "num_workers": 1,
-                          "max_length": 256, **overrides},
+            "init_args": {
+                "train": str(train),
+                "val": [str(v) for v in val] if isinstance(val, list) else str(val) if val else None,
+                "batch_size": 4,
+                "num_workers": 1,
+                "max_length": 256,
+                **overrides,
+            },
         },
     }
     path = Path(tmp_path) / "config.yaml"
@@ -72,8 +92,13 @@ def write_bad_shards(directory, n_good=20):
     with schema.ShardWriter(directory, prefix="bad", max_count=8, kind="sft") as writer:
         for index, it in enumerate(items):
             sample = schema.SFTSample(
-                id=it.id, question=it.question, responses=list(it.responses), label=it.label,
-                target=it.critique(), source="test", image=it.image,
+                id=it.id,
+                question=it.question,
+                responses=list(it.responses),
+                label=it.label,
+                target=it.critique(),
+                source="test",
+                image=it.image,
             )
             if index == 1:
                 sample.image = b"\x89PNG\r\n\x1a\n not really a png"
@@ -146,7 +171,9 @@ def python_module(module: str, *arguments: str, cwd: Path = ROOT, fails: bool = 
     """`python -m MODULE ARGUMENTS...` in `cwd`, on its own rendezvous port; its stderr. Fails the
     test with the end of its stderr when it fails (with `fails`: when it succeeds)."""
     variables = environment(MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), **env)
-    done = subprocess.run([sys.executable, "-m", module, *arguments], cwd=cwd, env=variables, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", module, *arguments], cwd=cwd, env=variables, capture_output=True, text=True, timeout=600
+    )
     assert (done.returncode != 0) == fails, done.stderr[-3000:]
     return done.stderr
 

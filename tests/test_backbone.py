@@ -12,7 +12,9 @@ from tests.helpers import compiled_graph, image_of
 def encoded_items(backbone, n=3, seed=5):
     encoder = Encoder(backbone.processor)
     items = shapes.judge_items(n, seed=seed)
-    features = [encoder.encode(image_of(it), user_turn(judge_prompt(it.question, it.responses)), it.critique()) for it in items]
+    features = [
+        encoder.encode(image_of(it), user_turn(judge_prompt(it.question, it.responses)), it.critique()) for it in items
+    ]
     return encoder, items, features
 
 
@@ -87,7 +89,9 @@ def test_export_round_trip_keeps_verdict_logprobs(tiny_qwen, tmp_path):
     feats = []
     for it in items:
         for label in (1, 2):
-            feats.append(encoder.encode(image_of(it), user_turn(judge_prompt(it.question, it.responses)), verdict_line(label)))
+            feats.append(
+                encoder.encode(image_of(it), user_turn(judge_prompt(it.question, it.responses)), verdict_line(label))
+            )
     batch = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in feats], encoder.pad_token_id)
     with torch.no_grad():
         before = backbone.sequence_logprobs(batch)

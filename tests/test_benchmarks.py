@@ -13,7 +13,9 @@ from tests.helpers import SHARED_BENCHMARKS
 VLRB = SHARED_BENCHMARKS / "vl_rewardbench.jsonl"
 MLLM = SHARED_BENCHMARKS / "mllm_judge_pair_samples.jsonl"
 needs_vlrb = pytest.mark.skipif(not VLRB.exists(), reason="../shared/benchmarks/vl_rewardbench.jsonl not present")
-needs_mllm = pytest.mark.skipif(not MLLM.exists(), reason="../shared/benchmarks/mllm_judge_pair_samples.jsonl not present")
+needs_mllm = pytest.mark.skipif(
+    not MLLM.exists(), reason="../shared/benchmarks/mllm_judge_pair_samples.jsonl not present"
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,11 @@ def test_published_category_accuracies_give_the_published_summary(vlrb_records):
         return label if seen[record["category"]] <= quota[record["category"]] else 3 - label
 
     scores = vlrb_scores(vlrb_records, scripted)
-    assert (round(scores["general"], 1), round(scores["hallucination"], 1), round(scores["reasoning"], 1)) == (84.7, 62.5, 62.9)
+    assert (round(scores["general"], 1), round(scores["hallucination"], 1), round(scores["reasoning"], 1)) == (
+        84.7,
+        62.5,
+        62.9,
+    )
     assert (round(scores["overall"], 1), round(scores["macro"], 1)) == (65.8, 70.0)
 
 

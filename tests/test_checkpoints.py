@@ -19,8 +19,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_resume_continues_from_the_saved_step_and_export_matches(tiny_qwen, world, tmp_path):
     checkpoints = tmp_path / "ckpt"
     (tmp_path / "a").mkdir()
-    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "save_last": True, "every_n_train_steps": 2}}]
-    first = fit(tmp_path / "a", tiny_qwen, world / "train", trainer={"enable_checkpointing": True, "callbacks": callbacks, "limit_val_batches": 0}, max_steps=2)
+    callbacks = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(checkpoints), "save_last": True, "every_n_train_steps": 2},
+        }
+    ]
+    first = fit(
+        tmp_path / "a",
+        tiny_qwen,
+        world / "train",
+        trainer={"enable_checkpointing": True, "callbacks": callbacks, "limit_val_batches": 0},
+        max_steps=2,
+    )
     assert first.trainer.global_step == 2 and (checkpoints / "last.ckpt").exists()
     saved = {k: v.clone() for k, v in first.model.backbone.hf.state_dict().items()}
 
@@ -31,7 +42,16 @@ def test_resume_continues_from_the_saved_step_and_export_matches(tiny_qwen, worl
     assert all(torch.equal(exported[k], saved[k]) for k in saved if k in exported) and len(exported) > 10
 
     # resume to step 4: two more optimizer steps, logged at steps 2 and 3
-    resumed = run(["fit", "--config", str(config), "--trainer.max_steps=4", f"--trainer.logger.init_args.save_dir={tmp_path / 'b'}", f"--ckpt_path={checkpoints / 'last.ckpt'}"])
+    resumed = run(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps=4",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'b'}",
+            f"--ckpt_path={checkpoints / 'last.ckpt'}",
+        ]
+    )
     assert resumed.trainer.global_step == 4
     steps = sorted({int(row["step"]) for row in metrics(tmp_path / "b") if row.get("train/loss")})
     assert steps == [2, 3]
@@ -63,12 +83,34 @@ def test_a_resumed_run_trains_on_the_batches_of_the_uninterrupted_one(tiny_qwen,
 
     def train(name, max_steps, every=None):
         (tmp_path / name).mkdir()
-        callbacks = [{"class_path": "tests.test_checkpoints.BatchRecorder", "init_args": {"path": str(tmp_path / f"{name}.jsonl")}}]
+        callbacks = [
+            {
+                "class_path": "tests.test_checkpoints.BatchRecorder",
+                "init_args": {"path": str(tmp_path / f"{name}.jsonl")},
+            }
+        ]
         if every:
-            callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                              "init_args": {"dirpath": str(checkpoints), "filename": "{step}", "every_n_train_steps": every, "save_top_k": -1}})
+            callbacks.append(
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(checkpoints),
+                        "filename": "{step}",
+                        "every_n_train_steps": every,
+                        "save_top_k": -1,
+                    },
+                }
+            )
         trainer = {"enable_checkpointing": bool(every), "callbacks": callbacks, "limit_val_batches": 0}
-        fit(tmp_path / name, tiny_qwen, tmp_path / "shards", trainer=trainer, max_steps=max_steps, num_workers=2, shuffle_buffer=8)
+        fit(
+            tmp_path / name,
+            tiny_qwen,
+            tmp_path / "shards",
+            trainer=trainer,
+            max_steps=max_steps,
+            num_workers=2,
+            shuffle_buffer=8,
+        )
 
     def batches(name):
         return [tuple(json.loads(line)) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
@@ -81,33 +123,55 @@ def test_a_resumed_run_trains_on_the_batches_of_the_uninterrupted_one(tiny_qwen,
     for step in (3, 5):  # mid-epoch, and at the end of the first epoch
         resumed = tmp_path / f"resumed{step}"
         config = yaml.safe_load((tmp_path / "killed" / "config.yaml").read_text())
-        config["trainer"].update(max_steps=8, enable_checkpointing=False, callbacks=[{"class_path": "tests.test_checkpoints.BatchRecorder", "init_args": {"path": f"{resumed}.jsonl"}}])
+        config["trainer"].update(
+            max_steps=8,
+            enable_checkpointing=False,
+            callbacks=[
+                {"class_path": "tests.test_checkpoints.BatchRecorder", "init_args": {"path": f"{resumed}.jsonl"}}
+            ],
+        )
         config["trainer"]["logger"]["init_args"]["save_dir"] = str(resumed)
         (tmp_path / f"{resumed}.yaml").write_text(yaml.safe_dump(config))
         run(["fit", "--config", f"{resumed}.yaml", f"--ckpt_path={checkpoints / f'step={step}.ckpt'}"])
         assert batches(resumed.name) == expected[step:], f"resumed from step {step}"
-        assert last_skip_totals(resumed) == last_skip_totals(tmp_path / "whole"), "skip totals go on from the checkpoint's"
+        assert last_skip_totals(resumed) == last_skip_totals(tmp_path / "whole"), (
+            "skip totals go on from the checkpoint's"
+        )
 
 
-def test_time_limit_checkpoints_at_a_step_boundary_requeues_and_the_job_resumes(tiny_qwen, world, tmp_path, monkeypatch):
+def test_time_limit_checkpoints_at_a_step_boundary_requeues_and_the_job_resumes(
+    tiny_qwen, world, tmp_path, monkeypatch
+):
     scontrol = tmp_path / "bin" / "scontrol"  # records how it was called
     scontrol.parent.mkdir()
-    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     scontrol.chmod(0o755)
     monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("CAREVL_DEADLINE", str(time.time() + 60))  # inside the 15-minute margin already
     checkpoints, export = tmp_path / "ckpt", tmp_path / "hf"
     callbacks = [
-        {"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 1000}},
+        {
+            "class_path": "carevl.callbacks.Checkpoints",
+            "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 1000},
+        },
         {"class_path": "carevl.callbacks.TimeLimit"},
         {"class_path": "carevl.callbacks.ExportHF", "init_args": {"dirpath": str(export)}},
     ]
     (tmp_path / "a").mkdir()
-    trainer = {"enable_checkpointing": True, "callbacks": callbacks, "accumulate_grad_batches": 2, "limit_val_batches": 0}
+    trainer = {
+        "enable_checkpointing": True,
+        "callbacks": callbacks,
+        "accumulate_grad_batches": 2,
+        "limit_val_batches": 0,
+    }
     first = fit(tmp_path / "a", tiny_qwen, world / "train", trainer=trainer, max_steps=5)
-    assert first.trainer.global_step == 1, "stopped at the first optimizer step (after two batches), not inside its window"
-    assert (checkpoints / "last.ckpt").resolve() == checkpoints / "epoch=0-step=1.ckpt", "written once, under its step's name"
+    assert first.trainer.global_step == 1, (
+        "stopped at the first optimizer step (after two batches), not inside its window"
+    )
+    assert (checkpoints / "last.ckpt").resolve() == checkpoints / "epoch=0-step=1.ckpt", (
+        "written once, under its step's name"
+    )
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 1
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert not export.exists(), "an unfinished model is not exported"

@@ -8,10 +8,25 @@ from carevl.cli import main
 from tests.helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"curation", "strategies", "pipeline"} & set(p.parts))
+CONFIGS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if not {"curation", "strategies", "pipeline"} & set(p.parts)
+)
 STRATEGIES = sorted((ROOT / "configs" / "strategies").glob("*.yaml"))
 CURATION = sorted((ROOT / "configs" / "curation").glob("*.yaml"))
-STAGES = ["ingest", "candidates", "captions", "pairs", "judge", "votes", "split", "sft_shards", "report", "critiques", "evaluate", "groups"]
+STAGES = [
+    "ingest",
+    "candidates",
+    "captions",
+    "pairs",
+    "judge",
+    "votes",
+    "split",
+    "sft_shards",
+    "report",
+    "critiques",
+    "evaluate",
+    "groups",
+]
 
 
 def test_config_count():

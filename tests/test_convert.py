@@ -24,7 +24,9 @@ def image_bytes(seed=0):
 
 def read_shards(directory):
     manifest = schema.read_manifest(directory)
-    return [schema.decode(raw, "benchmark") for url in manifest["urls"] for raw in wds.WebDataset(url, shardshuffle=False)]
+    return [
+        schema.decode(raw, "benchmark") for url in manifest["urls"] for raw in wds.WebDataset(url, shardshuffle=False)
+    ]
 
 
 @pytest.fixture
@@ -46,7 +48,19 @@ def test_vlrewardbench_jsonl_with_image_folder(vlrb_lines, tmp_path, capsys):
     corrupt.write_bytes(b"\x89PNG not really")
     # records[3]'s image is missing.
     (tmp_path / "data.jsonl").write_text("\n".join(vlrb_lines) + "\n")
-    assert convert(["vlrewardbench-jsonl", str(tmp_path / "data.jsonl"), "--images", str(images), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        convert(
+            [
+                "vlrewardbench-jsonl",
+                str(tmp_path / "data.jsonl"),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "wrote 2 records" in printed and "'missing_image': 1" in printed and "'unreadable_image': 1" in printed
     samples = read_shards(tmp_path / "out")
@@ -74,19 +88,50 @@ def test_vlrewardbench_parquet_with_embedded_images(vlrb_lines, tmp_path):
 
 
 def test_mllm_judge_pairs(tmp_path):
-    pair = {"id": 7, "pair_id": 12, "image_path": "7.jpg", "original_dataset": "mm-vet", "instruction": "What is shown?",
-            "answer1": {"name": "m1", "answer": "A cat."}, "answer2": {"name": "m2", "answer": "A dog."}, "human_answer": "C"}
+    pair = {
+        "id": 7,
+        "pair_id": 12,
+        "image_path": "7.jpg",
+        "original_dataset": "mm-vet",
+        "instruction": "What is shown?",
+        "answer1": {"name": "m1", "answer": "A cat."},
+        "answer2": {"name": "m2", "answer": "A dog."},
+        "human_answer": "C",
+    }
     bad = dict(pair, pair_id=13, human="X")
     (tmp_path / "pair.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps(bad) + "\n")
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "7.jpg").write_bytes(image_bytes())
-    assert convert(["mllm-judge", str(tmp_path / "pair.jsonl"), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        convert(
+            [
+                "mllm-judge",
+                str(tmp_path / "pair.jsonl"),
+                "--images",
+                str(tmp_path / "images"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     (sample,) = read_shards(tmp_path / "out")
-    assert (sample.id, sample.category, sample.label, sample.responses) == ("mllm-judge-12", "mm-vet", "tie", ["A cat.", "A dog."])
+    assert (sample.id, sample.category, sample.label, sample.responses) == (
+        "mllm-judge-12",
+        "mm-vet",
+        "tie",
+        ["A cat.", "A dog."],
+    )
 
 
 def test_benchmark_sample_contract():
-    sample = schema.BenchmarkSample(id="x-1", benchmark="mllm_judge", category="coco", question="q", responses=["a", "b"], label="tie", image=b"img")
+    sample = schema.BenchmarkSample(
+        id="x-1", benchmark="mllm_judge", category="coco", question="q", responses=["a", "b"], label="tie", image=b"img"
+    )
     assert schema.decode(schema.encode(sample), "benchmark") == sample
     with pytest.raises(schema.SchemaError, match="label"):
-        schema.encode(schema.BenchmarkSample(id="x", benchmark="b", category="c", question="q", responses=["a", "b"], label=3, image=b""))
+        schema.encode(
+            schema.BenchmarkSample(
+                id="x", benchmark="b", category="c", question="q", responses=["a", "b"], label=3, image=b""
+            )
+        )

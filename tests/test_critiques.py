@@ -26,7 +26,9 @@ from tests.helpers import ingest_world
 def curated(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("cur") / "w")
     ingest_world(workdir, 40, 8)
-    stages.candidates(workdir, {f"m{e}": (lambda e=e: SimulatedAnswerer(f"m{e}", workdir, error_rate=e / 10)) for e in (2, 5)})
+    stages.candidates(
+        workdir, {f"m{e}": (lambda e=e: SimulatedAnswerer(f"m{e}", workdir, error_rate=e / 10)) for e in (2, 5)}
+    )
     stages.captions(workdir, lambda: SimulatedCaptioner("cap", workdir))
     stages.pairs(workdir, max_pairs_per_item=3)
     stages.judge(workdir, model=lambda: SimulatedJudge("judge", workdir, accuracy=0.7))
@@ -61,7 +63,9 @@ def test_unparseable_scores_are_recorded_excluded_and_counted(curated):
 
 def read_groups(directory: Path) -> list:
     manifest = read_manifest(directory)
-    return [decode(raw, "preference_group") for url in manifest["urls"] for raw in wds.WebDataset(url, shardshuffle=False)]
+    return [
+        decode(raw, "preference_group") for url in manifest["urls"] for raw in wds.WebDataset(url, shardshuffle=False)
+    ]
 
 
 def test_every_strategy_writes_groups_that_follow_its_rule(curated, tmp_path):
@@ -77,7 +81,10 @@ def test_every_strategy_writes_groups_that_follow_its_rule(curated, tmp_path):
             assert group.label == label and parse_verdict(group.chosen) == label and group.strategy == strategy
             assert all(s <= group.chosen_score for s in group.rejected_scores)
             if strategy == "best_to_worse":
-                assert all(parse_verdict(r) != label or s < group.chosen_score for r, s in zip(group.rejected, group.rejected_scores))
+                assert all(
+                    parse_verdict(r) != label or s < group.chosen_score
+                    for r, s in zip(group.rejected, group.rejected_scores)
+                )
             else:
                 assert all(parse_verdict(r) != label for r in group.rejected)
             if strategy in ("lowest_incorrect", "highest_incorrect"):
@@ -86,12 +93,19 @@ def test_every_strategy_writes_groups_that_follow_its_rule(curated, tmp_path):
     assert sizes["best_to_worse"] >= sizes["all_incorrect"] == sizes["lowest_incorrect"] == sizes["highest_incorrect"]
     # the simulated evaluator rewards correct critiques: Best-to-Worse chosen beat incorrect rejected by a wide margin
     b2w = read_groups(tmp_path / "groups" / "best_to_worse")
-    gaps = [group.chosen_score - s for group in b2w for r, s in zip(group.rejected, group.rejected_scores) if parse_verdict(r) != group.label]
+    gaps = [
+        group.chosen_score - s
+        for group in b2w
+        for r, s in zip(group.rejected, group.rejected_scores)
+        if parse_verdict(r) != group.label
+    ]
     assert sum(gaps) / len(gaps) > 30
 
 
 def test_rerun_skips_finished_work(curated):
-    again = critiques.critiques(curated, lambda: pytest.fail("the judge must not be built: nothing is left to do"), name="sim-sft", samples=6)
+    again = critiques.critiques(
+        curated, lambda: pytest.fail("the judge must not be built: nothing is left to do"), name="sim-sft", samples=6
+    )
     assert "done" not in again
     assert again["skipped"] == len(critiques.low_confidence(curated))
 
@@ -105,7 +119,13 @@ def test_a_retrained_checkpoint_is_sampled_afresh_and_only_its_critiques_are_gro
     pairs = len(critiques.low_confidence(workdir))
 
     def run(accuracy: float) -> dict:
-        return critiques.critiques(workdir, lambda: SimulatedJudge("sft", workdir, accuracy=accuracy), name="sim-sft", checkpoint=str(checkpoint), samples=6)
+        return critiques.critiques(
+            workdir,
+            lambda: SimulatedJudge("sft", workdir, accuracy=accuracy),
+            name="sim-sft",
+            checkpoint=str(checkpoint),
+            samples=6,
+        )
 
     assert run(0.0)["done"] == pairs
     assert run(0.0)["skipped"] == pairs  # same weights: nothing to do
@@ -115,13 +135,20 @@ def test_a_retrained_checkpoint_is_sampled_afresh_and_only_its_critiques_are_gro
     # both checkpoints' critiques stay on disk; only the retrained one's reach the evaluator and the groups
     records = Records(Path(workdir) / critiques.CRITIQUES).ok()
     revision = critiques.checkpoint_revision(checkpoint)
-    texts = {rev: {s["text"] for r in records if r.get("revision") == rev for s in r["samples"]} for rev in {r.get("revision") for r in records}}
+    texts = {
+        rev: {s["text"] for r in records if r.get("revision") == rev for s in r["samples"]}
+        for rev in {r.get("revision") for r in records}
+    }
     stale = texts[old] - texts[revision]  # what only the old checkpoint wrote
     assert len(texts) == 3 and revision != old and stale
-    assert {r["key"] for r in critiques.selected_critiques(workdir)} == {r["key"] for r in records if r.get("revision") == revision}
+    assert {r["key"] for r in critiques.selected_critiques(workdir)} == {
+        r["key"] for r in records if r.get("revision") == revision
+    }
     critiques.evaluate(workdir, lambda: SimulatedEvaluator("eval"), name="sim-eval")
     critiques.groups(workdir, strategies=["best_to_worse"], out=str(tmp_path / "groups"))
-    grouped = {text for group in read_groups(tmp_path / "groups" / "best_to_worse") for text in [group.chosen, *group.rejected]}
+    grouped = {
+        text for group in read_groups(tmp_path / "groups" / "best_to_worse") for text in [group.chosen, *group.rejected]
+    }
     assert grouped and grouped <= texts[revision] and not grouped & stale
 
 

@@ -35,7 +35,10 @@ def run_simulated(workdir: str, items: int = 120) -> None:
     stages.captions(workdir, lambda: SimulatedCaptioner("sim-captioner", workdir, error_rate=0.05))
     stages.pairs(workdir, max_pairs_per_item=3)
     stages.judge(workdir, model=lambda: SimulatedJudge("sim-judge", workdir, accuracy=0.75))
-    stages.votes(workdir, {f"expert-{i}": (lambda i=i: SimulatedExpert(f"expert-{i}", error_rate=0.1 + 0.05 * i)) for i in range(5)})
+    stages.votes(
+        workdir,
+        {f"expert-{i}": (lambda i=i: SimulatedExpert(f"expert-{i}", error_rate=0.1 + 0.05 * i)) for i in range(5)},
+    )
     stages.split(workdir)
     stages.sft_shards(workdir)
 
@@ -80,7 +83,14 @@ def test_ingest_records_bad_input_with_reasons(tmp_path):
     source = tmp_path / "source.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
     summary = stages.ingest(str(tmp_path / "cur"), source=str(source))
-    assert summary == {"stage": "ingest", "done": 1, "failed: corrupt_image": 1, "failed: missing_field": 2, "failed: duplicate_id": 1, "failed: unparseable": 1}
+    assert summary == {
+        "stage": "ingest",
+        "done": 1,
+        "failed: corrupt_image": 1,
+        "failed: missing_field": 2,
+        "failed: duplicate_id": 1,
+        "failed: unparseable": 1,
+    }
     assert len(list((tmp_path / "cur" / "images").rglob("*.png"))) == 1
     # a second run keeps what it has and records nothing twice
     stages.ingest(str(tmp_path / "cur"), source=str(source))
@@ -113,12 +123,34 @@ def write_config(path: Path, workdir: Path, latency: float) -> Path:
         "candidates": {
             "workdir": world,
             "chunk_size": 4,
-            "models": {f"m{e}": {"class_path": sim + "SimulatedAnswerer", "init_args": {"name": f"m{e}", "world": world, "error_rate": e / 10, "latency": latency}} for e in (2, 4)},
+            "models": {
+                f"m{e}": {
+                    "class_path": sim + "SimulatedAnswerer",
+                    "init_args": {"name": f"m{e}", "world": world, "error_rate": e / 10, "latency": latency},
+                }
+                for e in (2, 4)
+            },
         },
-        "captions": {"workdir": world, "captioner": {"class_path": sim + "SimulatedCaptioner", "init_args": {"name": "cap", "world": world}}},
+        "captions": {
+            "workdir": world,
+            "captioner": {"class_path": sim + "SimulatedCaptioner", "init_args": {"name": "cap", "world": world}},
+        },
         "pairs": {"workdir": world, "max_pairs_per_item": 3},
-        "judge": {"workdir": world, "chunk_size": 4, "model": {"class_path": sim + "SimulatedJudge", "init_args": {"name": "judge", "world": world, "latency": latency}}},
-        "votes": {"workdir": world, "experts": {f"e{i}": {"class_path": sim + "SimulatedExpert", "init_args": {"name": f"e{i}", "error_rate": 0.2}} for i in range(3)}},
+        "judge": {
+            "workdir": world,
+            "chunk_size": 4,
+            "model": {
+                "class_path": sim + "SimulatedJudge",
+                "init_args": {"name": "judge", "world": world, "latency": latency},
+            },
+        },
+        "votes": {
+            "workdir": world,
+            "experts": {
+                f"e{i}": {"class_path": sim + "SimulatedExpert", "init_args": {"name": f"e{i}", "error_rate": 0.2}}
+                for i in range(3)
+            },
+        },
         "split": {"workdir": world},
         "sft_shards": {"workdir": world},
     }
@@ -130,7 +162,12 @@ def curate(config: Path, stage: str, kill_after_lines: int | None = None, watch:
     """Run one stage in a subprocess; with kill_after_lines, SIGKILL it once `watch` has that many
     lines. True when it was killed before finishing."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "curate.py"), "--config", str(config), stage], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "curate.py"), "--config", str(config), stage],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     if kill_after_lines is None:
         assert process.wait(timeout=300) == 0
         return False
@@ -148,9 +185,16 @@ def snapshot(workdir: Path) -> dict:
     """Every stage's records (sorted) and the SFT samples."""
     import webdataset as wds
 
-    found = {name: sorted(json.dumps(r, sort_keys=True) for r in Records(workdir / name).latest()) for name in stages.FILES.values()}
+    found = {
+        name: sorted(json.dumps(r, sort_keys=True) for r in Records(workdir / name).latest())
+        for name in stages.FILES.values()
+    }
     found["images"] = sorted(p.name for p in (workdir / "images").rglob("*.png"))
-    found["sft"] = sorted(json.dumps(json.loads(s["json"]), sort_keys=True) for url in read_manifest(workdir / "sft")["urls"] for s in wds.WebDataset(url, shardshuffle=False))
+    found["sft"] = sorted(
+        json.dumps(json.loads(s["json"]), sort_keys=True)
+        for url in read_manifest(workdir / "sft")["urls"]
+        for s in wds.WebDataset(url, shardshuffle=False)
+    )
     return found
 
 
@@ -161,7 +205,16 @@ def test_kill_and_rerun_gives_the_uninterrupted_output(tmp_path):
     for stage in STAGES:
         curate(clean_config, stage)
     kills = 0
-    for stage, lines in (("ingest", None), ("candidates", 20), ("captions", None), ("pairs", None), ("judge", 30), ("votes", None), ("split", None), ("sft_shards", None)):
+    for stage, lines in (
+        ("ingest", None),
+        ("candidates", 20),
+        ("captions", None),
+        ("pairs", None),
+        ("judge", 30),
+        ("votes", None),
+        ("split", None),
+        ("sft_shards", None),
+    ):
         if lines is not None:
             kills += curate(killed_config, stage, kill_after_lines=lines, watch=killed / stages.FILES[stage])
         curate(killed_config, stage)
@@ -173,18 +226,31 @@ def test_kill_and_rerun_gives_the_uninterrupted_output(tmp_path):
         assert len(lines) == len({r["key"] for r in lines}), name
 
 
-def test_judge_over_http_records_failures_then_completes_and_never_writes_the_key(tmp_path, monkeypatch, capsys, caplog):
+def test_judge_over_http_records_failures_then_completes_and_never_writes_the_key(
+    tmp_path, monkeypatch, capsys, caplog
+):
     key = "sk-live-5d1e0f-must-not-leak"
     monkeypatch.setenv("OPENAI_API_KEY", key)
     workdir = tmp_path / "cur"
     ingest_world(str(workdir), 8, 1)
-    stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}, {"t1": Sampling(temperature=1.0, n=3)})
+    stages.candidates(
+        str(workdir),
+        {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)},
+        {"t1": Sampling(temperature=1.0, n=3)},
+    )
     stages.pairs(str(workdir))
     n_pairs = len(Records(workdir / "pairs.jsonl").ok())
     with LoopbackEndpoint(faults=["500", "500", "400", "bad_output", "bad_output"], retry_after="0.01") as endpoint:
-        build = lambda: OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=1, max_attempts=2, max_backoff=0.01)  # noqa: E731
+
+        def build() -> OpenAIChat:
+            return OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=1, max_attempts=2, max_backoff=0.01)
+
         first = stages.judge(str(workdir), model=build)
-        assert first["failed: http_500"] == 1 and first["failed: http_400"] == 1 and first["failed: malformed_response"] == 1
+        assert (
+            first["failed: http_500"] == 1
+            and first["failed: http_400"] == 1
+            and first["failed: malformed_response"] == 1
+        )
         assert first["done"] == n_pairs - 3
         second = stages.judge(str(workdir), model=build)
         assert second == {"stage": "judge", "done": 3, "skipped": n_pairs - 3}
@@ -200,7 +266,11 @@ def test_judge_over_http_records_failures_then_completes_and_never_writes_the_ke
 def test_judge_prints_an_estimate_and_refuses_above_max_usd(tmp_path, capsys):
     workdir = tmp_path / "cur"
     ingest_world(str(workdir), 6, 2)
-    stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}, {"t1": Sampling(temperature=1.0, n=2)})
+    stages.candidates(
+        str(workdir),
+        {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)},
+        {"t1": Sampling(temperature=1.0, n=2)},
+    )
     stages.pairs(str(workdir))
     with pytest.raises(RuntimeError, match="above max_usd"):
         stages.judge(str(workdir), model=lambda: SimulatedJudge("j", str(workdir)), max_usd=0.0)
@@ -214,11 +284,19 @@ def test_judge_through_the_batch_api(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-batch-test")
     workdir = tmp_path / "cur"
     ingest_world(str(workdir), 6, 2)
-    stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}, {"t1": Sampling(temperature=1.0, n=3)})
+    stages.candidates(
+        str(workdir),
+        {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)},
+        {"t1": Sampling(temperature=1.0, n=3)},
+    )
     stages.pairs(str(workdir))
     n_pairs = len(Records(workdir / "pairs.jsonl").ok())
     with LoopbackEndpoint(expire_batches=1) as endpoint:
-        summary = stages.judge(str(workdir), batch=lambda: OpenAIBatch("gpt-4o", base_url=endpoint.base_url, poll_seconds=0.01), both_orders=True)
+        summary = stages.judge(
+            str(workdir),
+            batch=lambda: OpenAIBatch("gpt-4o", base_url=endpoint.base_url, poll_seconds=0.01),
+            both_orders=True,
+        )
     assert summary == {"stage": "judge", "done": 2 * n_pairs, "skipped": 0}
     judgments = Records(workdir / "judgments.jsonl").ok()
     # the loopback judge always answers 1: in the swapped order that is the pair's answer 2
@@ -234,8 +312,17 @@ def test_sft_shards_with_the_judge_labels_keep_every_judged_pair(tmp_path):
     run_simulated(workdir, items=40)
     summary = stages.sft_shards(workdir, labels="judge")
     rows = {r["key"][:32]: r for r in Records(Path(workdir) / "split.jsonl").ok()}
-    samples = [decode(raw, "sft") for url in read_manifest(Path(workdir) / "sft-judge")["urls"] for raw in wds.WebDataset(url, shardshuffle=False)]
-    assert summary["written"] == len(samples) == sum(r["judge"] is not None for r in rows.values()) > read_manifest(Path(workdir) / "sft")["samples"]
+    samples = [
+        decode(raw, "sft")
+        for url in read_manifest(Path(workdir) / "sft-judge")["urls"]
+        for raw in wds.WebDataset(url, shardshuffle=False)
+    ]
+    assert (
+        summary["written"]
+        == len(samples)
+        == sum(r["judge"] is not None for r in rows.values())
+        > read_manifest(Path(workdir) / "sft")["samples"]
+    )
     assert all(s.label == rows[s.id]["judge"] and s.target.endswith(f"Answer {s.label} is better.") for s in samples)
     assert any(rows[s.id]["label"] != s.label for s in samples)  # experts overrode some judge labels
     with pytest.raises(ValueError, match="labels must be"):
@@ -247,7 +334,10 @@ def test_candidates_on_a_paid_endpoint_print_their_estimate_first(tmp_path, caps
 
     workdir = str(tmp_path / "cur")
     ingest_world(workdir, 5, 2)
-    models = {"paid": lambda: pytest.fail("no request may be sent above max_usd"), "local": lambda: SimulatedAnswerer("local", workdir)}
+    models = {
+        "paid": lambda: pytest.fail("no request may be sent above max_usd"),
+        "local": lambda: SimulatedAnswerer("local", workdir),
+    }
     with pytest.raises(RuntimeError, match="above max_usd"):
         stages.candidates(workdir, models, {"greedy": Sampling()}, prices={"paid": Prices()}, max_usd=0.0)
     printed = capsys.readouterr().out

@@ -51,7 +51,9 @@ def test_training_batches_are_masked_and_epoch_length_is_exact(tiny_qwen, world)
 @pytest.mark.parametrize("workers,group", [(0, 0), (3, 0), (2, 2)])
 def test_an_epoch_resumed_after_some_batches_continues_their_order(tiny_qwen, tmp_path, workers, group):
     write_bad_shards(tmp_path)  # 23 samples of which 20 usable, in 3 shards: 5 batches of 4
-    module = make_module(tiny_qwen, tmp_path, batch_size=4, num_workers=workers, shuffle_buffer=6, group_by_length=group)
+    module = make_module(
+        tiny_qwen, tmp_path, batch_size=4, num_workers=workers, shuffle_buffer=6, group_by_length=group
+    )
     loader = module.train_dataloader()
     loader.position = lambda: (1, 0)
     whole = [(b["ids"], b["skipped"]) for b in loader]
@@ -60,7 +62,9 @@ def test_an_epoch_resumed_after_some_batches_continues_their_order(tiny_qwen, tm
         loader.position = lambda done=done: (1, done)
         assert [(b["ids"], b["skipped"]) for b in loader] == whole[done:], f"resumed after {done} batches"
     loader.position = lambda: (2, 0)
-    assert [b["ids"] for b in loader] != [ids for ids, _ in whole], "the epoch, not the iteration count, seeds the order"
+    assert [b["ids"] for b in loader] != [ids for ids, _ in whole], (
+        "the epoch, not the iteration count, seeds the order"
+    )
 
 
 def test_cut_batches_sorts_a_pool_into_batches_of_neighbouring_lengths():
@@ -68,7 +72,9 @@ def test_cut_batches_sorts_a_pool_into_batches_of_neighbouring_lengths():
     assert cut_batches(pool, 3, 0, random.Random(0)) == [pool[0:3], pool[3:6], pool[6:8]]
     grouped = cut_batches(pool, 2, 4, random.Random(0))
     assert sorted(tuple(item["length"] for item in batch) for batch in grouped) == [(1, 2), (3, 4), (5, 6), (7, 8)]
-    assert grouped == cut_batches(pool, 2, 4, random.Random(0)), "the batch order is the generator's, so a resume repeats it"
+    assert grouped == cut_batches(pool, 2, 4, random.Random(0)), (
+        "the batch order is the generator's, so a resume repeats it"
+    )
 
 
 def test_grouping_by_length_pads_less_and_keeps_the_epoch(tiny_qwen, tmp_path):
@@ -77,7 +83,9 @@ def test_grouping_by_length_pads_less_and_keeps_the_epoch(tiny_qwen, tmp_path):
             writer.write(schema.SFTSample(**it.fields(), target=it.critique() + " red" * 4 * (index % 8), source="t"))
 
     def epoch(group):
-        batches = list(make_module(tiny_qwen, tmp_path, batch_size=4, num_workers=0, group_by_length=group).train_dataloader())
+        batches = list(
+            make_module(tiny_qwen, tmp_path, batch_size=4, num_workers=0, group_by_length=group).train_dataloader()
+        )
         padding = sum(int((b["inputs"]["attention_mask"] == 0).sum()) for b in batches)
         return sorted(i for b in batches for i in b["ids"]), [len(b["ids"]) for b in batches], padding
 
@@ -122,8 +130,17 @@ def test_every_rank_gets_the_same_number_of_batches(tiny_qwen, tmp_path, world_s
     items = shapes.judge_items(17, seed=4)
     with schema.ShardWriter(tmp_path, prefix="u", max_count=5, kind="sft") as writer:
         for it in items:
-            writer.write(schema.SFTSample(id=it.id, question=it.question, responses=list(it.responses),
-                                          label=it.label, target=it.critique(), source="t", image=it.image))
+            writer.write(
+                schema.SFTSample(
+                    id=it.id,
+                    question=it.question,
+                    responses=list(it.responses),
+                    label=it.label,
+                    target=it.critique(),
+                    source="t",
+                    image=it.image,
+                )
+            )
     counts, val_ids = [], []
     for rank in range(world_size):
         module = make_module(tiny_qwen, tmp_path, batch_size=2, num_workers=2)

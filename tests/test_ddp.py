@@ -22,19 +22,39 @@ def test_two_processes_uneven_shards(tiny_qwen, world, tmp_path):
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2, "precision": "32-true", "logger": False,
-            "enable_checkpointing": False, "enable_progress_bar": False, "num_sanity_val_steps": 0,
+            "accelerator": "cpu",
+            "devices": 2,
+            "strategy": "ddp",
+            "max_epochs": 2,
+            "precision": "32-true",
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "num_sanity_val_steps": 0,
             "default_root_dir": str(tmp_path),
-            "callbacks": [{"class_path": "tests.workers.ddp.CountBatches", "init_args": {"out_dir": str(tmp_path / "counts")}},
-                          {"class_path": "carevl.callbacks.Throughput", "init_args": {"window": 2, "peak_tflops": 1.0}}],  # rank-local: no collective to hang on
+            "callbacks": [
+                {"class_path": "tests.workers.ddp.CountBatches", "init_args": {"out_dir": str(tmp_path / "counts")}},
+                {"class_path": "carevl.callbacks.Throughput", "init_args": {"window": 2, "peak_tflops": 1.0}},
+            ],  # rank-local: no collective to hang on
         },
         "model": {
             "class_path": "carevl.sft.SFTJudge",
-            "init_args": {"backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen}},
-                          "lr": 1e-3, "max_new_tokens": 4},
+            "init_args": {
+                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen}},
+                "lr": 1e-3,
+                "max_new_tokens": 4,
+            },
         },
-        "data": {"class_path": "datamodules.JudgeDataModule",
-                 "init_args": {"train": str(tmp_path / "train"), "val": str(world / "heldout"), "batch_size": 3, "val_batch_size": 5, "num_workers": 1}},
+        "data": {
+            "class_path": "datamodules.JudgeDataModule",
+            "init_args": {
+                "train": str(tmp_path / "train"),
+                "val": str(world / "heldout"),
+                "batch_size": 3,
+                "val_batch_size": 5,
+                "num_workers": 1,
+            },
+        },
     }
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -46,21 +66,50 @@ def test_two_processes_uneven_shards(tiny_qwen, world, tmp_path):
     assert [c["val_samples"] for c in counts] == [16, 16] and counts[0]["val"] == counts[1]["val"]
 
 
-def probe_config(tmp_path: Path, name: str, tiny_qwen: str, train: Path, devices: int = 2, max_steps: int = 3, accumulate: int = 1, callbacks: list = ()) -> Path:
+def probe_config(
+    tmp_path: Path,
+    name: str,
+    tiny_qwen: str,
+    train: Path,
+    devices: int = 2,
+    max_steps: int = 3,
+    accumulate: int = 1,
+    callbacks: list = (),
+) -> Path:
     """A DDP SFT run of the tiny model (batches of 2, no validation, no logger) whose ranks write
     what they ran to tmp_path/NAME (`tests.workers.ddp.CountBatches`); checkpointing is on when
     `callbacks` hold a checkpoint callback."""
     run = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": devices, "strategy": "ddp", "max_steps": max_steps, "accumulate_grad_batches": accumulate,
-            "precision": "32-true", "logger": False, "enable_progress_bar": False, "limit_val_batches": 0, "default_root_dir": str(tmp_path / name),
+            "accelerator": "cpu",
+            "devices": devices,
+            "strategy": "ddp",
+            "max_steps": max_steps,
+            "accumulate_grad_batches": accumulate,
+            "precision": "32-true",
+            "logger": False,
+            "enable_progress_bar": False,
+            "limit_val_batches": 0,
+            "default_root_dir": str(tmp_path / name),
             "enable_checkpointing": any("Checkpoint" in callback["class_path"] for callback in callbacks),
-            "callbacks": [{"class_path": "tests.workers.ddp.CountBatches", "init_args": {"out_dir": str(tmp_path / name)}}, *callbacks],
+            "callbacks": [
+                {"class_path": "tests.workers.ddp.CountBatches", "init_args": {"out_dir": str(tmp_path / name)}},
+                *callbacks,
+            ],
         },
-        "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
-            "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen}}, "lr": 1e-3, "val_generate": False}},
-        "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(train), "batch_size": 2, "num_workers": 0}},
+        "model": {
+            "class_path": "carevl.sft.SFTJudge",
+            "init_args": {
+                "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen}},
+                "lr": 1e-3,
+                "val_generate": False,
+            },
+        },
+        "data": {
+            "class_path": "datamodules.JudgeDataModule",
+            "init_args": {"train": str(train), "batch_size": 2, "num_workers": 0},
+        },
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(run))
@@ -90,10 +139,40 @@ def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_p
 
     # torchrun, as the README writes it, once per node
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--rdzv-backend", "c10d",
-         "--rdzv-endpoint", endpoint, "-m", "carevl.cli", "fit", "--config", str(config("torchrun")), "--trainer.num_nodes", "2", "--trainer.devices", "1"],
-        cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(node),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "-m",
+                "carevl.cli",
+                "fit",
+                "--config",
+                str(config("torchrun")),
+                "--trainer.num_nodes",
+                "2",
+                "--trainer.devices",
+                "1",
+            ],
+            cwd=ROOT,
+            env=environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     for node in nodes:
         assert node.wait(timeout=600) == 0, node.stderr.read()[-3000:]
 
@@ -105,21 +184,38 @@ def test_the_torchrun_and_slurm_recipes_make_two_nodes_that_train_as_two_local_p
         "#!/bin/bash\n# stand-in srun: the job's tasks on this machine, with the variables srun gives each\n"
         "tasks=$((SLURM_NNODES * SLURM_NTASKS_PER_NODE)); pids=()\n"
         "for ((i = 0; i < tasks; i++)); do\n"
-        "  SLURM_NTASKS=$tasks SLURM_PROCID=$i SLURM_LOCALID=$((i % SLURM_NTASKS_PER_NODE)) SLURM_NODEID=$((i / SLURM_NTASKS_PER_NODE)) "
-        "SLURM_NODELIST=localhost SLURM_JOB_NAME=carevl \"$@\" & pids+=($!)\n"
-        "done\nstatus=0; for pid in \"${pids[@]}\"; do wait $pid || status=1; done; exit $status\n")
+        "  SLURM_NTASKS=$tasks SLURM_PROCID=$i SLURM_LOCALID=$((i % SLURM_NTASKS_PER_NODE)) SLURM_NODEID=$((i / "
+        "SLURM_NTASKS_PER_NODE)) "
+        'SLURM_NODELIST=localhost SLURM_JOB_NAME=carevl "$@" & pids+=($!)\n'
+        'done\nstatus=0; for pid in "${pids[@]}"; do wait $pid || status=1; done; exit $status\n'
+    )
     srun.chmod(0o755)
     # submitted from outside the repository, with the environment carevl is installed in on PATH
     # (wherever it lives), as sbatch passes the submitting shell's environment to the job
     path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"
-    slurm = environment(PATH=path, SLURM_JOB_ID="4243", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1", MASTER_PORT=free_port())
-    done = subprocess.run(["bash", str(ROOT / "tools" / "slurm.sbatch"), str(config("slurm"))], cwd=tmp_path, env=slurm, capture_output=True, text=True, timeout=600)
+    slurm = environment(
+        PATH=path, SLURM_JOB_ID="4243", SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1", MASTER_PORT=free_port()
+    )
+    done = subprocess.run(
+        ["bash", str(ROOT / "tools" / "slurm.sbatch"), str(config("slurm"))],
+        cwd=tmp_path,
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     local, torchrun, srun_ = (ranks(tmp_path, name) for name in ("local", "torchrun", "slurm"))
     assert [r["num_nodes"] for r in local] == [1, 1]
-    assert [(r["num_nodes"], r["node_rank"], r["environment"]) for r in torchrun] == [(2, 0, "TorchElasticEnvironment"), (2, 1, "TorchElasticEnvironment")]
-    assert [(r["num_nodes"], r["node_rank"], r["environment"]) for r in srun_] == [(2, 0, "SLURMEnvironment"), (2, 1, "SLURMEnvironment")]
+    assert [(r["num_nodes"], r["node_rank"], r["environment"]) for r in torchrun] == [
+        (2, 0, "TorchElasticEnvironment"),
+        (2, 1, "TorchElasticEnvironment"),
+    ]
+    assert [(r["num_nodes"], r["node_rank"], r["environment"]) for r in srun_] == [
+        (2, 0, "SLURMEnvironment"),
+        (2, 1, "SLURMEnvironment"),
+    ]
     for launched in (torchrun, srun_):
         for rank, expected in zip(launched, local):
             assert rank["world_size"] == 2 and rank["train"] == 3
@@ -140,8 +236,20 @@ def test_a_run_resumed_on_another_number_of_processes_goes_on_from_as_many_sampl
             writer.write(schema.SFTSample(**item.fields(), target=item.critique(), source="t"))
 
     def run(name: str, devices: int, steps: int, resume: str | None = None) -> list[dict]:
-        checkpoints = {"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1000}}
-        path = probe_config(tmp_path, name, tiny_qwen, tmp_path / "train", devices, steps, accumulate=2 // devices, callbacks=[checkpoints])
+        checkpoints = {
+            "class_path": "carevl.callbacks.Checkpoints",
+            "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 1000},
+        }
+        path = probe_config(
+            tmp_path,
+            name,
+            tiny_qwen,
+            tmp_path / "train",
+            devices,
+            steps,
+            accumulate=2 // devices,
+            callbacks=[checkpoints],
+        )
         log = carevl("fit", path, *([f"--ckpt_path={tmp_path / 'ckpt' / resume}"] if resume else []))
         assert "not resumable" not in log, "Lightning's warning is false for this loader"
         return ranks(tmp_path, name, devices)

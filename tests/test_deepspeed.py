@@ -22,7 +22,13 @@ from tests.helpers import ROOT, carevl, free_port, metrics, python_module
 
 def test_zero3_loads_the_checkpoint_into_partitioned_weights_and_starts_lora_at_zero(tiny_qwen):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "zero3.py"), tiny_qwen, free_port()], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "workers" / "zero3.py"), tiny_qwen, free_port()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     # Every weight is a ZeRO-3 partition, and every checkpoint weight arrived intact.
@@ -43,7 +49,15 @@ def test_zero_steps_train_what_is_trainable_against_their_references(tiny_qwen, 
 
     write_preference_groups(str(tmp_path / "groups"), n=4, shard_size=4)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "tests" / "workers" / "zero_steps.py"), tiny_qwen, str(tmp_path / "groups"), str(world / "train"), str(stage), free_port()]
+    command = [
+        sys.executable,
+        str(ROOT / "tests" / "workers" / "zero_steps.py"),
+        tiny_qwen,
+        str(tmp_path / "groups"),
+        str(world / "train"),
+        str(stage),
+        free_port(),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -54,7 +68,9 @@ def test_zero_steps_train_what_is_trainable_against_their_references(tiny_qwen, 
         assert run["losses"][-1] < run["losses"][0]
         assert not run["moved_frozen"], "frozen weights (vision; the base under LoRA) stay put"
     for name in ("dpo", "sft"):
-        assert report[name]["moved"] == report[name]["lora"] > 0 and not report[name]["moved_outside_lora"], "the adapters train"
+        assert report[name]["moved"] == report[name]["lora"] > 0 and not report[name]["moved_outside_lora"], (
+            "the adapters train"
+        )
     for name in ("dpo_full", "dpo_copy"):
         assert report[name]["moved"] == report[name]["trainable"] > 0, "every language-model weight trains"
     # The frozen copy: partitioned under ZeRO-3 (loaded again, with its own engine), never moved.
@@ -85,7 +101,16 @@ def test_a_zero_checkpoint_resumes_exactly_and_exports_its_weights(tiny_qwen, wo
     from tests.helpers import load_tool
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(ROOT / "tests" / "workers" / "zero_steps.py"), "checkpoint", tiny_qwen, str(world / "train"), str(stage), str(tmp_path), free_port()]
+    command = [
+        sys.executable,
+        str(ROOT / "tests" / "workers" / "zero_steps.py"),
+        "checkpoint",
+        tiny_qwen,
+        str(world / "train"),
+        str(stage),
+        str(tmp_path),
+        free_port(),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -94,12 +119,21 @@ def test_a_zero_checkpoint_resumes_exactly_and_exports_its_weights(tiny_qwen, wo
     assert report["uninterrupted"] != report["first"]
 
     config = {
-        "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {"backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {
-            "model": tiny_qwen, "dtype": "bfloat16", "gradient_checkpointing": True}}}},
+        "model": {
+            "class_path": "carevl.sft.SFTJudge",
+            "init_args": {
+                "backbone": {
+                    "class_path": "carevl.backbone.Backbone",
+                    "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "gradient_checkpointing": True},
+                }
+            },
+        },
         "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(world / "train")}},
     }
     (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
-    out = load_tool("export_checkpoint").export(str(tmp_path / "sft.yaml"), str(tmp_path / "last.ckpt"), str(tmp_path / "hf"))
+    out = load_tool("export_checkpoint").export(
+        str(tmp_path / "sft.yaml"), str(tmp_path / "last.ckpt"), str(tmp_path / "hf")
+    )
     exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.bfloat16).state_dict()
     saved = torch.load(tmp_path / "step2.pt")  # the step-2 weights, gathered from the engine
     assert saved.keys() <= exported.keys() and len(saved) > 10
@@ -128,21 +162,59 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 2, "precision": "bf16-mixed", "max_steps": 2, "log_every_n_steps": 1,
-            "strategy": {"class_path": "tests.workers.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json")}},
-            "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run"}},
+            "accelerator": "cpu",
+            "devices": 2,
+            "precision": "bf16-mixed",
+            "max_steps": 2,
+            "log_every_n_steps": 1,
+            "strategy": {
+                "class_path": "tests.workers.cpu_deepspeed.CPUDeepSpeed",
+                "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json")},
+            },
+            "enable_progress_bar": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "logs"), "name": "run"},
+            },
             "callbacks": [
                 {"class_path": "carevl.callbacks.Throughput", "init_args": {"window": 1, "peak_tflops": 1.0}},
-                {"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2}},
+                {
+                    "class_path": "carevl.callbacks.Checkpoints",
+                    "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2},
+                },
                 {"class_path": "carevl.callbacks.TimeLimit", "init_args": {"margin_minutes": 0}},
                 {"class_path": "carevl.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / "hf-callback")}},
             ],
         },
-        "model": {"class_path": "carevl.dpo.DPOJudge", "init_args": {
-            "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "freeze_projector": True, "gradient_checkpointing": True}},
-            "reference": "copy", "beta": 0.1, "lr": 1e-3, "val_generate": False}},
-        "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(tmp_path / "groups"), "kind": "preference_group", "batch_size": 1, "num_workers": 0}},
+        "model": {
+            "class_path": "carevl.dpo.DPOJudge",
+            "init_args": {
+                "backbone": {
+                    "class_path": "carevl.backbone.Backbone",
+                    "init_args": {
+                        "model": tiny_qwen,
+                        "dtype": "bfloat16",
+                        "freeze_projector": True,
+                        "gradient_checkpointing": True,
+                    },
+                },
+                "reference": "copy",
+                "beta": 0.1,
+                "lr": 1e-3,
+                "val_generate": False,
+            },
+        },
+        "data": {
+            "class_path": "datamodules.JudgeDataModule",
+            "init_args": {
+                "train": str(tmp_path / "groups"),
+                "kind": "preference_group",
+                "batch_size": 1,
+                "num_workers": 0,
+            },
+        },
     }
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -151,8 +223,17 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
         carevl("fit", path, *arguments, DS_ACCELERATOR="cpu", **env)
 
     # `carevl validate` (DeepSpeed's inference engine in Lightning; the copy prepared without a fit)
-    carevl("validate", path, f"--data.init_args.val={tmp_path / 'groups'}", "--trainer.limit_val_batches=1", "--trainer.logger.init_args.name=validate", DS_ACCELERATOR="cpu")
-    assert float(next(r for r in metrics(tmp_path / "logs" / "validate") if r.get("val/groups_loss"))["val/groups_loss"]) == pytest.approx(math.log(2), abs=1e-4)
+    carevl(
+        "validate",
+        path,
+        f"--data.init_args.val={tmp_path / 'groups'}",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger.init_args.name=validate",
+        DS_ACCELERATOR="cpu",
+    )
+    assert float(
+        next(r for r in metrics(tmp_path / "logs" / "validate") if r.get("val/groups_loss"))["val/groups_loss"]
+    ) == pytest.approx(math.log(2), abs=1e-4)
 
     def saved_step(checkpoint) -> int:
         assert len(list(checkpoint.glob("checkpoint/*optim_states.pt"))) == 2, "one optimizer partition per process"
@@ -164,19 +245,27 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     assert saved_step(checkpoints / "last.ckpt") == 2
     rows = metrics(tmp_path / "logs" / "run")
     first = next(r for r in rows if r.get("train/loss"))
-    assert int(first["step"]) == 0 and float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-4), "the copy equals the starting policy"
+    assert int(first["step"]) == 0 and float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-4), (
+        "the copy equals the starting policy"
+    )
     assert any(r.get("train/mfu") for r in rows)
 
     # ExportHF gathered the shards: what it wrote equals the export of the step-2 checkpoint
     out = load_tool("export_checkpoint").export(str(path), str(checkpoints / "last.ckpt"), str(tmp_path / "hf"))
     exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.bfloat16).state_dict()
-    by_callback = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf-callback", dtype=torch.bfloat16).state_dict()
+    by_callback = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "hf-callback", dtype=torch.bfloat16
+    ).state_dict()
     assert by_callback.keys() == exported.keys()
-    assert all(torch.equal(by_callback[k], exported[k]) for k in exported), [k for k in exported if not torch.equal(by_callback[k], exported[k])][:5]
+    assert all(torch.equal(by_callback[k], exported[k]) for k in exported), [
+        k for k in exported if not torch.equal(by_callback[k], exported[k])
+    ][:5]
     start = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.bfloat16).state_dict()
     language = [k for k in start if k.startswith("model.language_model.layers.")]
     vision = [k for k in start if k.startswith("model.visual.")]
-    assert all(not torch.equal(exported[k], start[k]) for k in language if k.endswith("proj.weight")), "the policy trained"
+    assert all(not torch.equal(exported[k], start[k]) for k in language if k.endswith("proj.weight")), (
+        "the policy trained"
+    )
     assert all(torch.equal(exported[k], start[k]) for k in vision), "the frozen vision tower did not"
 
     # resumed with its deadline already past: one more step, a checkpoint of it, and a stop (no export)
@@ -186,7 +275,9 @@ def test_carevl_fit_under_lightnings_deepspeed_trains_resumes_stops_in_time_and_
     assert not (tmp_path / "hf-callback" / "config.json").exists(), "a run stopped for its time limit is not exported"
 
 
-def sft_config(tiny_qwen: str, world, tmp_path, name: str, deepspeed: str, max_steps: int, callbacks: list = (), devices: int = 2):
+def sft_config(
+    tiny_qwen: str, world, tmp_path, name: str, deepspeed: str, max_steps: int, callbacks: list = (), devices: int = 2
+):
     """An SFT run of bf16 weights under configs/deepspeed/DEEPSPEED.json on `devices` processes,
     logging every step to tmp_path/logs/NAME, with `callbacks` (checkpointing is on when they hold
     a checkpoint callback)."""
@@ -195,16 +286,41 @@ def sft_config(tiny_qwen: str, world, tmp_path, name: str, deepspeed: str, max_s
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": devices, "precision": "bf16-mixed", "max_steps": max_steps, "log_every_n_steps": 1,
-            "strategy": {"class_path": "tests.workers.cpu_deepspeed.CPUDeepSpeed", "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json")}},
-            "enable_progress_bar": False, "num_sanity_val_steps": 0, "limit_val_batches": 0, "callbacks": list(callbacks),
+            "accelerator": "cpu",
+            "devices": devices,
+            "precision": "bf16-mixed",
+            "max_steps": max_steps,
+            "log_every_n_steps": 1,
+            "strategy": {
+                "class_path": "tests.workers.cpu_deepspeed.CPUDeepSpeed",
+                "init_args": {"config": str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json")},
+            },
+            "enable_progress_bar": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "callbacks": list(callbacks),
             "enable_checkpointing": any("Checkpoint" in callback["class_path"] for callback in callbacks),
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs"), "name": name}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "logs"), "name": name},
+            },
         },
-        "model": {"class_path": "carevl.sft.SFTJudge", "init_args": {
-            "backbone": {"class_path": "carevl.backbone.Backbone", "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "gradient_checkpointing": True}},
-            "lr": 1e-3, "weight_decay": 0.01, "val_generate": False}},
-        "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(world / "train"), "kind": "sft", "batch_size": 2, "num_workers": 0}},
+        "model": {
+            "class_path": "carevl.sft.SFTJudge",
+            "init_args": {
+                "backbone": {
+                    "class_path": "carevl.backbone.Backbone",
+                    "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "gradient_checkpointing": True},
+                },
+                "lr": 1e-3,
+                "weight_decay": 0.01,
+                "val_generate": False,
+            },
+        },
+        "data": {
+            "class_path": "datamodules.JudgeDataModule",
+            "init_args": {"train": str(world / "train"), "kind": "sft", "batch_size": 2, "num_workers": 0},
+        },
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -213,7 +329,9 @@ def sft_config(tiny_qwen: str, world, tmp_path, name: str, deepspeed: str, max_s
 
 def losses(tmp_path, name: str) -> dict[int, float]:
     """{step: train/loss} of run NAME."""
-    return {int(row["step"]): float(row["train/loss"]) for row in metrics(tmp_path / "logs" / name) if row.get("train/loss")}
+    return {
+        int(row["step"]): float(row["train/loss"]) for row in metrics(tmp_path / "logs" / name) if row.get("train/loss")
+    }
 
 
 def test_an_offload_config_trains_as_its_stage_does(tiny_qwen, world, tmp_path):
@@ -232,12 +350,16 @@ def test_an_offload_config_trains_as_its_stage_does(tiny_qwen, world, tmp_path):
     assert sorted(plain) == sorted(offloaded) == [0, 1, 2]
     assert offloaded[0] == plain[0]
     for step in (1, 2):
-        assert abs(plain[step] - plain[step - 1]) > 1e-2 * plain[step - 1], "each step must move the loss past the tolerance"
+        assert abs(plain[step] - plain[step - 1]) > 1e-2 * plain[step - 1], (
+            "each step must move the loss past the tolerance"
+        )
         assert offloaded[step] == pytest.approx(plain[step], rel=1e-3)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_a_zero_checkpoint_resumes_on_another_number_of_processes_as_a_universal_checkpoint(tiny_qwen, world, tmp_path, stage):
+def test_a_zero_checkpoint_resumes_on_another_number_of_processes_as_a_universal_checkpoint(
+    tiny_qwen, world, tmp_path, stage
+):
     """Two processes train four steps, keeping ZeRO checkpoints of steps 2 and 4. One process
     refuses the step-2 checkpoint, naming the conversion (DeepSpeed's own failure: under ZeRO-2 a
     refusal, under ZeRO-3 a tensor size mismatch). DeepSpeed's ds_to_universal converts it as the
@@ -245,24 +367,52 @@ def test_a_zero_checkpoint_resumes_on_another_number_of_processes_as_a_universal
     run's steps 2 and 3 exactly (weights and Adam moments come back whole), and one process resumes
     from it at step 2."""
     checkpoints = tmp_path / "ckpt"
-    every_second = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2, "save_top_k": -1}}
+    every_second = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2, "save_top_k": -1},
+    }
     path = sft_config(tiny_qwen, world, tmp_path, "run", f"zero{stage}", max_steps=4, callbacks=[every_second])
     carevl("fit", path, DS_ACCELERATOR="cpu")
     uninterrupted = losses(tmp_path, "run")
     assert sorted(uninterrupted) == [0, 1, 2, 3]
 
     step2 = checkpoints / "epoch=0-step=2.ckpt"
-    refused = carevl("fit", path, f"--ckpt_path={step2}", "--trainer.devices=1", "--trainer.logger.init_args.name=refused", DS_ACCELERATOR="cpu", fails=True)
-    message = refused[refused.index("was saved by 2 processes"):]
+    refused = carevl(
+        "fit",
+        path,
+        f"--ckpt_path={step2}",
+        "--trainer.devices=1",
+        "--trainer.logger.init_args.name=refused",
+        DS_ACCELERATOR="cpu",
+        fails=True,
+    )
+    message = refused[refused.index("was saved by 2 processes") :]
     command = message[message.index("python -m ") :].splitlines()[0].split()
     assert command[:3] == ["python", "-m", "deepspeed.checkpoint.ds_to_universal"]
     universal = message.split("--ckpt_path ")[1].split()[0]
 
     python_module(*command[2:], DS_ACCELERATOR="cpu")
-    carevl("fit", path, f"--ckpt_path={universal}", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.logger.init_args.name=universal", DS_ACCELERATOR="cpu")
+    carevl(
+        "fit",
+        path,
+        f"--ckpt_path={universal}",
+        "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.logger.init_args.name=universal",
+        DS_ACCELERATOR="cpu",
+    )
     assert losses(tmp_path, "universal") == {2: uninterrupted[2], 3: uninterrupted[3]}
 
-    carevl("fit", path, f"--ckpt_path={universal}", "--trainer.devices=1", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.logger.init_args.name=one", DS_ACCELERATOR="cpu")
+    carevl(
+        "fit",
+        path,
+        f"--ckpt_path={universal}",
+        "--trainer.devices=1",
+        "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.logger.init_args.name=one",
+        DS_ACCELERATOR="cpu",
+    )
     one = losses(tmp_path, "one")
     assert sorted(one) == [2, 3] and all(math.isfinite(v) for v in one.values())
 
@@ -275,19 +425,44 @@ def test_a_run_killed_while_saving_resumes_from_the_complete_checkpoint_before(t
     save_last=True killed the same way, during its second write over last.ckpt, resumed at step 4
     with step 2's optimizer state, without an error.)"""
     checkpoints = tmp_path / "ckpt"
-    periodic = {"class_path": "carevl.callbacks.Checkpoints", "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2}}
-    carevl("fit", sft_config(tiny_qwen, world, tmp_path, "whole", "zero2", max_steps=6, callbacks=[periodic], devices=1), DS_ACCELERATOR="cpu")
+    periodic = {
+        "class_path": "carevl.callbacks.Checkpoints",
+        "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2},
+    }
+    carevl(
+        "fit",
+        sft_config(tiny_qwen, world, tmp_path, "whole", "zero2", max_steps=6, callbacks=[periodic], devices=1),
+        DS_ACCELERATOR="cpu",
+    )
     whole = losses(tmp_path, "whole")
     assert sorted(whole) == [0, 1, 2, 3, 4, 5]
     assert (checkpoints / "last.ckpt").resolve().name == "epoch=0-step=6.ckpt"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], "the two newest are kept"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "epoch=0-step=4.ckpt",
+        "epoch=0-step=6.ckpt",
+        "last.ckpt",
+    ], "the two newest are kept"
 
     shutil.rmtree(checkpoints)
     dies = {"class_path": "tests.workers.kill.DieWhileSaving", "init_args": {"after_files": 3}}  # step 2 writes 2 files
-    carevl("fit", sft_config(tiny_qwen, world, tmp_path, "killed", "zero2", max_steps=6, callbacks=[periodic, dies], devices=1), DS_ACCELERATOR="cpu", fails=True)
+    carevl(
+        "fit",
+        sft_config(tiny_qwen, world, tmp_path, "killed", "zero2", max_steps=6, callbacks=[periodic, dies], devices=1),
+        DS_ACCELERATOR="cpu",
+        fails=True,
+    )
     assert (checkpoints / "epoch=0-step=4.ckpt").is_dir(), "the save was cut short"
     assert (checkpoints / "last.ckpt").resolve().name == "epoch=0-step=2.ckpt"
 
-    carevl("fit", sft_config(tiny_qwen, world, tmp_path, "resumed", "zero2", max_steps=6, callbacks=[periodic], devices=1), "--ckpt_path=last", DS_ACCELERATOR="cpu")
+    carevl(
+        "fit",
+        sft_config(tiny_qwen, world, tmp_path, "resumed", "zero2", max_steps=6, callbacks=[periodic], devices=1),
+        "--ckpt_path=last",
+        DS_ACCELERATOR="cpu",
+    )
     assert losses(tmp_path, "resumed") == {step: whole[step] for step in (2, 3, 4, 5)}
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], "the cut-short save was removed and made again"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "epoch=0-step=4.ckpt",
+        "epoch=0-step=6.ckpt",
+        "last.ckpt",
+    ], "the cut-short save was removed and made again"

@@ -28,8 +28,17 @@ def groups_dir(tmp_path_factory):
 
 
 def dpo_fit(tmp_path, model, groups, max_steps=3, module_args=None, **overrides):
-    return fit(tmp_path, model, groups, module="carevl.dpo.DPOJudge", module_args={"beta": 0.1, **(module_args or {})},
-               kind="preference_group", batch_size=2, max_steps=max_steps, **overrides)
+    return fit(
+        tmp_path,
+        model,
+        groups,
+        module="carevl.dpo.DPOJudge",
+        module_args={"beta": 0.1, **(module_args or {})},
+        kind="preference_group",
+        batch_size=2,
+        max_steps=max_steps,
+        **overrides,
+    )
 
 
 def first_batch(model, groups):
@@ -52,7 +61,16 @@ def test_copy_reference_stays_frozen_while_the_policy_moves(tiny_qwen, groups_di
     moved = [n for n, p in policy.items() if p.requires_grad and not torch.equal(p, before[n])]
     assert len(moved) == sum(p.requires_grad for p in policy.values())
     logged = set().union(*({k for k, v in row.items() if v} for row in metrics(tmp_path)))
-    for name in ("loss", "reward_accuracy", "chosen_beats_all", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp"):
+    for name in (
+        "loss",
+        "reward_accuracy",
+        "chosen_beats_all",
+        "margin",
+        "chosen_reward",
+        "rejected_reward",
+        "chosen_logp",
+        "rejected_logp",
+    ):
         assert f"train/{name}" in logged, name
 
 
@@ -86,7 +104,10 @@ def test_the_reference_precompute_splits_into_parts_and_resumes_after_a_kill(tin
     assert len(expected) == 24
 
     split = shards("split")  # two processes' parts, one after the other: the second merges
-    assert precompute_reference(tiny_qwen, split, batch_size=3, part=0, parts=2) is None and not (split / REFERENCE_FILE).exists()
+    assert (
+        precompute_reference(tiny_qwen, split, batch_size=3, part=0, parts=2) is None
+        and not (split / REFERENCE_FILE).exists()
+    )
     assert precompute_reference(tiny_qwen, split, batch_size=3, part=1, parts=2) == split / REFERENCE_FILE
     merged = reference_logps(split)
     assert merged.keys() == expected.keys()
@@ -95,14 +116,24 @@ def test_the_reference_precompute_splits_into_parts_and_resumes_after_a_kill(tin
     killed = shards("killed")  # a run killed after its first group, halfway through writing the second
     first, second = sorted(expected)[:2]
     marker = [123.0] * len(expected[first])  # not what the model gives: recomputing would overwrite it
-    settings = {"key": "*settings*", "model": tiny_qwen, "model_files": model_fingerprint(tiny_qwen), "dtype": "float32", "max_length": 4096}
+    settings = {
+        "key": "*settings*",
+        "model": tiny_qwen,
+        "model_files": model_fingerprint(tiny_qwen),
+        "dtype": "float32",
+        "max_length": 4096,
+    }
     lines = [settings, {"key": first, "logps": marker}]
     part = part_path(killed, 0, 1)
-    part.write_text("".join(json.dumps(r) + "\n" for r in lines) + json.dumps({"key": second, "logps": expected[second]})[:20])
+    part.write_text(
+        "".join(json.dumps(r) + "\n" for r in lines) + json.dumps({"key": second, "logps": expected[second]})[:20]
+    )
     precompute_reference(tiny_qwen, killed, batch_size=5)
     resumed = reference_logps(killed)
     assert resumed[first] == marker, "a group already written is not computed again"
-    assert resumed.keys() == expected.keys() and torch.allclose(torch.tensor(resumed[second]), torch.tensor(expected[second]), atol=1e-5)
+    assert resumed.keys() == expected.keys() and torch.allclose(
+        torch.tensor(resumed[second]), torch.tensor(expected[second]), atol=1e-5
+    )
 
     # the starting model written again at the same path: the part file is set aside, every group recomputed
     weights = next(Path(tiny_qwen).glob("*.safetensors"))
@@ -167,9 +198,20 @@ def test_loss_equals_trl_sigmoid_dpo_on_the_same_pairs_and_model(tiny_qwen, tmp_
 
     encoder = Encoder(policy.processor)
     groups = [
-        encode_group(encoder, None, PreferenceGroupSample(id=item.id, question=item.question, responses=list(item.responses), label=item.label,
-                                                         chosen=item.critique(), rejected=[bad], image=item.image),
-                    Image.open(io.BytesIO(item.image)).convert("RGB"))[0]
+        encode_group(
+            encoder,
+            None,
+            PreferenceGroupSample(
+                id=item.id,
+                question=item.question,
+                responses=list(item.responses),
+                label=item.label,
+                chosen=item.critique(),
+                rejected=[bad],
+                image=item.image,
+            ),
+            Image.open(io.BytesIO(item.image)).convert("RGB"),
+        )[0]
         for item, bad in zip(items, rejected)
     ]
     batch = collate_groups(groups, {}, encoder.pad_token_id)
@@ -179,10 +221,27 @@ def test_loss_equals_trl_sigmoid_dpo_on_the_same_pairs_and_model(tiny_qwen, tmp_
     c, r = batch["chosen_index"], batch["rejected_index"]
     loss, _ = dpo_group_loss(ours[c], ours[r], ref[c], ref[r], batch["rejected_group"], beta)
 
-    rows = [trl_pair(item.image, item.question, list(item.responses), item.critique(), bad) for item, bad in zip(items, rejected)]
-    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, beta=beta, loss_type=["sigmoid"], report_to="none",
-                         use_cpu=True, max_length=None, bf16=False)
-    trainer = trl.DPOTrainer(model=policy.hf, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=policy.processor)
+    rows = [
+        trl_pair(item.image, item.question, list(item.responses), item.critique(), bad)
+        for item, bad in zip(items, rejected)
+    ]
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        beta=beta,
+        loss_type=["sigmoid"],
+        report_to="none",
+        use_cpu=True,
+        max_length=None,
+        bf16=False,
+    )
+    trainer = trl.DPOTrainer(
+        model=policy.hf,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=policy.processor,
+    )
     trl_batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, trl_batch)
@@ -211,14 +270,24 @@ def test_group_pair_losses_equal_the_pairs_computed_one_by_one(tiny_qwen):
     encoder = Encoder(module.backbone.processor)
 
     def losses(groups):
-        built = [encode_group(encoder, None, PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=r), image_of(item))[0] for r in groups]
+        built = [
+            encode_group(
+                encoder,
+                None,
+                PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=r),
+                image_of(item),
+            )[0]
+            for r in groups
+        ]
         batch = collate_groups(built, {}, encoder.pad_token_id)
         with torch.no_grad():
             features = module.backbone.image_features(batch["inputs"])
             policy = module.backbone.group_logprobs(batch, features)
             reference = module.reference_logprobs(batch, features)
         c, r = batch["chosen_index"], batch["rejected_index"]
-        return dpo_group_loss(policy[c], policy[r], reference[c], reference[r], batch["rejected_group"], 0.1)[1]["pair_losses"]
+        return dpo_group_loss(policy[c], policy[r], reference[c], reference[r], batch["rejected_group"], 0.1)[1][
+            "pair_losses"
+        ]
 
     grouped = losses([worse])
     one_by_one = torch.cat([losses([[text]]) for text in worse])
@@ -227,12 +296,26 @@ def test_group_pair_losses_equal_the_pairs_computed_one_by_one(tiny_qwen):
 
 
 def test_validation_reports_verdicts_and_held_out_group_statistics(tiny_qwen, world, groups_dir, tmp_path):
-    dpo_fit(tmp_path, tiny_qwen, groups_dir, val=[world / "heldout", groups_dir], trainer={"limit_train_batches": 2},
-            max_steps=2, limit_val_batches=2, val_batch_size=4)
+    dpo_fit(
+        tmp_path,
+        tiny_qwen,
+        groups_dir,
+        val=[world / "heldout", groups_dir],
+        trainer={"limit_train_batches": 2},
+        max_steps=2,
+        limit_val_batches=2,
+        val_batch_size=4,
+    )
     logged = {}
     for row in metrics(tmp_path):
         logged.update({k: float(v) for k, v in row.items() if v})
-    for name in ("val/verdict_accuracy", "val/groups_loss", "val/groups_reward_accuracy", "val/groups_chosen_beats_all", "val/groups_margin"):
+    for name in (
+        "val/verdict_accuracy",
+        "val/groups_loss",
+        "val/groups_reward_accuracy",
+        "val/groups_chosen_beats_all",
+        "val/groups_margin",
+    ):
         assert name in logged, name
     assert 0.0 <= logged["val/groups_reward_accuracy"] <= 1.0 and logged["val/groups_loss"] > 0
 

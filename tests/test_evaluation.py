@@ -25,8 +25,14 @@ def bench(tmp_path_factory) -> Path:
 def evaluate(tmp_path, model, shards, order="odd_length", **module):
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path)},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "logger": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),
+        },
         "model": {
             "class_path": "carevl.judge.JudgeEvaluator",
             "init_args": {
@@ -36,20 +42,31 @@ def evaluate(tmp_path, model, shards, order="odd_length", **module):
                 **module,
             },
         },
-        "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"test": str(shards), "order": order, "val_batch_size": 5, "num_workers": 1}},
+        "data": {
+            "class_path": "datamodules.JudgeDataModule",
+            "init_args": {"test": str(shards), "order": order, "val_batch_size": 5, "num_workers": 1},
+        },
     }
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(config))
     run(["test", "--config", str(path)])
     out = tmp_path / "results"
     predictions = [json.loads(line) for line in (out / "predictions-test-rank0.jsonl").read_text().splitlines()]
-    return json.loads((out / "test" / "results.json").read_text()), (out / "test" / "results.md").read_text(), predictions
+    return (
+        json.loads((out / "test" / "results.json").read_text()),
+        (out / "test" / "results.md").read_text(),
+        predictions,
+    )
 
 
 def rescore(predictions, metric):
     """The benchmark metric recomputed from the per-record predictions file."""
-    metric.update([p["verdict"] for p in predictions], [p["label"] for p in predictions], [p["category"] for p in predictions],
-                  [f"{p['id']}:{int(p['swapped'])}:{p['run']}" for p in predictions])
+    metric.update(
+        [p["verdict"] for p in predictions],
+        [p["label"] for p in predictions],
+        [p["category"] for p in predictions],
+        [f"{p['id']}:{int(p['swapped'])}:{p['run']}" for p in predictions],
+    )
     return {k: float(v) for k, v in metric.compute().items()}
 
 
@@ -69,14 +86,23 @@ def test_score_mode_table_matches_its_predictions(tiny_qwen, bench, tmp_path):
 
 def test_generate_mode_with_runs_and_both_orders(tiny_qwen, bench, tmp_path):
     results, table, predictions = evaluate(
-        tmp_path, tiny_qwen, bench / benchmarks.MLLM_JUDGE, order="both", eval_runs=2, eval_sample=True, unparseable="random"
+        tmp_path,
+        tiny_qwen,
+        bench / benchmarks.MLLM_JUDGE,
+        order="both",
+        eval_runs=2,
+        eval_sample=True,
+        unparseable="random",
     )
     scores = results["results"][benchmarks.MLLM_JUDGE]
     assert len(predictions) == 24 * 2 * 2  # records x orders x runs
     assert {p["run"] for p in predictions} == {0, 1} and all(isinstance(p["output"], str) for p in predictions)
     # A random tiny model writes no verdict: the random policy fills in a fixed pick per record.
     assert scores["unparseable"] == 48
-    runs = [rescore([p for p in predictions if p["run"] == run], MLLMJudgePairAccuracy(unparseable="random")) for run in (0, 1)]
+    runs = [
+        rescore([p for p in predictions if p["run"] == run], MLLMJudgePairAccuracy(unparseable="random"))
+        for run in (0, 1)
+    ]
     for key in runs[0]:  # the table holds the mean over runs of each run's metric, recomputed from its predictions
         assert scores[key] == pytest.approx((runs[0][key] + runs[1][key]) / 2), key
     assert "pair_w_tie_std" in scores and "position_consistency" in scores
@@ -93,8 +119,16 @@ def test_test_without_benchmark_shards_is_a_clear_error(tiny_qwen, world, tmp_pa
 
 
 def test_sft_validation_logs_benchmark_metrics(tiny_qwen, world, bench, tmp_path):
-    fit(tmp_path, tiny_qwen, world / "train", bench / benchmarks.VLREWARDBENCH, trainer={"limit_train_batches": 2},
-        max_steps=2, limit_val_batches=2, val_batch_size=6)
+    fit(
+        tmp_path,
+        tiny_qwen,
+        world / "train",
+        bench / benchmarks.VLREWARDBENCH,
+        trainer={"limit_train_batches": 2},
+        max_steps=2,
+        limit_val_batches=2,
+        val_batch_size=6,
+    )
     logged = [row for row in metrics(tmp_path) if row.get("val/vlrewardbench/overall")]
     assert logged, "no VL-RewardBench metrics in the validation logs"
     assert 0.0 <= float(logged[-1]["val/vlrewardbench/overall"]) <= 100.0

@@ -38,18 +38,27 @@ def test_generation_returns_n_samples_that_depend_only_on_their_own_chat(chat_mo
 
 def test_corrupt_image_fails_that_chat_only(chat_model):
     item = judge_items(1, seed=4)[0]
-    replies = chat_model.generate([Chat.user("q", item.image[:50]), Chat.user(item.question, item.image)], Sampling(max_tokens=3))
+    replies = chat_model.generate(
+        [Chat.user("q", item.image[:50]), Chat.user(item.question, item.image)], Sampling(max_tokens=3)
+    )
     assert replies[0].error.startswith("bad_input") and replies[1].ok
 
 
 def conversation(answer):
-    return [{"role": "user", "content": "What colour are the shapes?\n\nImage description: two red circles"}, {"role": "assistant", "content": answer}]
+    return [
+        {"role": "user", "content": "What colour are the shapes?\n\nImage description: two red circles"},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def test_reward_scores_are_the_raw_logit_with_one_bos(reward_model):
     from carevl.standins.tiny import BOS
 
-    conversations = [conversation("The shapes are red."), conversation("Blue."), conversation("The shapes are blue, I think.")]
+    conversations = [
+        conversation("The shapes are red."),
+        conversation("Blue."),
+        conversation("The shapes are blue, I think."),
+    ]
     scores = reward_model.score(conversations)
     bos = reward_model.tokenizer.convert_tokens_to_ids(BOS)
     for conv, score in zip(conversations, scores):

@@ -43,7 +43,7 @@ def test_chunked_head_gives_the_same_logprobs_and_gradients_and_keeps_no_logits(
     targets = torch.randint(vocabulary, (rows,))
     results = {}
     for chunk in (None, 16, 48):
-        logps, kept = saved_bytes(lambda: token_logprobs(hidden, targets, head, chunk))
+        logps, kept = saved_bytes(lambda chunk=chunk: token_logprobs(hidden, targets, head, chunk))
         grads = torch.autograd.grad((logps * torch.linspace(-1, 1, rows)).sum(), (hidden, head.weight))
         results[chunk] = (logps, grads, kept)
     whole, _, whole_kept = results[None]
@@ -112,7 +112,14 @@ def test_dpo_group_loss_equals_pairs_one_by_one():
     _, stats = dpo_group_loss(chosen, rejected, ref_chosen, ref_rejected, group, beta=0.01)
     for j in range(7):
         g = group[j]
-        single, _ = dpo_group_loss(chosen[g : g + 1], rejected[j : j + 1], ref_chosen[g : g + 1], ref_rejected[j : j + 1], torch.tensor([0]), beta=0.01)
+        single, _ = dpo_group_loss(
+            chosen[g : g + 1],
+            rejected[j : j + 1],
+            ref_chosen[g : g + 1],
+            ref_rejected[j : j + 1],
+            torch.tensor([0]),
+            beta=0.01,
+        )
         assert abs(single.item() - stats["pair_losses"][j].item()) < 1e-6
     with pytest.raises(ValueError, match="same shape"):
         dpo_group_loss(chosen, rejected, ref_chosen, ref_rejected, group[:3], beta=0.01)

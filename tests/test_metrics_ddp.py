@@ -35,7 +35,9 @@ def evaluate(rows, policy):
         chunk = rows[start : start + 16]
         keys = [r["key"] for r in chunk]
         vlrb.update([r["prediction"] for r in chunk], [r["label"] for r in chunk], [r["category"] for r in chunk], keys)
-        mllm.update([r["tie_prediction"] for r in chunk], [r["tie_label"] for r in chunk], [r["subset"] for r in chunk], keys)
+        mllm.update(
+            [r["tie_prediction"] for r in chunk], [r["tie_label"] for r in chunk], [r["subset"] for r in chunk], keys
+        )
         consistency.update([r["prediction"] for r in chunk], [r["swapped_prediction"] for r in chunk])
     results = {}
     for name, metric in (("vlrb", vlrb), ("mllm", mllm), ("consistency", consistency)):

@@ -32,7 +32,9 @@ def test_faults_end_completed_or_failed_with_their_reason():
     faults += ["500", "429", None]  # item 3: ok on the third try
     faults += ["400"]  # item 4: not retried
     with LoopbackEndpoint(faults=faults, retry_after="0.05", timeout_delay=1.0) as endpoint:
-        model = OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=1, max_attempts=3, timeout=0.3, max_backoff=0.05)
+        model = OpenAIChat(
+            "gpt-4o", base_url=endpoint.base_url, concurrency=1, max_attempts=3, timeout=0.3, max_backoff=0.05
+        )
         replies = model.generate(chats(6), Sampling(n=2), JUDGMENT_SCHEMA)
     assert [r.error for r in replies] == [
         "timeout: gave up after 3 attempts",
@@ -66,7 +68,9 @@ def test_retry_after_forms():
 
 def test_requests_carry_images_as_data_urls_and_the_schema():
     with LoopbackEndpoint() as endpoint:
-        OpenAIChat("gpt-4o", base_url=endpoint.base_url).generate([Chat.user("what?", b"\x89PNG\r\n\x1a\nrest")], Sampling(temperature=1.0, seed=3), JUDGMENT_SCHEMA)
+        OpenAIChat("gpt-4o", base_url=endpoint.base_url).generate(
+            [Chat.user("what?", b"\x89PNG\r\n\x1a\nrest")], Sampling(temperature=1.0, seed=3), JUDGMENT_SCHEMA
+        )
     body = json.loads(endpoint.requests[0]["body"])
     image, text = body["messages"][0]["content"]
     assert image["image_url"]["url"].startswith("data:image/png;base64,") and text == {"type": "text", "text": "what?"}
@@ -90,7 +94,13 @@ def test_batch_expired_requests_are_resubmitted(tmp_path):
     got = {}
     with LoopbackEndpoint(expire_batches=1) as endpoint:
         batch = OpenAIBatch("gpt-4o", base_url=endpoint.base_url, poll_seconds=0.01, max_requests=4)
-        batch.run({f"k{i}": c for i, c in enumerate(chats(6))}, Sampling(), JUDGMENT_SCHEMA, tmp_path / "state.jsonl", got.update)
+        batch.run(
+            {f"k{i}": c for i, c in enumerate(chats(6))},
+            Sampling(),
+            JUDGMENT_SCHEMA,
+            tmp_path / "state.jsonl",
+            got.update,
+        )
     assert sorted(got) == [f"k{i}" for i in range(6)] and all(r.ok for r in got.values())
     opened = [json.loads(line) for line in (tmp_path / "state.jsonl").read_text().splitlines() if "open" in line]
     # 6 requests at most 4 per file: two batches; the first expired with half answered -> 2 resubmitted
@@ -127,7 +137,9 @@ def test_replies_stream_to_the_caller_as_they_arrive():
     seen = []
     with LoopbackEndpoint(latency=0.1) as endpoint:
         model = OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=1)
-        model.generate_each(chats(4), Sampling(), None, lambda index, reply: seen.append((index, reply.ok, time.monotonic())))
+        model.generate_each(
+            chats(4), Sampling(), None, lambda index, reply: seen.append((index, reply.ok, time.monotonic()))
+        )
     assert sorted((i, ok) for i, ok, _ in seen) == [(0, True), (1, True), (2, True), (3, True)]
     last_request = max(r["time"] for r in endpoint.requests)
     assert min(t for _, _, t in seen) < last_request  # the first reply was handed over before the last request went out

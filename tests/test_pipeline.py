@@ -164,13 +164,13 @@ def test_every_carevl_and_curate_step_of_the_shipped_pipelines_parses(config, mo
         for step in batch:
             argv = shlex.split(step["run"])
             if argv[0] == "carevl":
-                run = lambda: carevl_main([*argv[1:], "--print_config"])  # noqa: E731
+                run, args = carevl_main, [*argv[1:], "--print_config"]
             elif argv[-2:-1] != ["-m"] and argv[1:2] == ["tools/curate.py"]:
-                run = lambda: curate.main([*argv[2:], "--print_config"])  # noqa: E731
+                run, args = curate.main, [*argv[2:], "--print_config"]
             else:
                 continue
             with pytest.raises(SystemExit) as exit_info:
-                run()
+                run(args)
             assert exit_info.value.code in (0, None), step
             checked += 1
     capsys.readouterr()

@@ -19,8 +19,17 @@ def groups(n=3):
         good = item.critique()
         bad = good.replace(f"Answer {item.label} is better", f"Answer {3 - item.label} is better")
         rejected = [bad, "The image shows nothing. " + bad, "I cannot tell."][: 1 + len(out)]  # 1, 2, 3 rejected
-        out.append(PreferenceGroupSample(id=item.id, question=item.question, responses=list(item.responses), label=item.label,
-                                         chosen=good, rejected=rejected, image=item.image))
+        out.append(
+            PreferenceGroupSample(
+                id=item.id,
+                question=item.question,
+                responses=list(item.responses),
+                label=item.label,
+                chosen=good,
+                rejected=rejected,
+                image=item.image,
+            )
+        )
     return out
 
 
@@ -56,7 +65,9 @@ def test_group_logprobs_equal_one_by_one(group_batch):
             messages = user_turn(judge_prompt(sample.question, sample.responses))
             for text in [sample.chosen, *sample.rejected]:
                 features_one = encoder.encode(image_of(sample), messages, text)
-                inputs = collate([{k: v for k, v in features_one.items() if k != "prompt_length"}], encoder.pad_token_id)
+                inputs = collate(
+                    [{k: v for k, v in features_one.items() if k != "prompt_length"}], encoder.pad_token_id
+                )
                 single.append(backbone.sequence_logprobs(inputs))
     single = torch.cat(single)
     assert torch.allclose(grouped, single, atol=1e-5), (grouped - single).abs().max()
@@ -84,10 +95,17 @@ def test_packed_prompts_and_a_chunked_head_give_the_same_logprobs_and_gradients(
     backbone.build()
     encoder = Encoder(backbone.processor, max_length=1024)
     samples = groups()
-    batch = collate_groups([item for s in samples for item in encode_group(encoder, None, s, image_of(s))], {}, encoder.pad_token_id)
+    batch = collate_groups(
+        [item for s in samples for item in encode_group(encoder, None, s, image_of(s))], {}, encoder.pad_token_id
+    )
     assert backbone.packs_group(batch)
     results = {}
-    for pack, chunk in ((False, None), (True, None), (False, 7), (True, 7)):  # 7: a chunk boundary inside every critique
+    for pack, chunk in (
+        (False, None),
+        (True, None),
+        (False, 7),
+        (True, 7),
+    ):  # 7: a chunk boundary inside every critique
         backbone.hf.zero_grad()
         backbone.logit_chunk = chunk
         features = backbone.image_features(batch["inputs"])  # the projector trains: a fresh graph each time

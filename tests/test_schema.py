@@ -26,7 +26,10 @@ def test_encode_decode_round_trip():
         (lambda r: r.pop("png"), "no image"),
         (lambda r: r.update(json=b"{not json"), "unreadable json"),
         (lambda r: r.update(json=json.dumps({"id": "x", "question": "q"}).encode()), "missing field"),
-        (lambda r: r.update(json=json.dumps({**json.loads(r["json"]), "label": 3}).encode()), r"'label' must be one of \(1, 2\)"),
+        (
+            lambda r: r.update(json=json.dumps({**json.loads(r["json"]), "label": 3}).encode()),
+            r"'label' must be one of \(1, 2\)",
+        ),
         (lambda r: r.update(json=json.dumps({**json.loads(r["json"]), "responses": ["one"]}).encode()), "two strings"),
     ],
 )
@@ -53,8 +56,17 @@ def test_writer_manifest_counts_and_readback(tmp_path):
 def test_preference_group_round_trip_and_errors():
     from carevl.schema import PreferenceGroupSample, SchemaError, decode, encode
 
-    group = PreferenceGroupSample(id="g-1", question="q", responses=["a", "b"], label=2, chosen="best. Overall Judgment: Answer 2 is better.",
-                                  rejected=["worse", "worst"], image=b"img", chosen_score=90.0, rejected_scores=[60.0, 10.0])
+    group = PreferenceGroupSample(
+        id="g-1",
+        question="q",
+        responses=["a", "b"],
+        label=2,
+        chosen="best. Overall Judgment: Answer 2 is better.",
+        rejected=["worse", "worst"],
+        image=b"img",
+        chosen_score=90.0,
+        rejected_scores=[60.0, 10.0],
+    )
     assert decode(encode(group), "preference_group") == group
     for bad in ({"rejected": []}, {"rejected_scores": [1.0]}, {"label": "tie"}):
         with pytest.raises(SchemaError):

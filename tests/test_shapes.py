@@ -60,7 +60,9 @@ def test_items_have_as_many_distinct_worse_critiques_as_asked_or_a_clear_error()
     """The DPO speed benchmark's pairs count (groups x rejected) is what it trains on: every group
     gets `rejected` distinct critiques other than the chosen one."""
 
-    for item in shapes.judge_items(24, seed=0):  # "count" and "shape" items have too few values for nine misreadings alone
+    for item in shapes.judge_items(
+        24, seed=0
+    ):  # "count" and "shape" items have too few values for nine misreadings alone
         worse = shapes.distinct_worse_critiques(item, 9)
         assert len(worse) == len(set(worse)) == 9
         assert item.critique() not in worse

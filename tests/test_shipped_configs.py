@@ -20,11 +20,18 @@ from tests.helpers import ROOT, carevl, metrics, python_module
 pytest.importorskip("deepspeed")
 
 CPU = [
-    "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=2", "--global_batch_size=4",
-    "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-    "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=2",
+    "--trainer.max_steps=2",
+    "--global_batch_size=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
     "--model.init_args.max_new_tokens=8",
-    "--data.init_args.num_workers=0", "--data.init_args.val_batch_size=2",
+    "--data.init_args.num_workers=0",
+    "--data.init_args.val_batch_size=2",
 ]
 TEST_STRATEGY = {"fsdp": "tests.workers.cpu_fsdp.CPUFSDP"}  # every other block is DeepSpeed's
 
@@ -50,7 +57,11 @@ def trained_export(export: Path, start: str) -> None:
     model = AutoModelForImageTextToText.from_pretrained(export)
     weights, before = model.state_dict(), AutoModelForImageTextToText.from_pretrained(start).state_dict()
     assert model.dtype == torch.bfloat16 and weights.keys() == before.keys()
-    assert any(not torch.equal(weights[k], before[k].to(torch.bfloat16)) for k in weights if k.startswith("model.language_model.layers."))
+    assert any(
+        not torch.equal(weights[k], before[k].to(torch.bfloat16))
+        for k in weights
+        if k.startswith("model.language_model.layers.")
+    )
 
 
 def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
@@ -64,7 +75,9 @@ def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
     trained_export(cwd / "runs" / "sft" / "hf", tiny_qwen)
 
     # the reference log-probs, as configs/dpo.yaml's header says to compute them
-    python_module("tools.reference_logps", "--model", "runs/sft/hf", "--shards", "data/dpo/groups", "--dtype", "bfloat16", cwd=cwd)
+    python_module(
+        "tools.reference_logps", "--model", "runs/sft/hf", "--shards", "data/dpo/groups", "--dtype", "bfloat16", cwd=cwd
+    )
     assert len(json.loads((cwd / "data" / "dpo" / "groups" / "reference-logps.json").read_text())["logps"]) == 16
 
     # configs/dpo.yaml (ZeRO-3, the precomputed reference), validated on VL-RewardBench-format shards
@@ -77,7 +90,15 @@ def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
 
     # configs/eval/*.yaml on the DPO judge: the paper's protocol (sampled critiques, runs averaged)
     for name in (VLREWARDBENCH, MLLM_JUDGE):
-        carevl("test", f"configs/eval/{name}.yaml", "--trainer.accelerator=cpu", "--model.init_args.eval_runs=2", "--model.init_args.max_new_tokens=8", "--data.init_args.num_workers=0", cwd=cwd)
+        carevl(
+            "test",
+            f"configs/eval/{name}.yaml",
+            "--trainer.accelerator=cpu",
+            "--model.init_args.eval_runs=2",
+            "--model.init_args.max_new_tokens=8",
+            "--data.init_args.num_workers=0",
+            cwd=cwd,
+        )
         out = cwd / "runs" / "eval" / name
         results = json.loads((out / "test" / "results.json").read_text())
         assert results["judge"] == "runs/dpo/hf" and results["settings"]["eval_runs"] == 2
@@ -88,6 +109,12 @@ def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
 @pytest.mark.parametrize("block", ["zero3_offload", "fsdp"])  # plain ZeRO-3 is configs/dpo.yaml's own, above
 def test_a_strategy_block_stacked_on_the_sft_config_trains_and_exports(tiny_qwen, world, tmp_path, block):
     cwd = workdir(tmp_path, world)
-    fit(cwd, "configs/sft.yaml", "--config", f"configs/strategies/{block}.yaml", f"--model.init_args.backbone.init_args.model={tiny_qwen}",
-        strategy=TEST_STRATEGY.get(block, "tests.workers.cpu_deepspeed.CPUDeepSpeed"))
+    fit(
+        cwd,
+        "configs/sft.yaml",
+        "--config",
+        f"configs/strategies/{block}.yaml",
+        f"--model.init_args.backbone.init_args.model={tiny_qwen}",
+        strategy=TEST_STRATEGY.get(block, "tests.workers.cpu_deepspeed.CPUDeepSpeed"),
+    )
     trained_export(cwd / "runs" / "sft" / "hf", tiny_qwen)

@@ -37,12 +37,25 @@ def test_bf16_weights_train_at_a_small_learning_rate_and_export_in_bf16(tiny_qwe
     from safetensors.torch import load_file
 
     before = dict(AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.bfloat16).named_parameters())
-    cli = fit(tmp_path, tiny_qwen, world / "train", trainer={"precision": "bf16-mixed"}, backbone={"dtype": "bfloat16"}, lr=1e-5, max_steps=2, limit_val_batches=0)
+    cli = fit(
+        tmp_path,
+        tiny_qwen,
+        world / "train",
+        trainer={"precision": "bf16-mixed"},
+        backbone={"dtype": "bfloat16"},
+        lr=1e-5,
+        max_steps=2,
+        limit_val_batches=0,
+    )
     backbone = cli.model.backbone
     trainable = {n: p for n, p in backbone.hf.named_parameters() if p.requires_grad}
     assert {p.dtype for p in trainable.values()} == {torch.float32}
-    assert {p.dtype for p in backbone.vision_parameters().values()} == {torch.bfloat16}, "frozen weights keep the configured dtype"
-    changed = sum(int((p != before[n]).sum()) for n, p in trainable.items()) / sum(p.numel() for p in trainable.values())
+    assert {p.dtype for p in backbone.vision_parameters().values()} == {torch.bfloat16}, (
+        "frozen weights keep the configured dtype"
+    )
+    changed = sum(int((p != before[n]).sum()) for n, p in trainable.items()) / sum(
+        p.numel() for p in trainable.values()
+    )
     assert changed > 0.8
     out = backbone.export(tmp_path / "hf")
     assert {t.dtype for f in out.glob("*.safetensors") for t in load_file(f).values()} == {torch.bfloat16}
@@ -54,9 +67,19 @@ def test_bf16_dpo_against_a_copy_starts_at_exactly_log_2(tiny_qwen, tmp_path):
     from carevl.standins.world import write_preference_groups
 
     write_preference_groups(str(tmp_path / "groups"), n=4, shard_size=4)
-    fit(tmp_path, tiny_qwen, tmp_path / "groups", trainer={"precision": "bf16-mixed"}, module="carevl.dpo.DPOJudge",
-        module_args={"reference": "copy", "beta": 0.1, "val_generate": False}, backbone={"dtype": "bfloat16", "freeze_projector": True},
-        lr=1e-5, max_steps=1, limit_val_batches=0, kind="preference_group")
+    fit(
+        tmp_path,
+        tiny_qwen,
+        tmp_path / "groups",
+        trainer={"precision": "bf16-mixed"},
+        module="carevl.dpo.DPOJudge",
+        module_args={"reference": "copy", "beta": 0.1, "val_generate": False},
+        backbone={"dtype": "bfloat16", "freeze_projector": True},
+        lr=1e-5,
+        max_steps=1,
+        limit_val_batches=0,
+        kind="preference_group",
+    )
     first = next(r for r in metrics(tmp_path) if r.get("train/loss"))
     assert float(first["train/loss"]) == pytest.approx(math.log(2), abs=1e-7)
 
@@ -92,12 +115,17 @@ class PoisonHead(Callback):
             self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def on_exception(self, trainer, pl_module, exception):
-        changed = [n for n, p in pl_module.named_parameters() if n in self.before and not torch.equal(p, self.before[n])]
+        changed = [
+            n for n, p in pl_module.named_parameters() if n in self.before and not torch.equal(p, self.before[n])
+        ]
         Path(self.out).write_text(json.dumps(changed))
 
 
 def test_a_non_finite_loss_stops_training_before_the_optimizer_steps(tiny_qwen, world, tmp_path):
-    poison = {"class_path": "tests.test_training.PoisonHead", "init_args": {"at": 2, "out": str(tmp_path / "changed.json")}}
+    poison = {
+        "class_path": "tests.test_training.PoisonHead",
+        "init_args": {"at": 2, "out": str(tmp_path / "changed.json")},
+    }
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 2 .*samples: \['shapes"):
         fit(tmp_path, tiny_qwen, world / "train", trainer={"callbacks": [poison], "limit_val_batches": 0}, max_steps=4)
     assert json.loads((tmp_path / "changed.json").read_text()) == [], "no weight moved on the non-finite loss"
@@ -109,7 +137,10 @@ def test_tensorboard_logs_the_same_losses_as_csv(tiny_qwen, world, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     fit(tmp_path / "csv", tiny_qwen, world / "train", max_steps=3, limit_val_batches=0)
-    board = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run"}}
+    board = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(tmp_path / "tb"), "name": "run"},
+    }
     fit(tmp_path / "tb", tiny_qwen, world / "train", trainer={"logger": board}, max_steps=3, limit_val_batches=0)
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent))
     events.Reload()

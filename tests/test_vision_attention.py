@@ -28,10 +28,12 @@ def test_attending_by_size_equals_attending_image_by_image():
     torch.manual_seed(0)
     sizes = [4, 9, 4, 16, 9]
     q, k, v = (torch.randn(sum(sizes), 3, 8, requires_grad=True) for _ in range(3))
-    one_by_one = torch.cat([
-        F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in chunk), scale=0.3).transpose(0, 1)
-        for chunk in zip(*(torch.split(t, sizes) for t in (q, k, v)))
-    ])
+    one_by_one = torch.cat(
+        [
+            F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in chunk), scale=0.3).transpose(0, 1)
+            for chunk in zip(*(torch.split(t, sizes) for t in (q, k, v)))
+        ]
+    )
     with Calls(F.scaled_dot_product_attention) as calls:
         batched = attend_by_size(q, k, v, sizes, scale=0.3)
     assert calls.counts[F.scaled_dot_product_attention] == 3, "one call per distinct size"
@@ -41,7 +43,14 @@ def test_attending_by_size_equals_attending_image_by_image():
     # images of one size: a single call on views
     same = [5, 5, 5]
     q3, k3, v3 = (t[:15] for t in (q, k, v))
-    alone = torch.cat([F.scaled_dot_product_attention(*(t[i * 5 : (i + 1) * 5].transpose(0, 1) for t in (q3, k3, v3)), scale=0.3).transpose(0, 1) for i in range(3)])
+    alone = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                *(t[i * 5 : (i + 1) * 5].transpose(0, 1) for t in (q3, k3, v3)), scale=0.3
+            ).transpose(0, 1)
+            for i in range(3)
+        ]
+    )
     torch.testing.assert_close(attend_by_size(q3, k3, v3, same, scale=0.3), alone)
 
 
@@ -81,7 +90,9 @@ def test_a_trained_vision_tower_gets_the_same_gradients_under_checkpointing(tiny
     pixels = torch.randn(int(grid.prod(dim=1).sum()), 3 * 2 * 14 * 14)
     grads = []
     for batched in (False, True):
-        backbone = Backbone(model=tiny_qwen, freeze_vision=False, gradient_checkpointing=True, batch_vision_attention=batched)
+        backbone = Backbone(
+            model=tiny_qwen, freeze_vision=False, gradient_checkpointing=True, batch_vision_attention=batched
+        )
         backbone.build()
         visual = backbone.hf.model.visual
         visual(pixels, grid_thw=grid).pooler_output.square().sum().backward()

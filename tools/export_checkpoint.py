@@ -1,6 +1,7 @@
 """Export a training checkpoint to a Hugging Face checkpoint (model + processor).
 
-    python tools/export_checkpoint.py --config configs/sft.yaml --ckpt runs/sft/checkpoints/last.ckpt --out runs/sft/hf-last
+    python tools/export_checkpoint.py --config configs/sft.yaml --ckpt runs/sft/checkpoints/last.ckpt \
+        --out runs/sft/hf-last
 
 `--ckpt` may be:
 - a Lightning checkpoint file (DDP, or FSDP with state_dict_type "full");
@@ -42,7 +43,18 @@ def state_dict_of(checkpoint: Path, module: torch.nn.Module) -> dict:
 
 
 def export(config: str, checkpoint: str, out: str, merge_lora: bool = True) -> Path:
-    cli = run(["--config", config, "--trainer.strategy=auto", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.logger=false"], subcommand=False)
+    cli = run(
+        [
+            "--config",
+            config,
+            "--trainer.strategy=auto",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.num_nodes=1",
+            "--trainer.logger=false",
+        ],
+        subcommand=False,
+    )
     module = cli.model
     module.configure_model()
     missing, unexpected = module.load_state_dict(state_dict_of(Path(checkpoint), module), strict=False)
@@ -55,7 +67,11 @@ def export(config: str, checkpoint: str, out: str, merge_lora: bool = True) -> P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the training config the checkpoint came from")
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint file, DeepSpeed checkpoint directory or FSDP sharded checkpoint directory")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="Lightning checkpoint file, DeepSpeed checkpoint directory or FSDP sharded checkpoint directory",
+    )
     parser.add_argument("--out", required=True, help="directory for the Hugging Face checkpoint")
     parser.add_argument("--keep-lora", action="store_true", help="write LoRA adapters instead of merging them")
     args = parser.parse_args()

@@ -47,7 +47,9 @@ def load(config: str) -> dict:
         batch = entry["together"] if isinstance(entry, dict) and set(entry) == {"together"} else [entry]
         for step in batch:
             if not isinstance(step, dict) or set(step) != {"name", "run"}:
-                raise ValueError(f"{config}: a step has exactly `name` and `run` (or is a `together:` list of such), got {step}")
+                raise ValueError(
+                    f"{config}: a step has exactly `name` and `run` (or is a `together:` list of such), got {step}"
+                )
             if step["name"] in names:
                 raise ValueError(f"{config}: step name {step['name']!r} is used twice")
             names.add(step["name"])
@@ -108,7 +110,9 @@ def run_together(steps: list[dict], workdir: str) -> None:
     for step, log in zip(steps, logs):
         print(f"   {step['name']} (log: {log})", flush=True)
         with open(log, "w") as out:
-            running.append(subprocess.Popen(resolve(shlex.split(step["run"])), env=env, stdout=out, stderr=subprocess.STDOUT))
+            running.append(
+                subprocess.Popen(resolve(shlex.split(step["run"])), env=env, stdout=out, stderr=subprocess.STDOUT)
+            )
     failed = [step["name"] for step, process in zip(steps, running) if process.wait() != 0]
     if failed:
         raise RuntimeError(f"{', '.join(failed)} failed; see {', '.join(str(log) for log in logs)}")
@@ -159,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 run_batch(batch, workdir, spec.get("in_process", False))
             except Exception as error:
-                raise SystemExit(f"pipeline step {title} failed: {error}\nfix it and run the same command again to resume") from error
+                raise SystemExit(
+                    f"pipeline step {title} failed: {error}\nfix it and run the same command again to resume"
+                ) from error
             seconds = time.time() - began
             for step in batch:
                 marker(workdir, step["name"]).write_text(json.dumps({"run": step["run"], "seconds": round(seconds, 1)}))

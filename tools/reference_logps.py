@@ -56,7 +56,14 @@ def part_path(shards: str | Path, part: int, parts: int) -> Path:
 
 
 def precompute_reference(
-    model: str, shards: str | Path, batch_size: int = 4, max_length: int = 4096, dtype: str = "float32", device: str = "cpu", part: int = 0, parts: int = 1
+    model: str,
+    shards: str | Path,
+    batch_size: int = 4,
+    max_length: int = 4096,
+    dtype: str = "float32",
+    device: str = "cpu",
+    part: int = 0,
+    parts: int = 1,
 ) -> Path | None:
     """Compute the log-probs of this part's groups (every `parts`-th sample from `part`), skipping those
     its part file already holds, then merge the parts if all are complete. Returns the merged
@@ -70,7 +77,9 @@ def precompute_reference(
     saved = next((r for r in records.ok() if r["key"] == SETTINGS), None)
     if saved is not None and saved != {"key": SETTINGS, **settings}:
         stale = path.with_suffix(".stale")
-        log.warning("%s was written with %s, not %s: starting over (the old file is now %s)", path, saved, settings, stale.name)
+        log.warning(
+            "%s was written with %s, not %s: starting over (the old file is now %s)", path, saved, settings, stale.name
+        )
         os.replace(path, stale)
         records = Records(path)
     done = {r["key"] for r in records.ok()}
@@ -81,15 +90,33 @@ def precompute_reference(
     return merge_parts(shards, parts, settings)
 
 
-def compute_part(records: Records, done: set[str], settings: dict, shards: str | Path, batch_size: int, device: str, part: int, parts: int) -> None:
+def compute_part(
+    records: Records,
+    done: set[str],
+    settings: dict,
+    shards: str | Path,
+    batch_size: int,
+    device: str,
+    part: int,
+    parts: int,
+) -> None:
     backbone = Backbone(model=settings["model"], dtype=settings["dtype"])
     backbone.build()
     backbone.eval().to(device)
     encoder = Encoder(backbone.processor, max_length=settings["max_length"])
     manifest = schema.read_manifest(shards)
     build = partial(encode_group, encoder, None)
-    preparer = SamplePreparer("preference_group", lambda sample, image: [] if sample.id in done else build(sample, image))
-    batches = ValStream(manifest["urls"], preparer, partial(collate_groups, pad_token_id=encoder.pad_token_id), batch_size, rank=part, world_size=parts)
+    preparer = SamplePreparer(
+        "preference_group", lambda sample, image: [] if sample.id in done else build(sample, image)
+    )
+    batches = ValStream(
+        manifest["urls"],
+        preparer,
+        partial(collate_groups, pad_token_id=encoder.pad_token_id),
+        batch_size,
+        rank=part,
+        world_size=parts,
+    )
     skipped: Counter = Counter()
     left = math.ceil(max(0, manifest["samples"] // parts - len(done - {SETTINGS})) / batch_size)
     for batch in tqdm(batches, total=left, desc=f"reference log-probs, part {part} of {parts}", unit="batch"):
@@ -100,7 +127,12 @@ def compute_part(records: Records, done: set[str], settings: dict, shards: str |
             values = backbone.group_logprobs(batch, backbone.image_features(batch["inputs"])).tolist()
         sizes = torch.bincount(batch["image_index"]).tolist()  # critiques per group, in batch order
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        records.append([{"key": group, "logps": values[start : start + size]} for group, start, size in zip(batch["ids"], starts, sizes)])
+        records.append(
+            [
+                {"key": group, "logps": values[start : start + size]}
+                for group, start, size in zip(batch["ids"], starts, sizes)
+            ]
+        )
     skipped.update(preparer.take_skipped())  # skips after the last batch
     records.append([{"key": COMPLETE, "skipped": dict(skipped)}])
 
@@ -132,16 +164,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="the starting (SFT) checkpoint: the DPO reference")
     parser.add_argument("--shards", required=True, help="preference-group shard directory")
     parser.add_argument("--batch-size", type=int, default=4, help="groups per forward")
-    parser.add_argument("--max-length", type=int, default=4096, help="the training max_length: longer critiques are skipped alike")
+    parser.add_argument(
+        "--max-length", type=int, default=4096, help="the training max_length: longer critiques are skipped alike"
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--part", type=int, default=int(os.environ.get("RANK", 0)), help="which part of the groups (default: torchrun's RANK)")
-    parser.add_argument("--parts", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="into how many parts (default: torchrun's WORLD_SIZE)")
+    parser.add_argument(
+        "--part",
+        type=int,
+        default=int(os.environ.get("RANK", 0)),
+        help="which part of the groups (default: torchrun's RANK)",
+    )
+    parser.add_argument(
+        "--parts",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", 1)),
+        help="into how many parts (default: torchrun's WORLD_SIZE)",
+    )
     gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    parser.add_argument("--device", default=gpu if torch.cuda.is_available() else "cpu", help="default: this process's GPU, else the CPU")
+    parser.add_argument(
+        "--device",
+        default=gpu if torch.cuda.is_available() else "cpu",
+        help="default: this process's GPU, else the CPU",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    out = precompute_reference(args.model, args.shards, args.batch_size, args.max_length, args.dtype, args.device, args.part, args.parts)
-    print(f"wrote {out}" if out else f"part {args.part} of {args.parts} done; the last part to finish writes {REFERENCE_FILE}")
+    out = precompute_reference(
+        args.model, args.shards, args.batch_size, args.max_length, args.dtype, args.device, args.part, args.parts
+    )
+    print(
+        f"wrote {out}"
+        if out
+        else f"part {args.part} of {args.parts} done; the last part to finish writes {REFERENCE_FILE}"
+    )
 
 
 if __name__ == "__main__":

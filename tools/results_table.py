@@ -52,7 +52,13 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logs", required=True, help="the CSV loggers' save_dir")
-    parser.add_argument("--rows", nargs="+", required=True, metavar="RUN=LABEL", help="logger run names and their labels, in table order")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        required=True,
+        metavar="RUN=LABEL",
+        help="logger run names and their labels, in table order",
+    )
     parser.add_argument("--out", help="directory of results.md and results.json (default: --logs)")
     args = parser.parse_args(argv)
     rows = []

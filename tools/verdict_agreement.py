@@ -1,7 +1,8 @@
 """How often two evaluations of the same judge give the same verdict, record by record.
 
 Typical use: the `score` and `generate` verdict modes on one checkpoint,
-  python tools/verdict_agreement.py runs/eval/generate/predictions-test-rank0.jsonl runs/eval/score/predictions-test-rank0.jsonl
+  python tools/verdict_agreement.py runs/eval/generate/predictions-test-rank0.jsonl \
+      runs/eval/score/predictions-test-rank0.jsonl
 Records are joined on (id, answer order, run); an unparseable verdict never agrees.
 """
 

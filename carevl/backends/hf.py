@@ -44,7 +44,15 @@ class HFChat(ChatModel):
     name: the name in records (default: the model path).
     """
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", max_length: int = 4096, trust_remote_code: bool = False, name: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_length: int = 4096,
+        trust_remote_code: bool = False,
+        name: str | None = None,
+    ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from carevl.encoding import Encoder
@@ -52,7 +60,11 @@ class HFChat(ChatModel):
         self.name = name or model
         self.device = device
         self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=_dtype(dtype), trust_remote_code=trust_remote_code).to(device).eval()
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(model, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+            .to(device)
+            .eval()
+        )
         self.encoder = Encoder(self.processor, max_length=max_length)
 
     @torch.no_grad()
@@ -81,7 +93,13 @@ class HFChat(ChatModel):
                 pad_token_id=self.encoder.pad_token_id,
             )
             new = out[:, inputs["input_ids"].shape[1] :]
-            replies.append(Reply(tokenizer.batch_decode(new, skip_special_tokens=True), prompt_tokens=inputs["input_ids"].shape[1], completion_tokens=int((new != self.encoder.pad_token_id).sum())))
+            replies.append(
+                Reply(
+                    tokenizer.batch_decode(new, skip_special_tokens=True),
+                    prompt_tokens=inputs["input_ids"].shape[1],
+                    completion_tokens=int((new != self.encoder.pad_token_id).sum()),
+                )
+            )
         return replies
 
 
@@ -92,13 +110,28 @@ class HFReward(RewardModel):
     max_length: longer conversations get no score (None) and are counted by the stage.
     """
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32", batch_size: int = 8, max_length: int = 4096, trust_remote_code: bool = False, name: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 8,
+        max_length: int = 4096,
+        trust_remote_code: bool = False,
+        name: str | None = None,
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.name = name or model
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=_dtype(dtype), trust_remote_code=trust_remote_code).to(device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                model, dtype=_dtype(dtype), trust_remote_code=trust_remote_code
+            )
+            .to(device)
+            .eval()
+        )
         if self.model.config.num_labels != 1:
             raise ValueError(f"{model} has {self.model.config.num_labels} labels; a reward model has one")
 
@@ -110,7 +143,11 @@ class HFReward(RewardModel):
     @torch.no_grad()
     def score(self, conversations: list[list[dict]]) -> list[float | None]:
         scores: list[float | None] = []
-        pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else self.tokenizer.pad_token_id
+        pad = (
+            self.model.config.pad_token_id
+            if self.model.config.pad_token_id is not None
+            else self.tokenizer.pad_token_id
+        )
         for batch in chunks([self.token_ids(c) for c in conversations], self.batch_size):
             keep = [len(ids) <= self.max_length for ids in batch]
             rows = [ids for ids, k in zip(batch, keep) if k]

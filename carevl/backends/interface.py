@@ -90,7 +90,9 @@ class BatchChatModel(ABC):
     name: str = "batch-chat-model"
 
     @abstractmethod
-    def run(self, chats: dict[str, Chat], sampling: Sampling, schema: dict | None, state_file: str | Path, on_replies) -> None:
+    def run(
+        self, chats: dict[str, Chat], sampling: Sampling, schema: dict | None, state_file: str | Path, on_replies
+    ) -> None:
         """Get a reply for every chat (keyed by an id), calling `on_replies({id: Reply})` as each
         submission completes. Submissions in flight are kept in `state_file`, so a killed run
         resumes them instead of paying for them again."""

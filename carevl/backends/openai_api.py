@@ -73,7 +73,9 @@ def message_payload(chat: Chat, detail: str = "auto") -> list[dict]:
         content = message["content"]
         if not isinstance(content, str):
             content = [
-                {"type": "image_url", "image_url": {"url": data_url(next(images)), "detail": detail}} if part.get("type") == "image" else part
+                {"type": "image_url", "image_url": {"url": data_url(next(images)), "detail": detail}}
+                if part.get("type") == "image"
+                else part
                 for part in content
             ]
         messages.append({**message, "content": content})
@@ -91,7 +93,10 @@ def request_body(model: str, chat: Chat, sampling: Sampling, schema: dict | None
         "max_tokens": sampling.max_tokens,
     }
     if schema is not None:
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "reply", "schema": schema, "strict": True},
+        }
     return body
 
 
@@ -140,7 +145,12 @@ class OpenAIChat(ChatModel):
         name: str | None = None,
     ):
         self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
-        self.concurrency, self.max_attempts, self.timeout, self.max_backoff = concurrency, max_attempts, timeout, max_backoff
+        self.concurrency, self.max_attempts, self.timeout, self.max_backoff = (
+            concurrency,
+            max_attempts,
+            timeout,
+            max_backoff,
+        )
         self.image_detail = image_detail
         self.name = name or model
         self.retries: Counter = Counter()  # retry reasons over this object's life
@@ -154,12 +164,19 @@ class OpenAIChat(ChatModel):
     async def _generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None, on_reply) -> list[Reply]:
         import openai
 
-        client = openai.AsyncOpenAI(api_key=api_key(self.api_key_env, self.base_url), base_url=self.base_url, max_retries=0, timeout=self.timeout)
+        client = openai.AsyncOpenAI(
+            api_key=api_key(self.api_key_env, self.base_url),
+            base_url=self.base_url,
+            max_retries=0,
+            timeout=self.timeout,
+        )
         gate = asyncio.Semaphore(self.concurrency)
 
         async def one(index: int, chat: Chat) -> Reply:
             async with gate:
-                reply = await self._request(client, request_body(self.model, chat, sampling, schema, self.image_detail), schema)
+                reply = await self._request(
+                    client, request_body(self.model, chat, sampling, schema, self.image_detail), schema
+                )
             if on_reply is not None:
                 on_reply(index, reply)  # on the loop's thread, as the reply arrives
             return reply
@@ -182,7 +199,11 @@ class OpenAIChat(ChatModel):
                 completion = await client.post("/chat/completions", cast_to=dict, body=body)
                 texts = checked_texts(completion, schema)
                 usage = completion.get("usage") or {}
-                return Reply(texts, prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
+                return Reply(
+                    texts,
+                    prompt_tokens=usage.get("prompt_tokens", 0),
+                    completion_tokens=usage.get("completion_tokens", 0),
+                )
             except openai.APITimeoutError:
                 reason = "timeout"
             except openai.APIConnectionError:
@@ -223,7 +244,12 @@ class OpenAIBatch(BatchChatModel):
         name: str | None = None,
     ):
         self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
-        self.poll_seconds, self.max_requests, self.max_bytes, self.max_resubmits = poll_seconds, max_requests, max_bytes, max_resubmits
+        self.poll_seconds, self.max_requests, self.max_bytes, self.max_resubmits = (
+            poll_seconds,
+            max_requests,
+            max_bytes,
+            max_resubmits,
+        )
         self.image_detail = image_detail
         self.name = name or model
 
@@ -232,12 +258,21 @@ class OpenAIBatch(BatchChatModel):
 
         return openai.OpenAI(api_key=api_key(self.api_key_env, self.base_url), base_url=self.base_url)
 
-    def run(self, chats: dict[str, Chat], sampling: Sampling, schema: dict | None, state_file: str | Path, on_replies: Callable[[dict[str, Reply]], None]) -> None:
+    def run(
+        self,
+        chats: dict[str, Chat],
+        sampling: Sampling,
+        schema: dict | None,
+        state_file: str | Path,
+        on_replies: Callable[[dict[str, Reply]], None],
+    ) -> None:
         """Get a reply for every chat (keyed by custom_id), handing each finished batch's replies to
         `on_replies` as it completes."""
         client = self.client()
         state = BatchState(state_file)
-        bodies = {key: request_body(self.model, chat, sampling, schema, self.image_detail) for key, chat in chats.items()}
+        bodies = {
+            key: request_body(self.model, chat, sampling, schema, self.image_detail) for key, chat in chats.items()
+        }
         waiting = set(state.in_flight_ids())
         self._submit(client, state, {k: v for k, v in bodies.items() if k not in waiting}, round_=0)
         while state.open_batches():
@@ -249,7 +284,9 @@ class OpenAIBatch(BatchChatModel):
                 resubmit = {k: bodies[k] for k in unanswered if k in bodies and entry["round"] < self.max_resubmits}
                 for key in unanswered:
                     if key not in resubmit:
-                        replies[key] = Reply(error=f"batch_{batch.status}: no answer after {entry['round'] + 1} submissions")
+                        replies[key] = Reply(
+                            error=f"batch_{batch.status}: no answer after {entry['round'] + 1} submissions"
+                        )
                 on_replies(replies)
                 state.close(batch_id)
                 log.info("batch %s %s: %d replies, %d resubmitted", batch_id, batch.status, len(replies), len(resubmit))
@@ -258,7 +295,10 @@ class OpenAIBatch(BatchChatModel):
                 time.sleep(self.poll_seconds)
 
     def _submit(self, client, state: BatchState, bodies: dict[str, dict], round_: int) -> None:
-        lines = [json.dumps({"custom_id": key, "method": "POST", "url": BATCH_ENDPOINT, "body": body}) + "\n" for key, body in bodies.items()]
+        lines = [
+            json.dumps({"custom_id": key, "method": "POST", "url": BATCH_ENDPOINT, "body": body}) + "\n"
+            for key, body in bodies.items()
+        ]
         for start, stop in batch_bounds([len(line.encode()) for line in lines], self.max_requests, self.max_bytes):
             ids = list(bodies)[start:stop]
             upload = client.files.create(file=("requests.jsonl", "".join(lines[start:stop]).encode()), purpose="batch")
@@ -278,7 +318,11 @@ class OpenAIBatch(BatchChatModel):
                     if key is not None and (key not in replies or reply.ok):
                         replies[key] = reply
         expired = batch.status in ("expired", "cancelled")
-        unanswered = [k for k in custom_ids if k not in replies or (expired and (replies[k].error or "").startswith("batch_expired"))]
+        unanswered = [
+            k
+            for k in custom_ids
+            if k not in replies or (expired and (replies[k].error or "").startswith("batch_expired"))
+        ]
         return {k: v for k, v in replies.items() if k not in unanswered}, unanswered
 
 
@@ -314,7 +358,9 @@ def batch_line_reply(line: str, schema: dict | None) -> tuple[str | None, Reply]
     except (ValueError, TypeError, AttributeError):
         return key, Reply(error="malformed_response")
     usage = body.get("usage") or {}
-    return key, Reply(texts, prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0))
+    return key, Reply(
+        texts, prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0)
+    )
 
 
 class BatchState:

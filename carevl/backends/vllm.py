@@ -22,7 +22,13 @@ from carevl.backends.openai_api import message_payload
 def _sampling_params(sampling: Sampling, schema: dict | None):
     from vllm import SamplingParams
 
-    kwargs = dict(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, max_tokens=sampling.max_tokens)
+    kwargs = dict(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        max_tokens=sampling.max_tokens,
+    )
     if schema is not None:
         try:
             from vllm.sampling_params import StructuredOutputsParams
@@ -44,7 +50,16 @@ class VLLMChat(ChatModel):
     gpu_memory_utilization: fraction of GPU memory vLLM may take.
     """
 
-    def __init__(self, model: str, tensor_parallel_size: int = 1, max_model_len: int = 8192, max_images: int = 1, gpu_memory_utilization: float = 0.9, trust_remote_code: bool = False, name: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        tensor_parallel_size: int = 1,
+        max_model_len: int = 8192,
+        max_images: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        trust_remote_code: bool = False,
+        name: str | None = None,
+    ):
         from vllm import LLM
 
         self.name = name or model
@@ -58,8 +73,17 @@ class VLLMChat(ChatModel):
         )
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
-        outputs = self.llm.chat([message_payload(chat) for chat in chats], _sampling_params(sampling, schema), use_tqdm=False)
-        return [Reply([o.text for o in out.outputs], prompt_tokens=len(out.prompt_token_ids or []), completion_tokens=sum(len(o.token_ids) for o in out.outputs)) for out in outputs]
+        outputs = self.llm.chat(
+            [message_payload(chat) for chat in chats], _sampling_params(sampling, schema), use_tqdm=False
+        )
+        return [
+            Reply(
+                [o.text for o in out.outputs],
+                prompt_tokens=len(out.prompt_token_ids or []),
+                completion_tokens=sum(len(o.token_ids) for o in out.outputs),
+            )
+            for out in outputs
+        ]
 
 
 class VLLMReward(RewardModel):
@@ -67,7 +91,15 @@ class VLLMReward(RewardModel):
     score is the raw logit (Skywork-Reward's scale), not a sigmoid. Prompts go in as token ids
     rendered by the chat template, so no second BOS token is added."""
 
-    def __init__(self, model: str, tensor_parallel_size: int = 1, max_model_len: int = 8192, gpu_memory_utilization: float = 0.9, trust_remote_code: bool = False, name: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        tensor_parallel_size: int = 1,
+        max_model_len: int = 8192,
+        gpu_memory_utilization: float = 0.9,
+        trust_remote_code: bool = False,
+        name: str | None = None,
+    ):
         from transformers import AutoTokenizer
         from vllm import LLM
         from vllm.config import PoolerConfig
@@ -92,5 +124,8 @@ class VLLMReward(RewardModel):
     def score(self, conversations: list[list[dict]]) -> list[float | None]:
         from vllm.inputs import TokensPrompt
 
-        prompts = [TokensPrompt(prompt_token_ids=list(self.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False))) for c in conversations]
+        prompts = [
+            TokensPrompt(prompt_token_ids=list(self.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)))
+            for c in conversations
+        ]
         return [float(out.outputs.probs[0]) for out in self.llm.classify(prompts, use_tqdm=False)]

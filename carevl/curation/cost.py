@@ -36,7 +36,14 @@ def text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def estimate(chats: list[Chat], sampling: Sampling, prices: Prices, detail: str = "auto", batch: bool = False, expected_output_tokens: int = 300) -> dict:
+def estimate(
+    chats: list[Chat],
+    sampling: Sampling,
+    prices: Prices,
+    detail: str = "auto",
+    batch: bool = False,
+    expected_output_tokens: int = 300,
+) -> dict:
     """Requests, input tokens, output tokens (expected and at most) and their cost in USD."""
     from PIL import Image
 
@@ -53,17 +60,33 @@ def estimate(chats: list[Chat], sampling: Sampling, prices: Prices, detail: str 
     def usd(out_tokens: int) -> float:
         return factor * (input_tokens * prices.input_per_million + out_tokens * prices.output_per_million) / 1e6
 
-    return {"requests": len(chats), "input_tokens": input_tokens, "output_tokens": expected, "output_tokens_max": most, "usd": usd(expected), "usd_max": usd(most)}
+    return {
+        "requests": len(chats),
+        "input_tokens": input_tokens,
+        "output_tokens": expected,
+        "output_tokens_max": most,
+        "usd": usd(expected),
+        "usd_max": usd(most),
+    }
 
 
 def describe(figures: dict) -> str:
     return (
-        f"{figures['requests']:,} requests, ~{figures['input_tokens']:,} input tokens, ~{figures['output_tokens']:,} output tokens "
+        f"{figures['requests']:,} requests, ~{figures['input_tokens']:,} input tokens, ~{figures['output_tokens']:,} "
+        "output tokens "
         f"(at most {figures['output_tokens_max']:,}): about ${figures['usd']:,.2f} (at most ${figures['usd_max']:,.2f})"
     )
 
 
-def check(label: str, chats: list[Chat], sampling: Sampling, prices: Prices, detail: str = "auto", batch: bool = False, max_usd: float | None = None) -> dict:
+def check(
+    label: str,
+    chats: list[Chat],
+    sampling: Sampling,
+    prices: Prices,
+    detail: str = "auto",
+    batch: bool = False,
+    max_usd: float | None = None,
+) -> dict:
     """Print the estimate of a paid run before it starts; refuse it when above `max_usd`."""
     figures = estimate(chats, sampling, prices, detail, batch=batch)
     print(f"{label}: {describe(figures)}", flush=True)

@@ -56,7 +56,9 @@ def selected_critiques(workdir: str | Path) -> list[dict]:
     found = Records(Path(workdir) / CRITIQUES).ok()
     chosen = [r for r in found if r["key"] in keys]
     if len(chosen) < len(found):
-        log.info("%d critique records of another judge, checkpoint or pair selection are left out", len(found) - len(chosen))
+        log.info(
+            "%d critique records of another judge, checkpoint or pair selection are left out", len(found) - len(chosen)
+        )
     return chosen
 
 
@@ -96,19 +98,35 @@ def critiques(
     store, items, out = ImageStore(workdir), items_by_id(workdir), Records(Path(workdir) / CRITIQUES)
     rows = sorted(low_confidence(workdir), key=lambda r: r["key"])[:max_pairs]
     revision = checkpoint_revision(checkpoint) if checkpoint else None
-    units = [(content_key("critiques", name, revision, row["key"], row["label"], asdict(sampling)), row) for row in rows]
-    (Path(workdir) / SELECTION).write_text(json.dumps({"judge": name, "revision": revision, "keys": [key for key, _ in units]}))
+    units = [
+        (content_key("critiques", name, revision, row["key"], row["label"], asdict(sampling)), row) for row in rows
+    ]
+    (Path(workdir) / SELECTION).write_text(
+        json.dumps({"judge": name, "revision": revision, "keys": [key for key, _ in units]})
+    )
     model = None
 
     def work(chunk: list, write) -> None:
         nonlocal model
         model = model or judge()
-        chats = [item_chat(store, items[row["item"]], prompts.judge_prompt(items[row["item"]]["question"], row["responses"])) for _, row in chunk]
+        chats = [
+            item_chat(store, items[row["item"]], prompts.judge_prompt(items[row["item"]]["question"], row["responses"]))
+            for _, row in chunk
+        ]
 
         def fields(texts: list[str]) -> dict:
             return {"samples": [{"text": t, "verdict": prompts.parse_verdict(t)} for t in texts]}
 
-        write([reply_record({"key": key, "pair": row["key"], "label": row["label"], "judge": name, "revision": revision}, reply, fields) for (key, row), reply in zip(chunk, model.generate(chats, sampling))])
+        write(
+            [
+                reply_record(
+                    {"key": key, "pair": row["key"], "label": row["label"], "judge": name, "revision": revision},
+                    reply,
+                    fields,
+                )
+                for (key, row), reply in zip(chunk, model.generate(chats, sampling))
+            ]
+        )
 
     counts = run_units(out, units, work, chunk_size, "critiques")
     found = selected_critiques(workdir)
@@ -124,7 +142,9 @@ def critique_context(prompt: str) -> str:
     return content_key("critique-context", prompt)
 
 
-def evaluate(workdir: str, evaluator: Callable[[], ChatModel], name: str, sampling: Sampling | None = None, chunk_size: int = 64) -> dict:
+def evaluate(
+    workdir: str, evaluator: Callable[[], ChatModel], name: str, sampling: Sampling | None = None, chunk_size: int = 64
+) -> dict:
     """An expert evaluator (paper: Llama-3.3-70B-Instruct) scores every critique from 0 to 100.
 
     The four aspects are relevance, factual accuracy, logical reasoning and clarity
@@ -150,8 +170,12 @@ def evaluate(workdir: str, evaluator: Callable[[], ChatModel], name: str, sampli
             continue
         item = items[pair["item"]]
         for sample in record["samples"]:
-            prompt = prompts.evaluator_prompt(item["question"], captions_.get(item["image"], ""), pair["responses"], pair["label"], sample["text"])
-            units.append((content_key("evaluation", name, prompt, asdict(sampling)), (critique_context(prompt), prompt)))
+            prompt = prompts.evaluator_prompt(
+                item["question"], captions_.get(item["image"], ""), pair["responses"], pair["label"], sample["text"]
+            )
+            units.append(
+                (content_key("evaluation", name, prompt, asdict(sampling)), (critique_context(prompt), prompt))
+            )
     model = None
 
     def work(chunk: list, write) -> None:
@@ -166,12 +190,25 @@ def evaluate(workdir: str, evaluator: Callable[[], ChatModel], name: str, sampli
             return {"score": score}
 
         chats = [Chat.user(prompt) for _, (_, prompt) in chunk]
-        model.generate_each(chats, sampling, None, lambda i, reply: write([reply_record({"key": chunk[i][0], "context": chunk[i][1][0], "evaluator": name}, reply, fields)]))
+        model.generate_each(
+            chats,
+            sampling,
+            None,
+            lambda i, reply: write(
+                [reply_record({"key": chunk[i][0], "context": chunk[i][1][0], "evaluator": name}, reply, fields)]
+            ),
+        )
 
     return summarize("evaluate", run_units(out, units, work, chunk_size, "evaluate"))
 
 
-def groups(workdir: str, strategies: list[str] | None = None, evaluator: str | None = None, out: str | None = None, shard_size: int = 1000) -> dict:
+def groups(
+    workdir: str,
+    strategies: list[str] | None = None,
+    evaluator: str | None = None,
+    out: str | None = None,
+    shard_size: int = 1000,
+) -> dict:
     """Preference groups of the low-confidence pairs' scored critiques -> DPO shards.
 
     One shard set per strategy (default: Best-to-Worse only; the paper's ablations are lowest_incorrect,
@@ -205,9 +242,25 @@ def groups(workdir: str, strategies: list[str] | None = None, evaluator: str | N
         with ShardWriter(root / strategy, prefix="groups", max_count=shard_size, kind="preference_group") as writer:
             for record in found:
                 pair, item = pairs[record["pair"]], items[pairs[record["pair"]]["item"]]
-                contexts = [critique_context(prompts.evaluator_prompt(item["question"], captions_.get(item["image"], ""), pair["responses"], pair["label"], s["text"])) for s in record["samples"]]
-                table = [Critique(i, s["text"], s["verdict"], scores.get(c)) for i, (s, c) in enumerate(zip(record["samples"], contexts))]
-                counts["critiques without a score"] += sum(c.score is None for c in table) if strategy == strategies[0] else 0
+                contexts = [
+                    critique_context(
+                        prompts.evaluator_prompt(
+                            item["question"],
+                            captions_.get(item["image"], ""),
+                            pair["responses"],
+                            pair["label"],
+                            s["text"],
+                        )
+                    )
+                    for s in record["samples"]
+                ]
+                table = [
+                    Critique(i, s["text"], s["verdict"], scores.get(c))
+                    for i, (s, c) in enumerate(zip(record["samples"], contexts))
+                ]
+                counts["critiques without a score"] += (
+                    sum(c.score is None for c in table) if strategy == strategies[0] else 0
+                )
                 group, reason = form_group(table, pair["label"], strategy)
                 counts[f"{strategy}: {'written' if group else reason}"] += 1
                 if group is None:

@@ -36,7 +36,11 @@ def figures(workdir: str | Path, truth: Truth | None = None) -> dict:
     stages = {}
     for stage in FILES:
         found = records(workdir, stage)
-        stages[stage] = {"ok": len(found.ok()), "failed": sum(found.failures().values()), "failures": dict(found.failures())}
+        stages[stage] = {
+            "ok": len(found.ok()),
+            "failed": sum(found.failures().values()),
+            "failures": dict(found.failures()),
+        }
     rows = records(workdir, "split").ok()
     with_both = [r for r in rows if r["judge"] is not None and r["votes"][0] != r["votes"][1]]
     agree = sum((1 if r["votes"][0] > r["votes"][1] else 2) == r["judge"] for r in with_both)
@@ -91,12 +95,26 @@ def write_report(workdir: str, out: str | None = None, truth: Truth | None = Non
     for stage, row in found["stages"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(row["failures"].items())) or "-"
         lines.append(f"| {stage} ({FILES[stage]}) | {row['ok']} | {row['failed']} | {reasons} |")
-    lines += ["", f"Pairs in the split: {found['pairs']}.", f"Judge-expert agreement (pairs with an expert majority and a verdict): {percent(*found['judge_expert_agreement'])}.", ""]
+    lines += [
+        "",
+        f"Pairs in the split: {found['pairs']}.",
+        "Judge-expert agreement (pairs with an expert majority and a verdict): "
+        f"{percent(*found['judge_expert_agreement'])}.",
+        "",
+    ]
     lines += ["| max(v1, v2) | pairs |", "|---:|---:|"] + [f"| {k} | {v} |" for k, v in found["max_votes"].items()]
-    lines += ["", "| experts tied | pairs |", "|---:|---:|"] + [f"| {k} | {v} |" for k, v in found["expert_ties"].items()]
+    lines += ["", "| experts tied | pairs |", "|---:|---:|"] + [
+        f"| {k} | {v} |" for k, v in found["expert_ties"].items()
+    ]
     lines += ["", "| confidence: rule | pairs |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in found["split"].items()]
     if any(total for _, total in found.get("precision", {}).values()):
-        lines += ["", "Label precision against the world's truth (pairs where exactly one answer is right):", "", "| labels | precision |", "|---|---:|"]
+        lines += [
+            "",
+            "Label precision against the world's truth (pairs where exactly one answer is right):",
+            "",
+            "| labels | precision |",
+            "|---|---:|",
+        ]
         lines += [f"| {name} | {percent(*value)} |" for name, value in found["precision"].items()]
     lines += ["", "![votes](votes.png) ![split](split.png)", ""]
     (target / "report.md").write_text("\n".join(lines))

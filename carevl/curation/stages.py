@@ -70,7 +70,13 @@ def free_memory() -> None:
         pass
 
 
-def run_units(out: Records, units: list[tuple[str, object]], work: Callable[[list, Callable[[list[dict]], None]], None], chunk_size: int, desc: str) -> Counter:
+def run_units(
+    out: Records,
+    units: list[tuple[str, object]],
+    work: Callable[[list, Callable[[list[dict]], None]], None],
+    chunk_size: int,
+    desc: str,
+) -> Counter:
     """Process the units whose key has no successful record, `chunk_size` at a time. `work(chunk,
     write)` hands its records to `write` (appended to disk at once), per chunk or, for backends that
     stream, per reply. Counts done / skipped (already there) / failed by reason."""
@@ -129,7 +135,13 @@ def ingest(workdir: str, source: str) -> dict:
         if out.done(line_key):
             counts["skipped"] += 1
             return
-        if not isinstance(record_id, str) or not record_id or not isinstance(question, str) or not question.strip() or image is None:
+        if (
+            not isinstance(record_id, str)
+            or not record_id
+            or not isinstance(question, str)
+            or not question.strip()
+            or image is None
+        ):
             new.append({**base, "error": "missing_field: id, question and image are required"})
         elif record_id in seen:
             new.append({**base, "error": f"duplicate_id: {record_id}"})
@@ -143,7 +155,9 @@ def ingest(workdir: str, source: str) -> dict:
                 image, ext = png_bytes(decoded), "png"
                 counts["converted to png"] += 1
             seen.add(record_id)
-            new.append({**base, "image": store.put(image, ext), "image_ext": ext, "question": question.strip(), "meta": meta})
+            new.append(
+                {**base, "image": store.put(image, ext), "image_ext": ext, "question": question.strip(), "meta": meta}
+            )
 
     root = Path(source).parent
     for number, line in enumerate(Path(source).read_text().splitlines()):
@@ -152,7 +166,9 @@ def ingest(workdir: str, source: str) -> dict:
         try:
             row = json.loads(line)
         except ValueError:
-            new.append({"key": content_key("ingest", source, number), "id": None, "error": f"unparseable: line {number + 1}"})
+            new.append(
+                {"key": content_key("ingest", source, number), "id": None, "error": f"unparseable: line {number + 1}"}
+            )
             continue
         path = root / str(row.get("image", ""))
         image = path.read_bytes() if row.get("image") and path.is_file() else None
@@ -195,12 +211,19 @@ def candidates(
     store, items, out = ImageStore(workdir), items_by_id(workdir), records(workdir, "candidates")
     counts = Counter()
     plan = {
-        (name, decoding): [(content_key("candidate", item["key"], name, decoding, asdict(sampling)), item) for item in items.values()]
+        (name, decoding): [
+            (content_key("candidate", item["key"], name, decoding, asdict(sampling)), item) for item in items.values()
+        ]
         for name in models
         for decoding, sampling in decodings.items()
     }
     paid = [
-        cost.check(f"candidates {name}/{decoding}", [item_chat(store, item, item["question"]) for key, item in units if not out.done(key)], decodings[decoding], prices[name])
+        cost.check(
+            f"candidates {name}/{decoding}",
+            [item_chat(store, item, item["question"]) for key, item in units if not out.done(key)],
+            decodings[decoding],
+            prices[name],
+        )
         for (name, decoding), units in plan.items()
         if prices and name in prices
     ]
@@ -216,10 +239,16 @@ def candidates(
 
             def work(chunk: list, write, model=model, name=name, decoding=decoding, sampling=sampling) -> None:
                 replies = model.generate([item_chat(store, item, item["question"]) for _, item in chunk], sampling)
-                write([
-                    reply_record({"key": key, "item": item["id"], "model": name, "decoding": decoding}, reply, lambda texts: {"answers": texts})
-                    for (key, item), reply in zip(chunk, replies)
-                ])
+                write(
+                    [
+                        reply_record(
+                            {"key": key, "item": item["id"], "model": name, "decoding": decoding},
+                            reply,
+                            lambda texts: {"answers": texts},
+                        )
+                        for (key, item), reply in zip(chunk, replies)
+                    ]
+                )
 
             counts.update(run_units(out, units, work, chunk_size, f"candidates {name}/{decoding}"))
             model = None
@@ -252,14 +281,25 @@ def captions(
     images = {item["image"]: item for item in items_by_id(workdir).values()}
     units = [(content_key("caption", sha, prompt, asdict(sampling)), item) for sha, item in images.items()]
     if prices is not None:
-        cost.check("captions", [item_chat(store, item, prompt) for key, item in units if not out.done(key)], sampling, prices, max_usd=max_usd)
+        cost.check(
+            "captions",
+            [item_chat(store, item, prompt) for key, item in units if not out.done(key)],
+            sampling,
+            prices,
+            max_usd=max_usd,
+        )
     model = None
 
     def work(chunk: list, write) -> None:
         nonlocal model
         model = model or captioner()
         replies = model.generate([item_chat(store, item, prompt) for _, item in chunk], sampling)
-        write([reply_record({"key": key, "image": item["image"]}, reply, lambda texts: {"caption": texts[0].strip()}) for (key, item), reply in zip(chunk, replies)])
+        write(
+            [
+                reply_record({"key": key, "image": item["image"]}, reply, lambda texts: {"caption": texts[0].strip()})
+                for (key, item), reply in zip(chunk, replies)
+            ]
+        )
 
     counts = run_units(out, units, work, chunk_size, "captions")
     return summarize("captions", counts)
@@ -279,7 +319,8 @@ def normalized(answer: str) -> str:
 def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) -> dict:
     """Pair the distinct answers of each item.
 
-    Answers equal up to case, spacing and a final full stop are one answer. Each pair's order is shuffled (seeded), so neither position is favoured.
+    Answers equal up to case, spacing and a final full stop are one answer. Each pair's order is
+    shuffled (seeded), so neither position is favoured.
 
     Args:
         workdir: the curation work directory.
@@ -304,7 +345,9 @@ def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) ->
         rng = random.Random(content_key("pairs", item_id, seed))
         if max_pairs_per_item is not None and len(combos) > max_pairs_per_item:
             combos = rng.sample(combos, max_pairs_per_item)
-            counts["dropped: over max_pairs_per_item"] += len(list(itertools.combinations(options, 2))) - max_pairs_per_item
+            counts["dropped: over max_pairs_per_item"] += (
+                len(list(itertools.combinations(options, 2))) - max_pairs_per_item
+            )
         if len(options) < 2:
             counts["items with one distinct answer"] += 1
         for first, second in combos:
@@ -313,7 +356,14 @@ def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) ->
             key = content_key("pair", item_id, first["text"], second["text"])
             counts["skipped" if out.done(key) else "done"] += 1
             if not out.done(key):
-                new.append({"key": key, "item": item_id, "responses": [first["text"], second["text"]], "sources": [first["sources"], second["sources"]]})
+                new.append(
+                    {
+                        "key": key,
+                        "item": item_id,
+                        "responses": [first["text"], second["text"]],
+                        "sources": [first["sources"], second["sources"]],
+                    }
+                )
     out.append(new)
     return summarize("pairs", counts)
 
@@ -363,14 +413,26 @@ def judge(
     for pair in records(workdir, "pairs").ok():
         for order in ("12", "21") if both_orders else ("12",):
             responses = pair["responses"] if order == "12" else pair["responses"][::-1]
-            units.append((content_key("judgment", pair["key"], order, asdict(sampling), structured), (pair, order, responses)))
+            units.append(
+                (content_key("judgment", pair["key"], order, asdict(sampling), structured), (pair, order, responses))
+            )
     todo = [(key, unit) for key, unit in units if not out.done(key)]
 
     def chat(unit) -> Chat:
         pair, _, responses = unit
-        return item_chat(store, items[pair["item"]], prompts.curation_judge_prompt(items[pair["item"]]["question"], responses))
+        return item_chat(
+            store, items[pair["item"]], prompts.curation_judge_prompt(items[pair["item"]]["question"], responses)
+        )
 
-    figures = cost.check("judge", [chat(unit) for _, unit in todo], sampling, prices or cost.Prices(), image_detail, batch is not None, max_usd)
+    figures = cost.check(
+        "judge",
+        [chat(unit) for _, unit in todo],
+        sampling,
+        prices or cost.Prices(),
+        image_detail,
+        batch is not None,
+        max_usd,
+    )
     if estimate_only:
         return {"stage": "judge", "estimate": figures}
 
@@ -390,11 +452,15 @@ def judge(
         by_key = dict(todo)
 
         def on_replies(replies: dict[str, Reply]) -> None:
-            written = [record(key, by_key[key], reply) for key, reply in replies.items() if key in by_key and not out.done(key)]
+            written = [
+                record(key, by_key[key], reply) for key, reply in replies.items() if key in by_key and not out.done(key)
+            ]
             out.append(written)
             counts.update("failed: " + r["error"].split(":")[0] if "error" in r else "done" for r in written)
 
-        batch().run({key: chat(unit) for key, unit in todo}, sampling, schema, Path(workdir) / "judge.batches.jsonl", on_replies)
+        batch().run(
+            {key: chat(unit) for key, unit in todo}, sampling, schema, Path(workdir) / "judge.batches.jsonl", on_replies
+        )
         return summarize("judge", counts)
 
     live = None
@@ -402,7 +468,9 @@ def judge(
     def work(chunk: list, write) -> None:
         nonlocal live
         live = live or model()
-        live.generate_each([chat(unit) for _, unit in chunk], sampling, schema, lambda i, reply: write([record(*chunk[i], reply)]))
+        live.generate_each(
+            [chat(unit) for _, unit in chunk], sampling, schema, lambda i, reply: write([record(*chunk[i], reply)])
+        )
 
     return summarize("judge", run_units(out, units, work, chunk_size, "judge"))
 
@@ -436,19 +504,34 @@ def votes(workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_siz
         counts["failed: no caption"] = sum(item in missing for item, _ in answers)
         log.warning("votes: %d items have no caption; run the captions stage first", len(missing))
     for name, build in experts.items():
-        units = [(score_key(name, items[item], captions_, text), (item, text)) for item, text in answers if item not in missing]
+        units = [
+            (score_key(name, items[item], captions_, text), (item, text))
+            for item, text in answers
+            if item not in missing
+        ]
         if all(out.done(key) for key, _ in units):
             counts["skipped"] += len(dict(units))
             continue
         expert = build() if callable(build) else build
 
         def work(chunk: list, write, expert=expert, name=name) -> None:
-            conversations = [prompts.expert_conversation(items[item]["question"], captions_[items[item]["image"]], text) for _, (item, text) in chunk]
+            conversations = [
+                prompts.expert_conversation(items[item]["question"], captions_[items[item]["image"]], text)
+                for _, (item, text) in chunk
+            ]
             scores = expert.score(conversations)
-            write([
-                {"key": key, "expert": name, "item": item, "answer": text, **({"score": s} if s is not None else {"error": "unscored"})}
-                for (key, (item, text)), s in zip(chunk, scores)
-            ])
+            write(
+                [
+                    {
+                        "key": key,
+                        "expert": name,
+                        "item": item,
+                        "answer": text,
+                        **({"score": s} if s is not None else {"error": "unscored"}),
+                    }
+                    for (key, (item, text)), s in zip(chunk, scores)
+                ]
+            )
 
         counts.update(run_units(out, units, work, chunk_size, f"votes {name}"))
         expert = None
@@ -480,7 +563,10 @@ def split(workdir: str, tau: int | None = None) -> dict:
     rows = []
     for pair in sorted(records(workdir, "pairs").ok(), key=lambda p: p["key"]):
         item = items[pair["item"]]
-        keys = [[score_key(e, item, captions_, text) for e in experts] if item["image"] in captions_ else [] for text in pair["responses"]]
+        keys = [
+            [score_key(e, item, captions_, text) for e in experts] if item["image"] in captions_ else []
+            for text in pair["responses"]
+        ]
         if any(len(k) != len(experts) or not all(key in scores for key in k) for k in keys):
             counts["skipped: missing expert scores"] += 1
             continue
@@ -512,7 +598,13 @@ def split(workdir: str, tau: int | None = None) -> dict:
     return summarize("split", counts)
 
 
-def sft_shards(workdir: str, labels: str = "high_confidence", out: str | None = None, shard_size: int = 1000, max_target_chars: int = 8000) -> dict:
+def sft_shards(
+    workdir: str,
+    labels: str = "high_confidence",
+    out: str | None = None,
+    shard_size: int = 1000,
+    max_target_chars: int = 8000,
+) -> dict:
     """Write SFT shards: the high-confidence pairs, or every judged pair (the no-experts baseline).
 
     The target is the judge's explanation followed by the verdict line. Targets longer than
@@ -557,9 +649,14 @@ def sft_shards(workdir: str, labels: str = "high_confidence", out: str | None = 
                     source="carevl-curation",
                     image=store.get(item["image"], item["image_ext"]),
                     image_ext=item["image_ext"],
-                    meta={"item": row["item"], "votes": row["votes"], "rule": row["rule"], "confidence": row["confidence"], **item["meta"]},
+                    meta={
+                        "item": row["item"],
+                        "votes": row["votes"],
+                        "rule": row["rule"],
+                        "confidence": row["confidence"],
+                        **item["meta"],
+                    },
                 )
             )
             counts["written"] += 1
     return summarize("sft_shards", counts)
-

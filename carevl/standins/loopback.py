@@ -46,8 +46,15 @@ def completion(body: dict, texts: list[str]) -> dict:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body.get("model", "loopback"),
-        "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"} for i, t in enumerate(texts)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(len(t) // 4 for t in texts), "total_tokens": 0},
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": "stop"}
+            for i, t in enumerate(texts)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": sum(len(t) // 4 for t in texts),
+            "total_tokens": 0,
+        },
     }
 
 
@@ -113,10 +120,39 @@ class LoopbackEndpoint:
             expire = self.expire_batches > 0
             self.expire_batches -= expire
         answered = lines[: len(lines) // 2] if expire else lines
-        output = [{"id": f"req-{i}", "custom_id": r["custom_id"], "response": {"status_code": 200, "body": self.chat(r["body"])}, "error": None} for i, r in enumerate(answered)]
-        errors = [{"id": f"req-x{i}", "custom_id": r["custom_id"], "response": None, "error": {"code": "batch_expired", "message": "not completed in time"}} for i, r in enumerate(lines[len(answered) :])]
-        batch = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"], "input_file_id": body["input_file_id"], "completion_window": "24h", "created_at": int(time.time()), "status": "in_progress", "polls": 0}
-        batch["final"] = {"status": "expired" if expire else "completed", "output_file_id": self.store(output), "error_file_id": self.store(errors) if errors else None}
+        output = [
+            {
+                "id": f"req-{i}",
+                "custom_id": r["custom_id"],
+                "response": {"status_code": 200, "body": self.chat(r["body"])},
+                "error": None,
+            }
+            for i, r in enumerate(answered)
+        ]
+        errors = [
+            {
+                "id": f"req-x{i}",
+                "custom_id": r["custom_id"],
+                "response": None,
+                "error": {"code": "batch_expired", "message": "not completed in time"},
+            }
+            for i, r in enumerate(lines[len(answered) :])
+        ]
+        batch = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "input_file_id": body["input_file_id"],
+            "completion_window": "24h",
+            "created_at": int(time.time()),
+            "status": "in_progress",
+            "polls": 0,
+        }
+        batch["final"] = {
+            "status": "expired" if expire else "completed",
+            "output_file_id": self.store(output),
+            "error_file_id": self.store(errors) if errors else None,
+        }
         self.batches[batch_id] = batch
         return self.public(batch)
 
@@ -164,7 +200,14 @@ def _handler(endpoint: LoopbackEndpoint):
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
         def log_request_seen(self, body: bytes) -> None:
-            endpoint.requests.append({"path": self.path, "time": time.monotonic(), "authorization": self.headers.get("Authorization"), "body": body})
+            endpoint.requests.append(
+                {
+                    "path": self.path,
+                    "time": time.monotonic(),
+                    "authorization": self.headers.get("Authorization"),
+                    "body": body,
+                }
+            )
 
         def do_POST(self) -> None:
             raw = self.read_body()
@@ -174,7 +217,17 @@ def _handler(endpoint: LoopbackEndpoint):
             elif self.path.endswith("/files"):
                 file_id = endpoint.next_id("file")
                 endpoint.files[file_id] = multipart_file(self.headers["Content-Type"], raw)
-                self.send_json({"id": file_id, "object": "file", "bytes": len(endpoint.files[file_id]), "created_at": int(time.time()), "filename": "requests.jsonl", "purpose": "batch", "status": "processed"})
+                self.send_json(
+                    {
+                        "id": file_id,
+                        "object": "file",
+                        "bytes": len(endpoint.files[file_id]),
+                        "created_at": int(time.time()),
+                        "filename": "requests.jsonl",
+                        "purpose": "batch",
+                        "status": "processed",
+                    }
+                )
             elif self.path.endswith("/batches"):
                 self.send_json(endpoint.create_batch(json.loads(raw)))
             else:
@@ -194,7 +247,11 @@ def _handler(endpoint: LoopbackEndpoint):
             fault = endpoint.next_fault()
             time.sleep(endpoint.latency)
             if fault == "429":
-                self.send_json({"error": {"message": "rate limited", "type": "rate_limit_error"}}, 429, {"Retry-After": endpoint.retry_after})
+                self.send_json(
+                    {"error": {"message": "rate limited", "type": "rate_limit_error"}},
+                    429,
+                    {"Retry-After": endpoint.retry_after},
+                )
             elif fault == "400":
                 self.send_json({"error": {"message": "bad request", "type": "invalid_request_error"}}, 400)
             elif fault == "500":
@@ -225,7 +282,9 @@ def main() -> None:
     """Serve until interrupted (for benchmarks, and dry runs of a pipeline): prints the base URL."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="A local OpenAI-compatible endpoint (chat completions, files, batches).")
+    parser = argparse.ArgumentParser(
+        description="A local OpenAI-compatible endpoint (chat completions, files, batches)."
+    )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per chat request")
     args = parser.parse_args()
     with LoopbackEndpoint(latency=args.latency) as endpoint:

@@ -167,7 +167,13 @@ class JudgeItem:
         has, then give the verdict. The decisive step is a recall, not a comparison: after "The image
         has purple, as Answer" the judge names the answer that says purple."""
         truth = self.scene.value(self.attribute)
-        return " ".join([f"The image shows {self.scene.caption()}.", recall_critique(self.values, truth, "image"), verdict_line(self.label)])
+        return " ".join(
+            [
+                f"The image shows {self.scene.caption()}.",
+                recall_critique(self.values, truth, "image"),
+                verdict_line(self.label),
+            ]
+        )
 
 
 def recall_critique(values: tuple[str, ...] | list[str], truth: str, source: str) -> str:
@@ -242,8 +248,16 @@ def worse_critiques(item: JudgeItem) -> list[str]:
     misread = with_value(item.scene, item.attribute, wrong_value)
     recall = recall_critique(item.values, truth, "image")
     return [
-        " ".join([caption, recall.replace(f"as Answer {item.label} says", f"as Answer {other} says"), verdict_line(other)]),
-        " ".join([f"The image shows {misread.caption()}.", recall_critique(item.values, wrong_value, "image"), verdict_line(other)]),
+        " ".join(
+            [caption, recall.replace(f"as Answer {item.label} says", f"as Answer {other} says"), verdict_line(other)]
+        ),
+        " ".join(
+            [
+                f"The image shows {misread.caption()}.",
+                recall_critique(item.values, wrong_value, "image"),
+                verdict_line(other),
+            ]
+        ),
         " ".join([caption, recall_critique(item.values[::-1], truth, "image"), verdict_line(other)]),
         " ".join([caption, recall, verdict_line(other)]),
     ]
@@ -271,7 +285,9 @@ def distinct_worse_critiques(item: JudgeItem, n: int) -> list[str]:
 
 def with_value(scene: Scene, attribute: str, value: str) -> Scene:
     """The scene with one attribute set to `value` (as `Scene.value` words it)."""
-    field = {"count": {word: n for n, word in COUNT_WORDS.items()}[value]} if attribute == "count" else {attribute: value}
+    field = (
+        {"count": {word: n for n, word in COUNT_WORDS.items()}[value]} if attribute == "count" else {attribute: value}
+    )
     return Scene(**{**scene.__dict__, **field})
 
 
@@ -285,7 +301,12 @@ def attribute_of(question: str) -> str | None:
 
 def mentioned_value(text: str, attribute: str) -> str | None:
     """The first value of `attribute` that `text` names as a word ("circles" names circle)."""
-    found = [(m.start(), value) for value in attribute_values(attribute) for m in [re.search(rf"\b{value}s?\b", text, re.IGNORECASE)] if m]
+    found = [
+        (m.start(), value)
+        for value in attribute_values(attribute)
+        for m in [re.search(rf"\b{value}s?\b", text, re.IGNORECASE)]
+        if m
+    ]
     return min(found)[1] if found else None
 
 

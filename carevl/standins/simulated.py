@@ -54,7 +54,13 @@ class SimulatedAnswerer(ChatModel):
     def __init__(self, name: str, world: str, error_rate: float = 0.3, style: str = "sentence", latency: float = 0.0):
         if style not in (*shapes.ANSWER_STYLES, "mixed"):
             raise ValueError(f"style must be one of {sorted(shapes.ANSWER_STYLES)} or 'mixed'")
-        self.name, self.truth, self.error_rate, self.style, self.latency = name, WorldTruth(world), error_rate, style, latency
+        self.name, self.truth, self.error_rate, self.style, self.latency = (
+            name,
+            WorldTruth(world),
+            error_rate,
+            style,
+            latency,
+        )
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
         replies = []
@@ -70,7 +76,11 @@ class SimulatedAnswerer(ChatModel):
             texts = []
             for index in range(sampling.n):
                 rng = seeded(self.name, chat.text(), chat.images[0], sampling.seed, sampling.temperature, index)
-                value = rng.choice([v for v in shapes.attribute_values(attribute) if v != truth]) if rng.random() < error else truth
+                value = (
+                    rng.choice([v for v in shapes.attribute_values(attribute) if v != truth])
+                    if rng.random() < error
+                    else truth
+                )
                 style = rng.choice(shapes.ANSWER_STYLES) if self.style == "mixed" else self.style
                 texts.append(shapes.answer(attribute, value, style))
             replies.append(Reply(texts))
@@ -104,10 +114,10 @@ _ANSWER_LINE = re.compile(r"^Answer ([12]): (.*)$", re.MULTILINE)
 
 class SimulatedJudge(ChatModel):
     """A simulated strong LVLM judge (GPT-4o's role): where exactly one answer is right it picks that
-    one with probability `accuracy`; otherwise it picks the longer answer (a verbosity bias), ties at
-    random. Its explanation reads like the shapes world's critiques and supports its verdict, right
-    or wrong. With a schema it answers as JSON {"explanation", "verdict"}, like structured output;
-without one, in free text ending with the verdict line. At temperature > 0 the n samples differ."""
+        one with probability `accuracy`; otherwise it picks the longer answer (a verbosity bias), ties at
+        random. Its explanation reads like the shapes world's critiques and supports its verdict, right
+        or wrong. With a schema it answers as JSON {"explanation", "verdict"}, like structured output;
+    without one, in free text ending with the verdict line. At temperature > 0 the n samples differ."""
 
     def __init__(self, name: str, world: str, accuracy: float = 0.8, latency: float = 0.0):
         self.name, self.truth, self.accuracy, self.latency = name, WorldTruth(world), accuracy, latency
@@ -124,11 +134,31 @@ without one, in free text ending with the verdict line. At temperature > 0 the n
                 replies.append(Reply(error="simulation: not a shapes-world judge request"))
                 continue
             values = [shapes.mentioned_value(answers[k], attribute) for k in ("1", "2")]
-            samples = [self.judgment(scene, attribute, answers, values, seeded(self.name, text, chat.images[0], sampling.seed, index if sampling.temperature > 0 else 0)) for index in range(sampling.n)]
-            replies.append(Reply([json.dumps({"explanation": e, "verdict": v}) if schema else f"{e} Overall Judgment: Answer {v} is better." for e, v in samples]))
+            samples = [
+                self.judgment(
+                    scene,
+                    attribute,
+                    answers,
+                    values,
+                    seeded(self.name, text, chat.images[0], sampling.seed, index if sampling.temperature > 0 else 0),
+                )
+                for index in range(sampling.n)
+            ]
+            replies.append(
+                Reply(
+                    [
+                        json.dumps({"explanation": e, "verdict": v})
+                        if schema
+                        else f"{e} Overall Judgment: Answer {v} is better."
+                        for e, v in samples
+                    ]
+                )
+            )
         return replies
 
-    def judgment(self, scene: shapes.Scene, attribute: str, answers: dict, values: list, rng: random.Random) -> tuple[str, int]:
+    def judgment(
+        self, scene: shapes.Scene, attribute: str, answers: dict, values: list, rng: random.Random
+    ) -> tuple[str, int]:
         truth = scene.value(attribute)
         right = [v == truth for v in values]
         if right[0] != right[1]:
@@ -139,7 +169,11 @@ without one, in free text ending with the verdict line. At temperature > 0 the n
             verdict = 1 + (lengths[1] > lengths[0]) if lengths[0] != lengths[1] else rng.choice((1, 2))
         seen = truth if values[verdict - 1] == truth or values[verdict - 1] is None else values[verdict - 1]
         quotes = " ".join(f"Answer {n} says {v or 'nothing clear'}." for n, v in enumerate(values, start=1))
-        return f"The image shows {shapes.with_value(scene, attribute, seen).caption()}. {quotes} The image has {seen}, as Answer {verdict} says.", verdict
+        return (
+            f"The image shows {shapes.with_value(scene, attribute, seen).caption()}. {quotes} The image has {seen}, "
+            f"as Answer {verdict} says.",
+            verdict,
+        )
 
 
 _DESCRIPTION = re.compile(r"Image description: (.*)", re.IGNORECASE)
@@ -199,7 +233,9 @@ class SimulatedEvaluator(ChatModel):
             reference = parse_verdict(f"Overall Judgment: {fields['Reference decision']}")
             points = 85 if parse_verdict(critique) == reference else 35
             described = re.search(r"The image shows (.*?)\.", critique)
-            if described and shapes.mentioned_value(described.group(1), attribute) != shapes.mentioned_value(fields.get("Image description", ""), attribute):
+            if described and shapes.mentioned_value(described.group(1), attribute) != shapes.mentioned_value(
+                fields.get("Image description", ""), attribute
+            ):
                 points -= 20
             points = max(0, min(100, points + rng.randint(-10, 10)))
             ending = "" if rng.random() < self.unparseable_rate else f"\nScore: {points}"

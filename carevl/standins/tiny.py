@@ -161,8 +161,13 @@ def _llava_onevision(tokenizer, hidden: int, layers: int):
     tile = shapes.IMAGE_SIZE // 2  # SigLIP tiles of 28 px: 2 x 2 patches of 14 px each
     config = LlavaOnevisionConfig(
         vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, image_size=tile, patch_size=14,
+            model_type="siglip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=tile,
+            patch_size=14,
         ),
         text_config=_qwen2_text(tokenizer, hidden, layers),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -190,14 +195,28 @@ def _mllama(tokenizer, hidden: int, layers: int):
     tile = shapes.IMAGE_SIZE  # one tile of 4 x 4 patches
     config = MllamaConfig(
         vision_config=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
-            image_size=tile, patch_size=14, max_num_tiles=1, intermediate_layers_indices=[0],
-            vision_output_dim=128, supported_aspect_ratios=[[1, 1]],
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_global_layers=1,
+            attention_heads=4,
+            image_size=tile,
+            patch_size=14,
+            max_num_tiles=1,
+            intermediate_layers_indices=[0],
+            vision_output_dim=128,
+            supported_aspect_ratios=[[1, 1]],
         ),
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[layers - 1],
-            max_position_embeddings=2048, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            cross_attention_layers=[layers - 1],
+            max_position_embeddings=2048,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
             pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
             bos_token_id=tokenizer.convert_tokens_to_ids("<|begin_of_text|>"),
         ),
@@ -218,7 +237,9 @@ FAMILIES = {
 }
 
 
-def build_tiny_model(out_dir: str | Path, family: str = "qwen2_vl", hidden: int = 128, layers: int = 4, seed: int = 0) -> Path:
+def build_tiny_model(
+    out_dir: str | Path, family: str = "qwen2_vl", hidden: int = 128, layers: int = 4, seed: int = 0
+) -> Path:
     """Write a tiny random-weight checkpoint of `family` with its processor to `out_dir`."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
@@ -250,7 +271,10 @@ def build_tiny_reward_model(out_dir: str | Path, hidden: int = 64, layers: int =
     tokenizer = train_tokenizer(CHATML_TOKENS + [BOS])
     bos = tokenizer.convert_tokens_to_ids(BOS)
     tokenizer.backend_tokenizer.post_processor = processors.Sequence(
-        [processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos)])]
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos)]),
+        ]
     )
     tokenizer.bos_token = BOS
     tokenizer.chat_template = chat_template("", prefix=BOS)

@@ -23,7 +23,9 @@ from carevl.standins import shapes
 log = logging.getLogger(__name__)
 
 
-def pretrain_vision(model_dir: str, out_dir: str, steps: int = 300, batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> dict[str, float]:
+def pretrain_vision(
+    model_dir: str, out_dir: str, steps: int = 300, batch_size: int = 32, lr: float = 3e-3, seed: int = 0
+) -> dict[str, float]:
     """Train the vision tower of a Qwen2-VL-family checkpoint on scene attributes; returns final probe accuracies."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -37,7 +39,9 @@ def pretrain_vision(model_dir: str, out_dir: str, steps: int = 300, batch_size: 
     width = model.config.text_config.hidden_size
     tokens = (shapes.IMAGE_SIZE // 14 // vision.spatial_merge_size) ** 2
     values = {a: shapes.attribute_values(a) for a in shapes.ATTRIBUTES}
-    probes = nn.ModuleDict({a: nn.Linear(width * (tokens if a == "position" else 1), len(v)) for a, v in values.items()})
+    probes = nn.ModuleDict(
+        {a: nn.Linear(width * (tokens if a == "position" else 1), len(v)) for a, v in values.items()}
+    )
     optimizer = torch.optim.AdamW([*vision.parameters(), *probes.parameters()], lr=lr)
     accuracy = {}
     for step in range(steps):
@@ -55,8 +59,13 @@ def pretrain_vision(model_dir: str, out_dir: str, steps: int = 300, batch_size: 
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == steps - 1:
-            log.info("vision pretraining step %d/%d loss %.3f probe accuracy %s", step + 1, steps, loss.item(),
-                     {a: round(v, 2) for a, v in accuracy.items()})
+            log.info(
+                "vision pretraining step %d/%d loss %.3f probe accuracy %s",
+                step + 1,
+                steps,
+                loss.item(),
+                {a: round(v, 2) for a, v in accuracy.items()},
+            )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

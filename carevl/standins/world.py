@@ -71,35 +71,52 @@ def write_world(
 BENCHMARK_CATEGORIES = {"colour": "general", "shape": "hallucination", "count": "reasoning", "position": "general"}
 
 
-def write_benchmarks(out_dir: str, n: int = 120, seed: int = 7, attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES) -> dict[str, int]:
+def write_benchmarks(
+    out_dir: str, n: int = 120, seed: int = 7, attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES
+) -> dict[str, int]:
     """Write `vlrewardbench/` and `mllm_judge/` benchmark shards of fresh shapes-world items."""
     out = Path(out_dir)
     rng = random.Random(seed)
-    with ShardWriter(out / VLREWARDBENCH, prefix="benchmark", kind="benchmark") as vlrb, ShardWriter(
-        out / MLLM_JUDGE, prefix="benchmark", kind="benchmark"
-    ) as mllm:
+    with (
+        ShardWriter(out / VLREWARDBENCH, prefix="benchmark", kind="benchmark") as vlrb,
+        ShardWriter(out / MLLM_JUDGE, prefix="benchmark", kind="benchmark") as mllm,
+    ):
         for item in shapes.judge_items(n, seed, prefix="shapes-bench", attributes=attributes):
             fields = item.fields()
-            vlrb.write(BenchmarkSample(**fields, benchmark=VLREWARDBENCH, category=BENCHMARK_CATEGORIES[item.attribute]))
+            vlrb.write(
+                BenchmarkSample(**fields, benchmark=VLREWARDBENCH, category=BENCHMARK_CATEGORIES[item.attribute])
+            )
             if rng.random() < 1 / 3:
                 truth = item.scene.value(item.attribute)
                 wrong = [v for v in shapes.attribute_values(item.attribute) if v != truth]
-                fields.update(responses=[shapes.ANSWERS[item.attribute].format(v) for v in rng.sample(wrong, 2)], label="tie")
+                fields.update(
+                    responses=[shapes.ANSWERS[item.attribute].format(v) for v in rng.sample(wrong, 2)], label="tie"
+                )
             mllm.write(BenchmarkSample(**fields, benchmark=MLLM_JUDGE, category="coco"))
     return {VLREWARDBENCH: n, MLLM_JUDGE: n}
 
 
-def write_preference_groups(out_dir: str, n: int = 400, seed: int = 11, attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES, shard_size: int = 200) -> int:
+def write_preference_groups(
+    out_dir: str,
+    n: int = 400,
+    seed: int = 11,
+    attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES,
+    shard_size: int = 200,
+) -> int:
     """Preference-group shards of the shapes world: the correct critique against 1-4 simulated worse ones."""
     rng = random.Random(seed)
     with ShardWriter(out_dir, prefix="groups", max_count=shard_size, kind="preference_group") as writer:
         for item in shapes.judge_items(n, seed, prefix="shapes-groups", attributes=attributes):
             rejected = shapes.worse_critiques(item)[: rng.randint(1, 4)]
-            writer.write(PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=rejected, strategy="simulated"))
+            writer.write(
+                PreferenceGroupSample(**item.fields(), chosen=item.critique(), rejected=rejected, strategy="simulated")
+            )
     return n
 
 
-def write_questions(path: str | Path, n: int, seed: int = 0, attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES) -> Path:
+def write_questions(
+    path: str | Path, n: int, seed: int = 0, attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES
+) -> Path:
     """A questions file of `n` world items for curation (`carevl.schema.QUESTION_FIELDS`), images
     beside it under ``<name>-images/``. Each item's `meta.truth` holds its scene and the asked
     attribute: what the simulated curation models read and the report's precision checks against."""
@@ -120,17 +137,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory (train/, heldout/, pretrain/ go under it)")
     parser.add_argument("--train", type=int, default=2000, help="judge training samples")
     parser.add_argument("--heldout", type=int, default=200, help="held-out judge samples")
-    parser.add_argument("--captions", type=int, default=2000, help="caption samples (and as many answered questions and quoting tasks) for base-model pretraining")
+    parser.add_argument(
+        "--captions",
+        type=int,
+        default=2000,
+        help="caption samples (and as many answered questions and quoting tasks) for base-model pretraining",
+    )
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
-    parser.add_argument("--benchmark", type=int, default=120, help="records of the world in each benchmark format (bench/)")
-    parser.add_argument("--groups", type=int, default=800, help="DPO preference groups (correct vs simulated worse critiques, groups/)")
-    parser.add_argument("--questions", type=int, default=0, help="curation items (questions.jsonl and its images, the ingest stage's input)")
+    parser.add_argument(
+        "--benchmark", type=int, default=120, help="records of the world in each benchmark format (bench/)"
+    )
+    parser.add_argument(
+        "--groups", type=int, default=800, help="DPO preference groups (correct vs simulated worse critiques, groups/)"
+    )
+    parser.add_argument(
+        "--questions",
+        type=int,
+        default=0,
+        help="curation items (questions.jsonl and its images, the ingest stage's input)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     counts = write_world(args.out, args.train, args.heldout, args.captions, args.shard_size, args.seed)
     counts.update(write_benchmarks(f"{args.out}/bench", args.benchmark, seed=args.seed + 7))
     counts["groups"] = write_preference_groups(f"{args.out}/groups", args.groups, seed=args.seed + 11)
-    counts["groups-heldout"] = write_preference_groups(f"{args.out}/groups-heldout", args.groups // 8, seed=args.seed + 13)
+    counts["groups-heldout"] = write_preference_groups(
+        f"{args.out}/groups-heldout", args.groups // 8, seed=args.seed + 13
+    )
     if args.questions:
         write_questions(f"{args.out}/questions.jsonl", args.questions, seed=args.seed)
         counts["questions"] = args.questions

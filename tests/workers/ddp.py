@@ -26,7 +26,11 @@ class CountBatches(Callback):
 
     def on_fit_end(self, trainer, pl_module):
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        launch = {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes, "node_rank": trainer.node_rank,
-                  "environment": type(trainer.strategy.cluster_environment).__name__}
+        launch = {
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "node_rank": trainer.node_rank,
+            "environment": type(trainer.strategy.cluster_environment).__name__,
+        }
         record = {**self.counts, **launch, "ids": self.ids, "losses": self.losses, "epochs": self.epochs}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -41,15 +41,19 @@ def main(checkpoint: str, port: str) -> None:
             if key in saved:
                 compared += 1
                 equal += torch.equal(param.data, saved[key])
-    print(json.dumps({
-        "parameters": len(params),
-        "partitioned": sum(hasattr(p, "ds_id") for p in params.values()),
-        "compared": compared,
-        "equal": equal,
-        "lora_b": len(lora_b),
-        "lora_b_max": max(lora_b),
-        "trainable_dtypes": sorted({str(p.dtype) for p in params.values() if p.requires_grad}),
-    }))
+    print(
+        json.dumps(
+            {
+                "parameters": len(params),
+                "partitioned": sum(hasattr(p, "ds_id") for p in params.values()),
+                "compared": compared,
+                "equal": equal,
+                "lora_b": len(lora_b),
+                "lora_b_max": max(lora_b),
+                "trainable_dtypes": sorted({str(p.dtype) for p in params.values() if p.requires_grad}),
+            }
+        )
+    )
     torch.distributed.destroy_process_group()
 
 

@@ -44,7 +44,12 @@ def gathered(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def engine_config(stage: str) -> dict:
-    return {"zero_optimization": {"stage": int(stage)}, "bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0}
+    return {
+        "zero_optimization": {"stage": int(stage)},
+        "bf16": {"enabled": True},
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_clipping": 1.0,
+    }
 
 
 def built(module, config: dict):
@@ -67,7 +72,9 @@ def checkpoint_round_trip(checkpoint: str, sft: str, stage: str, out: str) -> No
     def engine_for():
         module = built(SFTJudge(Backbone(checkpoint, dtype="bfloat16", gradient_checkpointing=True)), config)
         trainable = [p for p in module.parameters() if p.requires_grad]
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=config)
+        engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=trainable, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=config
+        )
         return module, engine
 
     def step(module, engine, batch) -> float:
@@ -86,7 +93,11 @@ def checkpoint_round_trip(checkpoint: str, sft: str, stage: str, out: str) -> No
     module, engine = engine_for()
     _, client = engine.load_checkpoint(path, tag="checkpoint")
     resumed = [step(module, engine, b) for b in batches[2:]]
-    print(json.dumps({"first": first, "uninterrupted": uninterrupted, "resumed": resumed, "client_step": client["global_step"]}))
+    print(
+        json.dumps(
+            {"first": first, "uninterrupted": uninterrupted, "resumed": resumed, "client_step": client["global_step"]}
+        )
+    )
 
 
 def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
@@ -104,7 +115,9 @@ def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
     for name, module_class, directory, kind, arguments in runs:
         full = name in ("dpo_full", "dpo_copy")
         lora = None if full else LoraSettings(dropout=0.0)
-        backbone = Backbone(checkpoint, lora=lora, freeze_projector=full, dtype="bfloat16", gradient_checkpointing=True, logit_chunk=7)
+        backbone = Backbone(
+            checkpoint, lora=lora, freeze_projector=full, dtype="bfloat16", gradient_checkpointing=True, logit_chunk=7
+        )
         module = built(module_class(backbone, **arguments), config)
         reference = {}
         if name == "dpo_copy":
@@ -112,13 +125,17 @@ def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
                 module.start_reference_engine(config)  # what on_fit_start does under ZeRO-3
             reference = dict(module.reference_model.named_parameters())
         reference_before = gathered(reference)
-        data = JudgeDataModule(processor=checkpoint, train=directory, kind=kind, batch_size=2, num_workers=0, max_length=512)
+        data = JudgeDataModule(
+            processor=checkpoint, train=directory, kind=kind, batch_size=2, num_workers=0, max_length=512
+        )
         data.setup("fit")
         batch = next(iter(data.train_dataloader()))
         params = dict(backbone.hf.named_parameters())
         before = gathered(params)
         trainable = [p for p in module.parameters() if p.requires_grad]
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=config)
+        engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=trainable, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=config
+        )
         losses = []
         for _ in range(3):
             if kind == "preference_group":

@@ -40,12 +40,19 @@ def write_data(out: Path, groups: int, rejected: int, seed: int = 0) -> None:
     from carevl.standins.shapes import distinct_worse_critiques, judge_items
 
     items = judge_items(groups, seed)
-    with ShardWriter(out / "groups", prefix="groups", max_count=10_000, kind="preference_group") as grouped, ShardWriter(
-        out / "pairs", prefix="pairs", max_count=10_000, kind="preference_group"
-    ) as paired:
+    with (
+        ShardWriter(out / "groups", prefix="groups", max_count=10_000, kind="preference_group") as grouped,
+        ShardWriter(out / "pairs", prefix="pairs", max_count=10_000, kind="preference_group") as paired,
+    ):
         for item in items:
             worse = distinct_worse_critiques(item, rejected)
-            common = {"question": item.question, "responses": list(item.responses), "label": item.label, "chosen": item.critique(), "image": item.image}
+            common = {
+                "question": item.question,
+                "responses": list(item.responses),
+                "label": item.label,
+                "chosen": item.critique(),
+                "image": item.image,
+            }
             grouped.write(PreferenceGroupSample(id=item.id, rejected=worse, **common))
             for j, text in enumerate(worse):
                 paired.write(PreferenceGroupSample(id=f"{item.id}-{j}", rejected=[text], **common))
@@ -80,11 +87,28 @@ def run_trl(model_dir: str, data: Path, pairs_per_step: int) -> float:
             param.requires_grad_(False)
     gpu = torch.cuda.is_available()
     args = DPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs_per_step, num_train_epochs=1, beta=0.1, learning_rate=1e-5,
-        loss_type=["sigmoid"], report_to="none", use_cpu=not gpu, bf16=gpu, max_length=None, save_strategy="no",
-        logging_steps=10**6, dataloader_num_workers=1, lr_scheduler_type="constant",
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=pairs_per_step,
+        num_train_epochs=1,
+        beta=0.1,
+        learning_rate=1e-5,
+        loss_type=["sigmoid"],
+        report_to="none",
+        use_cpu=not gpu,
+        bf16=gpu,
+        max_length=None,
+        save_strategy="no",
+        logging_steps=10**6,
+        dataloader_num_workers=1,
+        lr_scheduler_type="constant",
     )
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=Dataset.from_list(rows), processing_class=AutoProcessor.from_pretrained(model_dir))
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model).eval(),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoProcessor.from_pretrained(model_dir),
+    )
     start = time.perf_counter()
     trainer.train()
     return time.perf_counter() - start
@@ -107,11 +131,28 @@ def run_carevl(model_dir: str, shards: Path, groups_per_step: int, pack: bool = 
 
     timer = EpochTimer()
     gpu = torch.cuda.is_available()
-    module = DPOJudge(Backbone(model=model_dir), reference=reference, beta=0.1, lr=1e-5, warmup_ratio=0.0, pack_prompts=pack)
-    data = JudgeDataModule(processor=model_dir, train=str(shards), kind="preference_group", batch_size=groups_per_step, num_workers=1, shuffle_buffer=1)
+    module = DPOJudge(
+        Backbone(model=model_dir), reference=reference, beta=0.1, lr=1e-5, warmup_ratio=0.0, pack_prompts=pack
+    )
+    data = JudgeDataModule(
+        processor=model_dir,
+        train=str(shards),
+        kind="preference_group",
+        batch_size=groups_per_step,
+        num_workers=1,
+        shuffle_buffer=1,
+    )
     trainer = Trainer(
-        accelerator="gpu" if gpu else "cpu", devices=1, max_epochs=1, precision="bf16-mixed" if gpu else "32-true", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        max_epochs=1,
+        precision="bf16-mixed" if gpu else "32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
     )
     trainer.fit(module, data)
     return timer.seconds
@@ -128,7 +169,14 @@ def profile_carevl(model_dir: str, data: Path, rejected: int, pairs_per_step: in
     module = DPOJudge(Backbone(model=model_dir), reference="copy", beta=0.1)
     module.configure_model()
     for kind, batch_size in (("pairs", pairs_per_step), ("groups", max(1, pairs_per_step // rejected))):
-        loader = JudgeDataModule(processor=model_dir, train=str(data / kind), kind="preference_group", batch_size=batch_size, num_workers=0, shuffle_buffer=1)
+        loader = JudgeDataModule(
+            processor=model_dir,
+            train=str(data / kind),
+            kind="preference_group",
+            batch_size=batch_size,
+            num_workers=0,
+            shuffle_buffer=1,
+        )
         loader.setup("fit")
         batches = [batch for _, batch in zip(range(steps), loader.train_dataloader())]
         seconds = dict.fromkeys(("vision", "policy forward", "reference forward", "backward"), 0.0)
@@ -152,8 +200,10 @@ def profile_carevl(model_dir: str, data: Path, rejected: int, pairs_per_step: in
         unpacked = int(prompts.sum()) + responses
         packed = int(prompts[first["chosen_index"]].sum()) + responses  # each group's prompt once
         split = ", ".join(f"{name} {100 * value / total:.0f}%" for name, value in seconds.items())
-        print(f"profile {kind:6s}: {1000 * total / len(batches):.0f} ms per step of {pairs_per_step} pairs; {split}; "
-              f"language-model tokens per step {packed} packed ({unpacked} if every critique repeated its prompt)")
+        print(
+            f"profile {kind:6s}: {1000 * total / len(batches):.0f} ms per step of {pairs_per_step} pairs; {split}; "
+            f"language-model tokens per step {packed} packed ({unpacked} if every critique repeated its prompt)"
+        )
 
 
 def child(mode: str, model_dir: str, data: Path, rejected: int, pairs_per_step: int) -> None:
@@ -165,7 +215,11 @@ def child(mode: str, model_dir: str, data: Path, rejected: int, pairs_per_step: 
     if kind == "trl":
         result["epoch_s"] = run_trl(model_dir, data, pairs_per_step)
     else:
-        shards, per_step = (data / "pairs", pairs_per_step) if kind == "pairs" else (data / "groups", max(1, pairs_per_step // rejected))
+        shards, per_step = (
+            (data / "pairs", pairs_per_step)
+            if kind == "pairs"
+            else (data / "groups", max(1, pairs_per_step // rejected))
+        )
         reference = "copy"
         if variant == "precomputed":
             from tools.reference_logps import precompute_reference
@@ -182,8 +236,12 @@ def child(mode: str, model_dir: str, data: Path, rejected: int, pairs_per_step: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", type=int, default=24, help="groups of the epoch")
-    parser.add_argument("--rejected", type=int, default=9, help="rejected critiques per group (pairs = groups x rejected)")
-    parser.add_argument("--pairs-per-step", type=int, default=9, help="pairs per optimizer step (a multiple of --rejected)")
+    parser.add_argument(
+        "--rejected", type=int, default=9, help="rejected critiques per group (pairs = groups x rejected)"
+    )
+    parser.add_argument(
+        "--pairs-per-step", type=int, default=9, help="pairs per optimizer step (a multiple of --rejected)"
+    )
     parser.add_argument("--model", help="a Qwen2-VL checkpoint; default: a tiny random one built here")
     parser.add_argument("--modes", default="trl,pairs,groups", help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--profile", action="store_true", help="also print where carevl's step time goes")
@@ -205,14 +263,34 @@ def main() -> None:
     write_data(work / "data", args.groups, args.rejected)
     results = {}
     for mode in args.modes.split(","):
-        command = [sys.executable, __file__, "--child", mode, "--model", args.model, "--data", str(work / "data"),
-                   "--rejected", str(args.rejected), "--pairs-per-step", str(args.pairs_per_step)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--model",
+            args.model,
+            "--data",
+            str(work / "data"),
+            "--rejected",
+            str(args.rejected),
+            "--pairs-per-step",
+            str(args.pairs_per_step),
+        ]
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"{mode} failed:\n{out.stderr[-4000:]}")
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        precompute = f"   (+ {results[mode]['precompute_s']:.2f} s precomputing the reference)" if "precompute_s" in results[mode] else ""
-        print(f"{mode:18s} epoch {results[mode]['epoch_s']:8.2f} s   peak memory {results[mode]['peak_mb']:8.0f} MB{precompute}", flush=True)
+        precompute = (
+            f"   (+ {results[mode]['precompute_s']:.2f} s precomputing the reference)"
+            if "precompute_s" in results[mode]
+            else ""
+        )
+        print(
+            f"{mode:18s} epoch {results[mode]['epoch_s']:8.2f} s   peak memory {results[mode]['peak_mb']:8.0f} "
+            f"MB{precompute}",
+            flush=True,
+        )
     pairs = args.groups * args.rejected
     print(f"\n{pairs} pairs ({args.groups} groups x {args.rejected} rejected), {args.pairs_per_step} pairs per step")
 

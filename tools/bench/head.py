@@ -61,17 +61,24 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="passes timed (the fastest is reported)")
-    parser.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)  # one measurement, in a child process
+    parser.add_argument(
+        "--chunk", type=int, default=None, help=argparse.SUPPRESS
+    )  # one measurement, in a child process
     args = parser.parse_args()
     if args.chunk is not None:
         print(json.dumps(measure(args)))
         return
     results = {}
     for chunk in args.chunks:
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--chunk", str(chunk)], capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--chunk", str(chunk)], capture_output=True, text=True, check=True
+        )
         results[chunk] = json.loads(child.stdout.strip().splitlines()[-1])
     whole = results[args.chunks[0]]
-    print(f"{args.tokens} response tokens, vocabulary {args.vocabulary}, width {args.width}, {args.dtype} on {args.device}")
+    print(
+        f"{args.tokens} response tokens, vocabulary {args.vocabulary}, width {args.width}, {args.dtype} on "
+        f"{args.device}"
+    )
     for chunk, result in results.items():
         print(
             f"  {'all at once' if not chunk else f'chunks of {chunk}'}: peak {result['peak_bytes'] / 2**30:.2f} GiB "

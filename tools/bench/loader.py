@@ -23,7 +23,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=30, help="timed batches (after one warm-up batch)")
     args = parser.parse_args()
 
-    data = JudgeDataModule(processor=args.model, train=args.shards, batch_size=args.batch_size, num_workers=args.workers)
+    data = JudgeDataModule(
+        processor=args.model, train=args.shards, batch_size=args.batch_size, num_workers=args.workers
+    )
     data.setup("fit")
     loader = iter(data.train_dataloader())
     batches = [next(loader)]  # warm-up: worker start and the first shard open

@@ -30,7 +30,11 @@ def main() -> None:
     item = judge_items(1, seed=0)[0]
     chats = [Chat.user(curation_judge_prompt(item.question, item.responses), item.image)] * args.requests
     print(f"{'concurrency':>11} {'requests/s':>10} {'ceiling':>8} {'ratio':>6}")
-    server = subprocess.Popen([sys.executable, "-m", "carevl.standins.loopback", "--latency", str(args.latency)], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "carevl.standins.loopback", "--latency", str(args.latency)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         base_url = server.stdout.readline().strip()
         for concurrency in args.concurrency:

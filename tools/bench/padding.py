@@ -48,10 +48,17 @@ def write_shards(rows: list[dict], out: Path, image_size: int) -> int:
         for row, item in zip(rows, items):
             image = Image.open(io.BytesIO(item.image)).resize((image_size, image_size))
             label = 1 if row["human_ranking"][0] == 0 else 2
-            writer.write(schema.SFTSample(
-                id=row["id"], question=row["query"], responses=list(row["response"]), label=label,
-                target=f"{row['rationale'].strip()} {verdict_line(label)}", source="vl_rewardbench", image=png_bytes(image),
-            ))
+            writer.write(
+                schema.SFTSample(
+                    id=row["id"],
+                    question=row["query"],
+                    responses=list(row["response"]),
+                    label=label,
+                    target=f"{row['rationale'].strip()} {verdict_line(label)}",
+                    source="vl_rewardbench",
+                    image=png_bytes(image),
+                )
+            )
     return len(rows)
 
 
@@ -60,19 +67,33 @@ def estimate(rows: list[dict], batch_size: int, group: int, image_tokens: int, c
     answers and rationale at `chars_per_token`, plus the judge template's ~200 tokens) and a fixed
     image token count: what a real tokenizer would see, without one."""
     items = [
-        {"length": image_tokens + 200 + len(r["query"] + "".join(r["response"]) + r["rationale"]) / chars_per_token} for r in rows
+        {"length": image_tokens + 200 + len(r["query"] + "".join(r["response"]) + r["rationale"]) / chars_per_token}
+        for r in rows
     ]
     random.Random(0).shuffle(items)
     pool = batch_size * max(1, group)
-    batches = [b for i in range(0, len(items) - pool + 1, pool) for b in cut_batches(items[i : i + pool], batch_size, group, random.Random(i))]
+    batches = [
+        b
+        for i in range(0, len(items) - pool + 1, pool)
+        for b in cut_batches(items[i : i + pool], batch_size, group, random.Random(i))
+    ]
     real = sum(item["length"] for b in batches for item in b)
     return 1 - real / sum(max(item["length"] for item in b) * len(b) for b in batches)
 
 
-def run_epoch(model: str, shards: Path, batch_size: int, group: int, max_length: int, backbone: Backbone | None = None) -> tuple[int, int, float]:
+def run_epoch(
+    model: str, shards: Path, batch_size: int, group: int, max_length: int, backbone: Backbone | None = None
+) -> tuple[int, int, float]:
     """(real tokens, computed tokens, seconds in training steps) of one epoch read by the datamodule;
     with a backbone, each batch also takes an SFT step (forward, backward, AdamW)."""
-    data = JudgeDataModule(processor=model, train=str(shards), batch_size=batch_size, num_workers=1, group_by_length=group, max_length=max_length)
+    data = JudgeDataModule(
+        processor=model,
+        train=str(shards),
+        batch_size=batch_size,
+        num_workers=1,
+        group_by_length=group,
+        max_length=max_length,
+    )
     data.setup("fit")
     real = computed = 0
     seconds = 0.0
@@ -95,14 +116,26 @@ def run_epoch(model: str, shards: Path, batch_size: int, group: int, max_length:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", required=True, help="VL-RewardBench data.jsonl (query, response, human_ranking, rationale)")
+    parser.add_argument(
+        "--records", required=True, help="VL-RewardBench data.jsonl (query, response, human_ranking, rationale)"
+    )
     parser.add_argument("--model", help="judge checkpoint and processor; default: a tiny random Qwen2-VL built here")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--group", type=int, default=16, help="group_by_length: batches' worth of samples sorted together")
+    parser.add_argument(
+        "--group", type=int, default=16, help="group_by_length: batches' worth of samples sorted together"
+    )
     parser.add_argument("--image-size", type=int, default=448, help="image side in pixels (448: 256 image tokens)")
     parser.add_argument("--max-length", type=int, default=16384)
-    parser.add_argument("--image-tokens", type=int, nargs="*", default=[256, 1000], help="image token counts for the estimate from character counts")
-    parser.add_argument("--train", action="store_true", help="also time an epoch of SFT steps on each cut (the first batch size)")
+    parser.add_argument(
+        "--image-tokens",
+        type=int,
+        nargs="*",
+        default=[256, 1000],
+        help="image token counts for the estimate from character counts",
+    )
+    parser.add_argument(
+        "--train", action="store_true", help="also time an epoch of SFT steps on each cut (the first batch size)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,13 +144,30 @@ def main() -> None:
         count = write_shards(rows, Path(tmp) / "shards", args.image_size)
         lines = []
         for batch_size in args.batch_size:
-            plain, grouped = (run_epoch(model, Path(tmp) / "shards", batch_size, group, args.max_length) for group in (0, args.group))
-            lines.append(f"| {batch_size} | read by the datamodule | {1 - plain[0] / plain[1]:.1%} | {1 - grouped[0] / grouped[1]:.1%} | {plain[1] / grouped[1]:.2f}x |")
+            plain, grouped = (
+                run_epoch(model, Path(tmp) / "shards", batch_size, group, args.max_length) for group in (0, args.group)
+            )
+            lines.append(
+                f"| {batch_size} | read by the datamodule | {1 - plain[0] / plain[1]:.1%} | "
+                f"{1 - grouped[0] / grouped[1]:.1%} | {plain[1] / grouped[1]:.2f}x |"
+            )
             for image_tokens in args.image_tokens:
                 shuffled, sorted_ = (estimate(rows, batch_size, group, image_tokens) for group in (0, args.group))
-                lines.append(f"| {batch_size} | estimated, {image_tokens} image tokens | {shuffled:.1%} | {sorted_:.1%} | {(1 - sorted_) / (1 - shuffled):.2f}x |")
-        print(f"{count} samples of {plain[0] / count:.0f} tokens on average as read (image tokens included); padding: the share of the language model's computed tokens")
-        print(f"| batch | lengths | padding, shuffled | padding, grouped over {args.group} batches | computed tokens, shuffled / grouped |", "|---|---|---|---|---|", *lines, sep="\n")
+                lines.append(
+                    f"| {batch_size} | estimated, {image_tokens} image tokens | {shuffled:.1%} | {sorted_:.1%} | "
+                    f"{(1 - sorted_) / (1 - shuffled):.2f}x |"
+                )
+        print(
+            f"{count} samples of {plain[0] / count:.0f} tokens on average as read (image tokens included); padding: "
+            "the share of the language model's computed tokens"
+        )
+        print(
+            f"| batch | lengths | padding, shuffled | padding, grouped over {args.group} batches | computed tokens, "
+            "shuffled / grouped |",
+            "|---|---|---|---|---|",
+            *lines,
+            sep="\n",
+        )
         if args.train:
             batch_size = args.batch_size[0]
             seconds = {}
@@ -125,8 +175,11 @@ def main() -> None:
                 backbone = Backbone(model)
                 backbone.build()
                 seconds[group] = run_epoch(model, Path(tmp) / "shards", batch_size, group, args.max_length, backbone)[2]
-            print(f"an epoch of SFT steps of the tiny judge, batch {batch_size}: shuffled {seconds[0]:.1f} s, grouped {seconds[args.group]:.1f} s "
-                  f"({seconds[0] / seconds[args.group]:.2f}x faster grouped)")
+            print(
+                f"an epoch of SFT steps of the tiny judge, batch {batch_size}: shuffled {seconds[0]:.1f} s, grouped "
+                f"{seconds[args.group]:.1f} s "
+                f"({seconds[0] / seconds[args.group]:.2f}x faster grouped)"
+            )
 
 
 if __name__ == "__main__":
