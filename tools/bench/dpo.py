@@ -16,7 +16,7 @@ left out on both sides: TRL's `trainer.train()` (its optimizer, loaders and step
 Lightning run from `on_train_start` to `on_train_end` (its loaders and steps; the model and the
 reference copy are built before). Then the ratios are printed.
 
-    python tools/bench/dpo.py --groups 24 --rejected 9 --profile
+    python -m tools.bench.dpo --groups 24 --rejected 9 --profile
 """
 
 from __future__ import annotations
@@ -265,7 +265,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         command = [
             sys.executable,
-            __file__,
+            "-m",
+            "tools.bench.dpo",
             "--child",
             mode,
             "--model",

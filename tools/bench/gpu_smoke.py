@@ -4,10 +4,10 @@ real CLI, modules, data pipeline and DeepSpeed, loading that checkpoint the way 
 theirs. Prints tokens/s, peak memory and MFU, and checks that a run resumed from a saved
 checkpoint continues from its step.
 
-    python tools/bench/gpu_smoke.py --shape 2b --strategy zero2            # full fine-tuning
-    python tools/bench/gpu_smoke.py --shape 7b --strategy zero3 --lora      # 7B on one 80 GB GPU
-    python tools/bench/gpu_smoke.py --shape tiny --strategy ddp --accelerator cpu --steps 2   # CPU dry run
-    python tools/bench/gpu_smoke.py --shape 2b --narrow --strategy ddp --accelerator cpu --batch-size 4 \
+    python -m tools.bench.gpu_smoke --shape 2b --strategy zero2            # full fine-tuning
+    python -m tools.bench.gpu_smoke --shape 7b --strategy zero3 --lora      # 7B on one 80 GB GPU
+    python -m tools.bench.gpu_smoke --shape tiny --strategy ddp --accelerator cpu --steps 2   # CPU dry run
+    python -m tools.bench.gpu_smoke --shape 2b --narrow --strategy ddp --accelerator cpu --batch-size 4 \
         --steps 3 --warmup 2 --count-ops [--compile]   # a 2B step's kernel-sized operations, on CPU
 
 The DPO reference is, by default, what the configs use: a frozen copy under DDP and ZeRO-2; under
@@ -17,7 +17,7 @@ turns it off). Each phase (timed steps, resume) runs in its own process: a finis
 keeps its GPU memory until its process ends. --profile prints torch.profiler's top operators over
 three steps. --count-ops counts each step's kernel-sized operations by phase; with --narrow (the
 shape's depth and images, small widths) a CPU counts what a real-size step launches. --compile
-compiles the decoder layers.
+compiles the decoder layers. Run it from the repository's root.
 
 MFU is the model FLOPs of the work each step really computes (`carevl.flops`: a DPO group's prompt
 once when prompts are packed, reference forwards and the frozen vision tower included,
@@ -363,7 +363,7 @@ def fit(
         strategy = {
             "class_path": "carevl.strategies.DeepSpeed",
             "init_args": {
-                "config": str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{args.strategy}.json")
+                "config": str(Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / f"{args.strategy}.json")
             },
         }
     lora = {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}} if args.lora else {}
@@ -622,7 +622,8 @@ def main() -> None:
                 subprocess.run(
                     [
                         sys.executable,
-                        __file__,
+                        "-m",
+                        "tools.bench.gpu_smoke",
                         *sys.argv[1:],
                         option,
                         str(size),

@@ -1,8 +1,8 @@
 """Peak memory and time of the language-model head's log-probs at response positions, forward and
 backward, all rows at once against chunks (`carevl.losses.token_logprobs`), each in a fresh process.
 
-    python tools/bench/head.py                                  # CPU: Qwen2-VL's vocabulary, a narrow width
-    python tools/bench/head.py --device cuda --width 3584 --tokens 16000 --dtype bfloat16   # the 7B head on a GPU
+    python -m tools.bench.head                                  # CPU: Qwen2-VL's vocabulary, a narrow width
+    python -m tools.bench.head --device cuda --width 3584 --tokens 16000 --dtype bfloat16   # the 7B head on a GPU
 
 Peak memory is the process's peak resident size on CPU (less what it held before the pass) and
 torch's peak allocation on a GPU. The head's weight trains, as in full fine-tuning.

@@ -1,7 +1,7 @@
 """Does loading keep up with training? Prints the datamodule's samples/s alone next to the
 training step's samples/s (forward + backward + optimizer step on batches already in memory).
 
-    python tools/bench/loader.py --model runs/demo/base --shards runs/demo/world/train
+    python -m tools.bench.loader --model runs/demo/base --shards runs/demo/world/train
 """
 
 import argparse

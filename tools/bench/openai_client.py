@@ -5,7 +5,7 @@ concurrency / latency requests per second; the script prints what the client rea
 (the target is >= 0.90). The endpoint runs in its own process, as a remote one would; both share
 this machine's cores.
 
-    python tools/bench/openai_client.py --latency 0.1 --concurrency 8 32 64 --requests 640
+    python -m tools.bench.openai_client --latency 0.1 --concurrency 8 32 64 --requests 640
 """
 
 import argparse

@@ -8,7 +8,7 @@ The tiny judge's tokenizer, trained on the shapes world's words, splits English 
 characters per token where real ones take ~4, which inflates the text's share of a sample; an
 estimate from character counts at 4 per token and a fixed image token count is printed beside it.
 
-    python tools/bench/padding.py --records ../shared/benchmarks/vl_rewardbench.jsonl
+    python -m tools.bench.padding --records ../shared/benchmarks/vl_rewardbench.jsonl
 """
 
 from __future__ import annotations
