@@ -91,15 +91,7 @@ def write_bad_shards(directory, n_good=20):
     items = shapes.judge_items(n_good + 2, seed=3)
     with schema.ShardWriter(directory, prefix="bad", max_count=8, kind="sft") as writer:
         for index, it in enumerate(items):
-            sample = schema.SFTSample(
-                id=it.id,
-                question=it.question,
-                responses=list(it.responses),
-                label=it.label,
-                target=it.critique(),
-                source="test",
-                image=it.image,
-            )
+            sample = schema.SFTSample(**it.fields(), target=it.critique(), source="test")
             if index == 1:
                 sample.image = b"\x89PNG\r\n\x1a\n not really a png"
             if index == 2:

@@ -130,17 +130,7 @@ def test_every_rank_gets_the_same_number_of_batches(tiny_qwen, tmp_path, world_s
     items = shapes.judge_items(17, seed=4)
     with schema.ShardWriter(tmp_path, prefix="u", max_count=5, kind="sft") as writer:
         for it in items:
-            writer.write(
-                schema.SFTSample(
-                    id=it.id,
-                    question=it.question,
-                    responses=list(it.responses),
-                    label=it.label,
-                    target=it.critique(),
-                    source="t",
-                    image=it.image,
-                )
-            )
+            writer.write(schema.SFTSample(**it.fields(), target=it.critique(), source="t"))
     counts, val_ids = [], []
     for rank in range(world_size):
         module = make_module(tiny_qwen, tmp_path, batch_size=2, num_workers=2)

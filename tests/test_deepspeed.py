@@ -7,7 +7,6 @@ DeepSpeed strategy with its CUDA checks lifted (tests/workers/cpu_deepspeed.py).
 import dataclasses
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -17,11 +16,11 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from tests.helpers import ROOT, carevl, free_port, metrics, python_module
+from tests.helpers import ROOT, carevl, environment, free_port, metrics, python_module
 
 
 def test_zero3_loads_the_checkpoint_into_partitioned_weights_and_starts_lora_at_zero(tiny_qwen):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    env = environment(DS_ACCELERATOR="cpu")
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "workers" / "zero3.py"), tiny_qwen, free_port()],
         env=env,
@@ -48,7 +47,7 @@ def test_zero_steps_train_what_is_trainable_against_their_references(tiny_qwen, 
     from carevl.standins.world import write_preference_groups
 
     write_preference_groups(str(tmp_path / "groups"), n=4, shard_size=4)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    env = environment(DS_ACCELERATOR="cpu")
     command = [
         sys.executable,
         str(ROOT / "tests" / "workers" / "zero_steps.py"),
@@ -95,12 +94,11 @@ def test_a_zero_checkpoint_resumes_exactly_and_exports_its_weights(tiny_qwen, wo
     """A ZeRO checkpoint saved as Lightning saves one: a fresh engine loading it trains the next
     steps to the uninterrupted run's losses, and tools/export_checkpoint.py consolidates its shards
     into a Hugging Face checkpoint with the saved weights."""
-    import yaml
     from transformers import AutoModelForImageTextToText
 
     from tests.helpers import load_tool
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    env = environment(DS_ACCELERATOR="cpu")
     command = [
         sys.executable,
         str(ROOT / "tests" / "workers" / "zero_steps.py"),
@@ -118,22 +116,8 @@ def test_a_zero_checkpoint_resumes_exactly_and_exports_its_weights(tiny_qwen, wo
     assert report["resumed"] == report["uninterrupted"], "weights and optimizer state come back whole"
     assert report["uninterrupted"] != report["first"]
 
-    config = {
-        "model": {
-            "class_path": "carevl.sft.SFTJudge",
-            "init_args": {
-                "backbone": {
-                    "class_path": "carevl.backbone.Backbone",
-                    "init_args": {"model": tiny_qwen, "dtype": "bfloat16", "gradient_checkpointing": True},
-                }
-            },
-        },
-        "data": {"class_path": "datamodules.JudgeDataModule", "init_args": {"train": str(world / "train")}},
-    }
-    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
-    out = load_tool("export_checkpoint").export(
-        str(tmp_path / "sft.yaml"), str(tmp_path / "last.ckpt"), str(tmp_path / "hf")
-    )
+    config = sft_config(tiny_qwen, world, tmp_path, "export", f"zero{stage}", max_steps=2)  # the worker's model
+    out = load_tool("export_checkpoint").export(str(config), str(tmp_path / "last.ckpt"), str(tmp_path / "hf"))
     exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.bfloat16).state_dict()
     saved = torch.load(tmp_path / "step2.pt")  # the step-2 weights, gathered from the engine
     assert saved.keys() <= exported.keys() and len(saved) > 10
