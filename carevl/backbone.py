@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,24 @@ from carevl.strategies import zero_stage
 from carevl.vision_attention import batch_vision_attention
 
 log = logging.getLogger(__name__)
+
+
+def check_checkpoint(name: str) -> None:
+    """Fail at once, naming the problem, for a checkpoint that cannot load: a local folder that is
+    not there (transformers would take its name for a hub id and try the hub), or, on a machine
+    whose hub is offline (HF_HUB_OFFLINE), a hub id its cache does not hold."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists():
+        raise FileNotFoundError(f"no checkpoint folder at {name}")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise FileNotFoundError(
+                f"{name} is not a local folder, and the hub cache does not hold it (HF_HUB_OFFLINE is set)"
+            )
 
 
 @dataclass(frozen=True)
@@ -125,6 +144,7 @@ class Backbone(nn.Module):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        check_checkpoint(model)
         self.name = model
         self.freeze_vision = freeze_vision
         self.freeze_projector = freeze_projector

@@ -14,14 +14,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
+import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 MANIFEST = "manifest.json"
+WRITING = ".writing"  # where a ShardWriter puts shards until they are complete
 REFERENCE_FILE = "reference-logps.json"
 # A questions file line: "id" (unique), "image" (a path relative to the file), "question", and an
 # optional "meta" object carried along into every record and shard of the item.
@@ -195,21 +200,34 @@ def decode(raw: dict[str, Any], kind: str) -> Sample:
     return sample
 
 
+class ShardError(ValueError):
+    """A shard set that cannot be read as its manifest describes (missing, truncated or replaced
+    shards, or no manifest): the set must be written again."""
+
+
 class ShardWriter:
     """Writes samples to numbered shards ``<dir>/<prefix>-000000.tar`` and a manifest of counts.
 
-    Use as a context manager; the manifest is written on exit.
+    Use as a context manager. A shard set is complete or absent, never partial: the shards are
+    written into ``<dir>/.writing/`` and moved into place, with the manifest last, only when the
+    writer closes without an exception. An exception (or a kill) leaves the set that was there
+    before as it was; a writer that finds a ``.writing`` folder left by a killed run removes it.
+    While a new set moves in there is no manifest, so a kill at that moment leaves a set that
+    readers refuse rather than one they misread.
     """
 
     def __init__(self, directory: str | Path, prefix: str = "shard", max_count: int = 1000, kind: str = "sft"):
         import webdataset as wds
 
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.staging = self.directory / WRITING
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True)
         self.prefix = prefix
         self.kind = kind
         self.max_count = max_count
-        self._writer = wds.ShardWriter(str(self.directory / f"{prefix}-%06d.tar"), maxcount=max_count, verbose=0)
+        self._writer = wds.ShardWriter(str(self.staging / f"{prefix}-%06d.tar"), maxcount=max_count, verbose=0)
         self._count = 0
 
     def write(self, sample: Sample) -> None:
@@ -219,26 +237,96 @@ class ShardWriter:
         self._count += 1
 
     def close(self) -> None:
+        """Finish the shards and put the set in place of the one before."""
         self._writer.close()
         counts = [min(self.max_count, self._count - i) for i in range(0, self._count, self.max_count)]
-        shards = [{"url": f"{self.prefix}-{i:06d}.tar", "samples": n} for i, n in enumerate(counts)]
+        shards = [
+            {
+                "url": url,
+                "samples": n,
+                "bytes": (self.staging / url).stat().st_size,
+                "sha256": file_sha256(self.staging / url),
+            }
+            for url, n in ((f"{self.prefix}-{i:06d}.tar", n) for i, n in enumerate(counts))
+        ]
+        old = self.directory / MANIFEST
+        stale = [shard["url"] for shard in json.loads(old.read_text())["shards"]] if old.exists() else []
+        old.unlink(missing_ok=True)  # from here until the new manifest, readers refuse the set
+        for url in stale:
+            (self.directory / url).unlink(missing_ok=True)
+        for shard in shards:
+            os.replace(self.staging / shard["url"], self.directory / shard["url"])
         manifest = {"kind": self.kind, "samples": self._count, "shards": shards}
-        (self.directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        temporary = self.directory / f"{MANIFEST}.tmp"
+        temporary.write_text(json.dumps(manifest, indent=1))
+        os.replace(temporary, old)
+        shutil.rmtree(self.staging)
+
+    def abort(self) -> None:
+        """Drop what was written; the set that was there before stays as it was."""
+        self._writer.close()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
+def shard_samples(path: str | Path) -> int:
+    """Samples in a tar shard (members grouped by key, as WebDataset groups them), read from its
+    headers; raises ShardError when the tar cannot be read to its end."""
+    keys = set()
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile():
+                    keys.add(Path(member.name).name.split(".", 1)[0])
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ShardError(f"{path} cannot be read to its end ({error}): it was cut short") from error
+    return len(keys)
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a shard set, with each shard's path under "urls". With `verify`, every shard
+    is checked against it (it exists, has the size the writer recorded, reads to its end and holds
+    the samples the manifest counts): a ShardError names the first that does not."""
     path = Path(directory) / MANIFEST
     if not path.exists():
+        if (Path(directory) / WRITING).exists():
+            raise FileNotFoundError(f"no {MANIFEST} in {directory}: a writer did not finish, write the set again")
         raise FileNotFoundError(f"no {MANIFEST} in {directory}: write shards with carevl.schema.ShardWriter")
     manifest = json.loads(path.read_text())
     manifest["urls"] = [str(Path(directory) / shard["url"]) for shard in manifest["shards"]]
+    if verify:
+        for shard, url in zip(manifest["shards"], manifest["urls"]):
+            check_shard(url, shard)
     return manifest
+
+
+def check_shard(url: str, shard: dict[str, Any]) -> None:
+    """Raise ShardError unless the tar at `url` is the one its manifest entry describes."""
+    path = Path(url)
+    if not path.is_file():
+        raise ShardError(f"{url} is missing: its manifest lists it")
+    size = path.stat().st_size
+    if "bytes" in shard and size != shard["bytes"]:
+        raise ShardError(f"{url} has {size} bytes, its manifest says {shard['bytes']}: it was cut short or replaced")
+    found = shard_samples(path)
+    if found != shard["samples"]:
+        raise ShardError(f"{url} holds {found} samples, its manifest says {shard['samples']}")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_reference_logps(directory: str | Path) -> dict[str, list[float]] | None:

@@ -106,17 +106,35 @@ class JudgeDataModule(LightningDataModule):
             raise ValueError(f"kind must be one of {TRAIN_KINDS}, got {kind!r}")
         if group_by_length < 0:
             raise ValueError(f"group_by_length counts batches (0: no grouping), got {group_by_length}")
+        val_batch_size = batch_size if val_batch_size is None else val_batch_size
+        sizes = {"batch_size": batch_size, "val_batch_size": val_batch_size, "max_length": max_length}
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if num_workers < 0 or shuffle_buffer < 0:
+            raise ValueError(
+                f"num_workers and shuffle_buffer cannot be negative, got {num_workers} and {shuffle_buffer}"
+            )
         benchmarks.views("", ["", ""], order)  # validates the order name
         self.processor_name = processor
         self.train_dir, self.val_dir, self.test_dir, self.kind, self.order = train, val, test, kind, order
         self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.val_batch_size = val_batch_size
         self.num_workers, self.shuffle_buffer, self.group_by_length = num_workers, shuffle_buffer, group_by_length
         self.max_length, self.seed, self.trust_remote_code = max_length, seed, trust_remote_code
         self.verdict_candidates = verdict_candidates
         self.encoder: Encoder | None = None
+        self._manifests: dict[str, dict[str, Any]] = {}
 
     def setup(self, stage: str | None = None) -> None:
+        """Check the shard sets `stage` reads against their manifests (and the training set's kind),
+        then load the processor: a missing or damaged set fails here, before any model loads."""
+        if stage in (None, "fit") and self.train_dir is not None:
+            manifest = self.manifest(self.train_dir)
+            if manifest["kind"] != self.kind:
+                raise ValueError(f"{self.train_dir} holds {manifest['kind']!r} samples and data.kind is {self.kind!r}")
+        for directory in self._eval_dirs(stage):
+            self.manifest(directory)
         if self.encoder is not None:
             return
         from transformers import AutoProcessor
@@ -125,6 +143,17 @@ class JudgeDataModule(LightningDataModule):
             raise ValueError("JudgeDataModule needs `processor` (the `carevl` command sets it to the backbone's model)")
         processor = AutoProcessor.from_pretrained(self.processor_name, trust_remote_code=self.trust_remote_code)
         self.encoder = Encoder(processor, max_length=self.max_length)
+
+    def _eval_dirs(self, stage: str | None) -> list[str]:
+        val = list(self.val_dir) if isinstance(self.val_dir, (list, tuple)) else [self.val_dir]
+        dirs = {"fit": val, "validate": val, "test": [self.test_dir]}.get(stage, [*val, self.test_dir])
+        return [d for d in dirs if d is not None]
+
+    def manifest(self, directory: str) -> dict[str, Any]:
+        """A shard set's manifest, its shards checked against it once (`carevl.schema.read_manifest`)."""
+        if directory not in self._manifests:
+            self._manifests[directory] = schema.read_manifest(directory)
+        return self._manifests[directory]
 
     def _rank(self) -> tuple[int, int]:
         if self.trainer is None:
@@ -151,7 +180,7 @@ class JudgeDataModule(LightningDataModule):
     def train_dataloader(self) -> EpochLoader:
         if self.train_dir is None:
             raise ValueError("no training shards: set data.train")
-        manifest = schema.read_manifest(self.train_dir)
+        manifest = self.manifest(self.train_dir)
         rank, world = self._rank()
         urls = manifest["urls"]
         if len(urls) < world:
@@ -239,7 +268,7 @@ class JudgeDataModule(LightningDataModule):
         (DPO statistics), by the manifest's kind."""
         if directory is None:
             return []
-        manifest = schema.read_manifest(directory)
+        manifest = self.manifest(directory)
         rank, world = self._rank()
         preparer, collate_fn = self._pieces(manifest["kind"], directory, evaluation=True)
         stream = ValStream(manifest["urls"], preparer, collate_fn, self.val_batch_size, rank, world)

@@ -27,6 +27,17 @@ def fit(tmp_path, model, train, val=None, trainer=None, module="carevl.sft.SFTJu
     the checkpoint `model` and the shards `train` (and `val`), CPU, 3 steps unless said. `trainer`
     and `module_args` update those sections; `backbone`, `lr`, `max_steps` and `limit_val_batches`
     are read from `overrides`, the rest of which go to the datamodule."""
+    from carevl.cli import run
+
+    return run(
+        ["fit", "--config", str(fit_config(tmp_path, model, train, val, trainer, module, module_args, **overrides))]
+    )
+
+
+def fit_config(
+    tmp_path, model, train, val=None, trainer=None, module="carevl.sft.SFTJudge", module_args=None, **overrides
+):
+    """The config `fit` runs, written to `tmp_path`/config.yaml; its path."""
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -73,9 +84,7 @@ def fit(tmp_path, model, train, val=None, trainer=None, module="carevl.sft.SFTJu
     path = Path(tmp_path) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
-    from carevl.cli import run
-
-    return run(["fit", "--config", str(path)])
+    return path
 
 
 def metrics(tmp_path) -> list[dict]:
@@ -102,7 +111,8 @@ def write_bad_shards(directory, n_good=20):
                 record = json.loads(raw["json"])
                 del record["target"]
                 raw.update(__key__="missing-target", json=json.dumps(record).encode())
-                writer._writer.write(raw)
+                writer._writer.write(raw)  # planted past the contract check, and counted
+                writer._count += 1
     return n_good
 
 

@@ -151,3 +151,41 @@ def test_datamodule_errors_are_clear(tiny_qwen, tmp_path, world):
     module = make_module(tiny_qwen, world / "heldout", batch_size=64)
     with pytest.raises(ValueError, match="cannot fill one batch"):
         module.train_dataloader()
+
+
+@pytest.mark.parametrize(
+    "sizes", [{"batch_size": 0}, {"val_batch_size": 0}, {"max_length": 0}, {"num_workers": -1}, {"shuffle_buffer": -1}]
+)
+def test_impossible_sizes_are_refused_when_the_config_is_read(sizes):
+    """Before, `batch_size: 0` divided by zero after the model had loaded."""
+    with pytest.raises(ValueError, match="must be at least 1|cannot be negative"):
+        JudgeDataModule(processor="unused", **sizes)
+
+
+@pytest.mark.parametrize("problem", ["missing shards", "kind mismatch", "missing checkpoint"])
+def test_missing_or_mismatched_inputs_fail_before_the_model_loads(tiny_qwen, world, tmp_path, problem):
+    """A shard set that is not there, or holds another kind than data.kind says (before, never
+    compared), and a checkpoint folder that is not there (before, the hub was tried while offline),
+    fail with their names before any weight loads."""
+    from carevl.cli import run
+    from tests.helpers import fit_config
+
+    train, options = world / "train", {}
+    if problem == "missing shards":
+        train = tmp_path / "no-such-shards"
+    elif problem == "kind mismatch":
+        options = {"kind": "preference_group"}
+    model = str(tmp_path / "no-such-checkpoint") if problem == "missing checkpoint" else tiny_qwen
+    config = fit_config(tmp_path, model, train, **options)
+    if problem == "missing checkpoint":
+        with pytest.raises((FileNotFoundError, ValueError), match="no checkpoint folder at .*no-such-checkpoint"):
+            run(["--config", str(config)], subcommand=False)
+        return
+    cli = run(["--config", str(config)], subcommand=False)
+    expected = {
+        "missing shards": "no manifest.json in .*no-such-shards",
+        "kind mismatch": "holds 'sft' samples and data.kind is 'preference_group'",
+    }
+    with pytest.raises((FileNotFoundError, ValueError), match=expected[problem]):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.model.backbone.model is None, "the model was never loaded"

@@ -71,3 +71,63 @@ def test_preference_group_round_trip_and_errors():
     for bad in ({"rejected": []}, {"rejected_scores": [1.0]}, {"label": "tie"}):
         with pytest.raises(SchemaError):
             encode(PreferenceGroupSample(**{**group.__dict__, **bad}))
+
+
+def write_set(directory, ids, fail_after=None):
+    """A shard set of SFT samples `ids`, three to a shard; with `fail_after`, the writer meets an
+    exception after that many samples."""
+    with schema.ShardWriter(directory, prefix="p", max_count=3, kind="sft") as writer:
+        for n, sample_id in enumerate(ids):
+            if n == fail_after:
+                raise RuntimeError("the stage failed mid-write")
+            writer.write(sft(id=sample_id))
+
+
+def read_ids(directory) -> list[str]:
+    manifest = schema.read_manifest(directory)
+    return [schema.decode(raw, "sft").id for raw in wds.WebDataset(manifest["urls"], shardshuffle=False)]
+
+
+def test_a_writer_that_fails_leaves_the_set_before_it_as_it_was(tmp_path):
+    write_set(tmp_path / "set", [f"old{i}" for i in range(5)])
+    with pytest.raises(RuntimeError, match="mid-write"):
+        write_set(tmp_path / "set", [f"new{i}" for i in range(8)], fail_after=7)
+    assert read_ids(tmp_path / "set") == [f"old{i}" for i in range(5)]
+    assert not (tmp_path / "set" / schema.WRITING).exists()
+    with pytest.raises(RuntimeError):
+        write_set(tmp_path / "fresh", ["a", "b"], fail_after=1)
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        schema.read_manifest(tmp_path / "fresh")
+
+
+def test_a_rewritten_set_replaces_every_old_shard_and_a_killed_writers_leftovers(tmp_path):
+    write_set(tmp_path / "set", [f"old{i}" for i in range(8)])  # three shards
+    (tmp_path / "set" / schema.WRITING).mkdir()  # a writer killed mid-write left its folder
+    (tmp_path / "set" / schema.WRITING / "p-000000.tar").write_bytes(b"half a tar")
+    write_set(tmp_path / "set", ["new0", "new1"])  # one shard
+    assert read_ids(tmp_path / "set") == ["new0", "new1"]
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["manifest.json", "p-000000.tar"]
+
+
+def test_a_shard_cut_short_or_miscounted_is_an_error_naming_it(tmp_path):
+    write_set(tmp_path / "set", [f"s{i}" for i in range(6)])
+    second = tmp_path / "set" / "p-000001.tar"
+    whole = second.read_bytes()
+    second.write_bytes(whole[:2000])  # a copy or a disk that stopped inside the second sample
+    with pytest.raises(schema.ShardError, match=r"p-000001.tar has \d+ bytes, its manifest says"):
+        schema.read_manifest(tmp_path / "set")
+    manifest = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        del shard["bytes"]  # a manifest without sizes: the tar is read to its end
+    (tmp_path / "set" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(schema.ShardError, match="p-000001.tar cannot be read to its end"):
+        schema.read_manifest(tmp_path / "set")
+    second.write_bytes(whole)
+    manifest["shards"][0]["samples"] = 16  # a manifest that claims more than its tars hold
+    (tmp_path / "set" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(schema.ShardError, match="p-000000.tar holds 3 samples, its manifest says 16"):
+        schema.read_manifest(tmp_path / "set")
+    (tmp_path / "set" / "p-000000.tar").unlink()
+    with pytest.raises(schema.ShardError, match="p-000000.tar is missing"):
+        schema.read_manifest(tmp_path / "set")
+
