@@ -321,6 +321,26 @@ def check_shard(url: str, shard: dict[str, Any]) -> None:
         raise ShardError(f"{url} holds {found} samples, its manifest says {shard['samples']}")
 
 
+class ReferenceMismatch(ValueError):
+    """Reference log-probs that were not computed for this model or these groups."""
+
+
+def checkpoint_fingerprint(model: str) -> str | None:
+    """sha256 of the names, sizes and modification times of a local checkpoint's weight and config
+    files (None for a hub name): a model written again at the same path has another."""
+    directory = Path(model)
+    if not directory.is_dir():
+        return None
+    files = sorted(f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+    return _sha256([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def shards_fingerprint(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's shard list (names, counts, sizes and contents as the writer hashed
+    them): a shard set written again with any change has another."""
+    return _sha256([(s["url"], s["samples"], s.get("bytes"), s.get("sha256")) for s in manifest["shards"]])
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -329,11 +349,38 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_reference_logps(directory: str | Path) -> dict[str, list[float]] | None:
-    """The precomputed reference log-probs beside a shard set ({group id: [chosen, rejected...]}),
-    None when there are none."""
+def group_fingerprint(sample: PreferenceGroupSample) -> str:
+    """sha256 of what a group's reference log-probs are computed from: its image, question, answers
+    and critiques."""
+    texts = [sample.question, sample.responses, sample.chosen, sample.rejected]
+    return hashlib.sha256(sample.image + json.dumps(texts).encode()).hexdigest()
+
+
+def _sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_reference(directory: str | Path) -> dict[str, Any] | None:
+    """The precomputed reference beside a shard set, None when there is none: "logps" ({group id:
+    [chosen, rejected...]}), "groups" ({group id: group_fingerprint}), "model" and "model_files"
+    (the checkpoint and its `checkpoint_fingerprint`), "shards" (the `shards_fingerprint` of the set
+    it was computed over), "dtype", "max_length", "skipped"."""
     path = Path(directory) / REFERENCE_FILE
-    return json.loads(path.read_text())["logps"] if path.exists() else None
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_reference(reference: dict[str, Any], directory: str | Path, model: str) -> None:
+    """Raise ReferenceMismatch, naming what differs, unless `reference` was computed with the
+    checkpoint `model` over the shard set in `directory` as it is now."""
+    rerun = f"run tools/reference_logps.py --model {model} --shards {directory} again (it recomputes what is stale)"
+    fingerprint = checkpoint_fingerprint(model)
+    if reference.get("model_files") != fingerprint or (fingerprint is None and reference.get("model") != model):
+        raise ReferenceMismatch(
+            f"{directory}/{REFERENCE_FILE} was computed with the checkpoint {reference.get('model')} as it was then, "
+            f"not with {model} as it is now: {rerun}"
+        )
+    if reference.get("shards") != shards_fingerprint(read_manifest(directory, verify=False)):
+        raise ReferenceMismatch(f"the groups in {directory} were written again after {REFERENCE_FILE}: {rerun}")
 
 
 def question_line(item_id: str, image: str, question: str, meta: dict[str, Any] | None = None) -> str:

@@ -135,6 +135,11 @@ class JudgeDataModule(LightningDataModule):
                 raise ValueError(f"{self.train_dir} holds {manifest['kind']!r} samples and data.kind is {self.kind!r}")
         for directory in self._eval_dirs(stage):
             self.manifest(directory)
+        training = [self.train_dir] if stage in (None, "fit") and self.train_dir is not None else []
+        for directory in [*training, *self._eval_dirs(stage)]:
+            reference = schema.read_reference(directory)
+            if reference is not None:  # computed for this model over these groups, or refused
+                schema.check_reference(reference, directory, self.processor_name)
         if self.encoder is not None:
             return
         from transformers import AutoProcessor
@@ -168,7 +173,7 @@ class JudgeDataModule(LightningDataModule):
                 collate_items, pad_token_id=pad, with_prompts=evaluation
             )
         if kind == "preference_group":
-            build = partial(encode_group, self.encoder, schema.read_reference_logps(directory))
+            build = partial(encode_group, self.encoder, schema.read_reference(directory))
             return SamplePreparer(kind, build), partial(collate_groups, pad_token_id=pad)
         if kind == "benchmark" and evaluation:
             build = partial(build_views, self.encoder, self.order, self.seed, self.verdict_candidates)

@@ -19,21 +19,28 @@ from carevl.prompts import judge_prompt, user_turn
 
 
 def encode_group(
-    encoder: Encoder, reference: dict[str, list[float]] | None, sample: schema.PreferenceGroupSample, image: Any
+    encoder: Encoder, reference: dict[str, Any] | None, sample: schema.PreferenceGroupSample, image: Any
 ) -> list[dict[str, Any]]:
-    """One item per group: the chosen and every rejected critique after one shared prompt."""
+    """One item per group: the chosen and every rejected critique after one shared prompt, with the
+    group's precomputed reference log-probs when `reference` (`carevl.schema.read_reference`) is
+    given; a group the reference was not computed for is an error, never a skip."""
     messages = user_turn(judge_prompt(sample.question, sample.responses))
     encodings = encoder.encode_many(image, messages, [sample.chosen, *sample.rejected])
     length = sum(encoding["input_ids"].shape[1] for encoding in encodings)
     item = {"id": sample.id, "encodings": encodings, "verdict_label": sample.label, "length": length}
     if reference is not None:
-        if sample.id not in reference:
-            raise schema.SchemaError(f"{sample.id}: no precomputed reference log-probs (rerun the precompute command)")
-        if len(reference[sample.id]) != len(encodings):
-            raise schema.SchemaError(
-                f"{sample.id}: {len(reference[sample.id])} reference log-probs for {len(encodings)} critiques"
+        logps = reference["logps"].get(sample.id)
+        if logps is None:
+            raise schema.ReferenceMismatch(
+                f"{sample.id}: no precomputed reference log-probs (computed with another max_length, or before "
+                "the group was added): run tools/reference_logps.py again"
             )
-        item["reference_logps"] = reference[sample.id]
+        if reference["groups"].get(sample.id) != schema.group_fingerprint(sample) or len(logps) != len(encodings):
+            raise schema.ReferenceMismatch(
+                f"{sample.id}: the reference log-probs were computed for another text or image of this group: "
+                "run tools/reference_logps.py again (it recomputes what is stale)"
+            )
+        item["reference_logps"] = logps
     return [item]
 
 

@@ -12,10 +12,19 @@ from transformers import AutoModelForImageTextToText
 
 from carevl.backbone import Backbone, LoraSettings
 from carevl.dpo import DPOJudge
-from carevl.schema import REFERENCE_FILE
+from carevl.schema import (
+    REFERENCE_FILE,
+    PreferenceGroupSample,
+    ReferenceMismatch,
+    ShardWriter,
+    checkpoint_fingerprint,
+    decode,
+    group_fingerprint,
+    read_manifest,
+)
 from datamodules import JudgeDataModule
 from tests.helpers import compiled_graph, fit, metrics
-from tools.reference_logps import model_fingerprint, part_path, precompute_reference
+from tools.reference_logps import part_path, precompute_reference
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +83,16 @@ def test_copy_reference_stays_frozen_while_the_policy_moves(tiny_qwen, groups_di
         assert f"train/{name}" in logged, name
 
 
-def test_precomputed_reference_equals_the_frozen_copy(tiny_qwen, groups_dir):
-    precompute_reference(tiny_qwen, groups_dir, batch_size=5)
-    batch = first_batch(tiny_qwen, groups_dir)
+def copied(groups_dir: Path, to: Path) -> Path:
+    """The groups without any reference file, copied to `to`."""
+    shutil.copytree(groups_dir, to, ignore=shutil.ignore_patterns("reference-logps*"))
+    return to
+
+
+def test_precomputed_reference_equals_the_frozen_copy(tiny_qwen, groups_dir, tmp_path):
+    groups = copied(groups_dir, tmp_path / "groups")
+    precompute_reference(tiny_qwen, groups, batch_size=5)
+    batch = first_batch(tiny_qwen, groups)
     assert "reference_logps" in batch
     module = DPOJudge(Backbone(model=tiny_qwen), reference="copy")
     module.configure_model()
@@ -93,10 +109,20 @@ def reference_logps(shards) -> dict[str, list[float]]:
     return json.loads((shards / REFERENCE_FILE).read_text())["logps"]
 
 
+def group_samples(shards: Path) -> list[PreferenceGroupSample]:
+    import webdataset as wds
+
+    urls = read_manifest(shards)["urls"]
+    return [decode(raw, "preference_group") for raw in wds.WebDataset(urls, shardshuffle=False)]
+
+
+def group_fingerprints(shards: Path) -> dict[str, str]:
+    return {sample.id: group_fingerprint(sample) for sample in group_samples(shards)}
+
+
 def test_the_reference_precompute_splits_into_parts_and_resumes_after_a_kill(tiny_qwen, groups_dir, tmp_path):
-    def shards(name):  # the groups without any reference file an earlier test wrote
-        shutil.copytree(groups_dir, tmp_path / name, ignore=shutil.ignore_patterns("reference-logps*"))
-        return tmp_path / name
+    def shards(name):
+        return copied(groups_dir, tmp_path / name)
 
     whole = shards("whole")
     precompute_reference(tiny_qwen, whole, batch_size=5)
@@ -119,11 +145,11 @@ def test_the_reference_precompute_splits_into_parts_and_resumes_after_a_kill(tin
     settings = {
         "key": "*settings*",
         "model": tiny_qwen,
-        "model_files": model_fingerprint(tiny_qwen),
+        "model_files": checkpoint_fingerprint(tiny_qwen),
         "dtype": "float32",
         "max_length": 4096,
     }
-    lines = [settings, {"key": first, "logps": marker}]
+    lines = [settings, {"key": first, "group": group_fingerprints(killed)[first], "logps": marker}]
     part = part_path(killed, 0, 1)
     part.write_text(
         "".join(json.dumps(r) + "\n" for r in lines) + json.dumps({"key": second, "logps": expected[second]})[:20]
@@ -140,6 +166,43 @@ def test_the_reference_precompute_splits_into_parts_and_resumes_after_a_kill(tin
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
     precompute_reference(tiny_qwen, killed, batch_size=5)
     assert reference_logps(killed)[first] != marker and part.with_suffix(".stale").exists()
+
+
+def test_a_reference_of_another_model_or_of_rewritten_groups_is_refused_and_rerun_recomputes_what_changed(
+    tiny_qwen, groups_dir, tmp_path
+):
+    """Before, a reference was matched to groups by id alone: one computed with another checkpoint
+    trained on silently (first loss 0.698, not log 2), groups rewritten under the same ids gave a
+    first loss of 8.93, and rerunning the precompute kept the stale values."""
+    from carevl.standins.tiny import build_tiny_model
+
+    groups = copied(groups_dir, tmp_path / "groups")
+    precompute_reference(tiny_qwen, groups, batch_size=5)
+    first_batch(tiny_qwen, groups)  # this model, these groups: accepted
+    other = str(build_tiny_model(tmp_path / "other", hidden=64, layers=2, seed=1))
+    with pytest.raises(ReferenceMismatch, match="computed with the checkpoint .* not with .*other"):
+        first_batch(other, groups)
+
+    samples = group_samples(groups)  # one group's critiques rewritten, under the same ids
+    samples[5].rejected = [samples[5].rejected[0] + " Both answers say the same."]
+    with ShardWriter(groups, prefix="groups", max_count=12, kind="preference_group") as writer:
+        for sample in samples:
+            writer.write(sample)
+    with pytest.raises(ReferenceMismatch, match="written again after reference-logps.json"):
+        first_batch(tiny_qwen, groups)
+
+    part = part_path(groups, 0, 1)  # plant a value in an unchanged group: it must survive the rerun
+    unchanged, planted = samples[0].id, [7.0] * (1 + len(samples[0].rejected))
+    with part.open("a") as handle:
+        handle.write(json.dumps({"key": unchanged, "group": group_fingerprint(samples[0]), "logps": planted}) + "\n")
+    precompute_reference(tiny_qwen, groups, batch_size=5)
+    fresh = copied(groups, tmp_path / "fresh")
+    precompute_reference(tiny_qwen, fresh, batch_size=5)
+    rerun, expected = reference_logps(groups), reference_logps(fresh)
+    assert rerun[unchanged] == planted, "an unchanged group is not computed again"
+    changed = samples[5].id
+    assert len(rerun[changed]) == 2 and torch.allclose(torch.tensor(rerun[changed]), torch.tensor(expected[changed]))
+    first_batch(tiny_qwen, groups)  # accepted again
 
 
 def test_lora_disabled_reference_equals_the_starting_model(tiny_qwen, groups_dir):

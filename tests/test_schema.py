@@ -130,4 +130,3 @@ def test_a_shard_cut_short_or_miscounted_is_an_error_naming_it(tmp_path):
     (tmp_path / "set" / "p-000000.tar").unlink()
     with pytest.raises(schema.ShardError, match="p-000000.tar is missing"):
         schema.read_manifest(tmp_path / "set")
-

@@ -11,6 +11,12 @@ Under torchrun each process takes its part of the groups (every WORLD_SIZE-th fr
 GPU, with no communication. Each part appends every batch's log-probs to its own JSONL file beside
 the shards, so a killed run is simply started again: it skips the groups already written. The part
 that finishes last merges all of them into reference-logps.json.
+
+The file records what its values were computed from: the checkpoint (`checkpoint_fingerprint`),
+the shard set (`shards_fingerprint`) and each group's text and image (`group_fingerprint`). DPO
+refuses a reference that does not match its model or its groups. Run again after the groups were
+written anew, it recomputes the groups whose fingerprint changed and keeps the rest; after the
+checkpoint changed, it starts over.
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ from tqdm import tqdm
 
 from carevl import schema
 from carevl.backbone import Backbone
-from carevl.curation.records import Records, content_key, read_complete
+from carevl.curation.records import Records, read_complete
 from carevl.encoding import Encoder
-from carevl.schema import REFERENCE_FILE
+from carevl.schema import REFERENCE_FILE, checkpoint_fingerprint
 from datamodules.preference import collate_groups, encode_group
 from datamodules.stream import SamplePreparer, ValStream
 
@@ -39,16 +45,6 @@ log = logging.getLogger(__name__)
 
 
 SETTINGS, COMPLETE = "*settings*", "*complete*"  # record keys beside the group ids of a part file
-
-
-def model_fingerprint(model: str) -> str | None:
-    """sha256 of the names, sizes and modification times of a local checkpoint's weight and config
-    files (None for a hub name): a model written again at the same path has another."""
-    directory = Path(model)
-    if not directory.is_dir():
-        return None
-    files = sorted(f for f in directory.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
-    return content_key([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
 
 def part_path(shards: str | Path, part: int, parts: int) -> Path:
@@ -71,7 +67,7 @@ def precompute_reference(
     are counted in it."""
     if not 0 <= part < parts:
         raise ValueError(f"part must be in [0, {parts}), got {part}")
-    settings = {"model": model, "model_files": model_fingerprint(model), "dtype": dtype, "max_length": max_length}
+    settings = {"model": model, "model_files": checkpoint_fingerprint(model), "dtype": dtype, "max_length": max_length}
     path = part_path(shards, part, parts)
     records = Records(path)
     saved = next((r for r in records.ok() if r["key"] == SETTINGS), None)
@@ -82,17 +78,19 @@ def precompute_reference(
         )
         os.replace(path, stale)
         records = Records(path)
-    done = {r["key"] for r in records.ok()}
+    done = {r["key"]: r for r in records.ok()}
     if SETTINGS not in done:
         records.append([{"key": SETTINGS, **settings}])
-    if COMPLETE not in done:
-        compute_part(records, done, settings, shards, batch_size, device, part, parts)
+    current = schema.shards_fingerprint(schema.read_manifest(shards))
+    if done.get(COMPLETE, {}).get("shards") != current:  # a part is complete for one shard set
+        fresh = {key: record["group"] for key, record in done.items() if key not in (SETTINGS, COMPLETE)}
+        compute_part(records, fresh, settings, shards, batch_size, device, part, parts)
     return merge_parts(shards, parts, settings)
 
 
 def compute_part(
     records: Records,
-    done: set[str],
+    done: dict[str, str],
     settings: dict,
     shards: str | Path,
     batch_size: int,
@@ -106,9 +104,14 @@ def compute_part(
     encoder = Encoder(backbone.processor, max_length=settings["max_length"])
     manifest = schema.read_manifest(shards)
     build = partial(encode_group, encoder, None)
-    preparer = SamplePreparer(
-        "preference_group", lambda sample, image: [] if sample.id in done else build(sample, image)
-    )
+    fingerprints: dict[str, str] = {}
+
+    def stale(sample: schema.PreferenceGroupSample, image) -> list[dict]:
+        """The group's item, unless its values were computed for its present text and image."""
+        fingerprints[sample.id] = schema.group_fingerprint(sample)
+        return [] if done.get(sample.id) == fingerprints[sample.id] else build(sample, image)
+
+    preparer = SamplePreparer("preference_group", stale)
     batches = ValStream(
         manifest["urls"],
         preparer,
@@ -118,7 +121,7 @@ def compute_part(
         world_size=parts,
     )
     skipped: Counter = Counter()
-    left = math.ceil(max(0, manifest["samples"] // parts - len(done - {SETTINGS})) / batch_size)
+    left = math.ceil(max(0, manifest["samples"] // parts - len(done)) / batch_size)
     for batch in tqdm(batches, total=left, desc=f"reference log-probs, part {part} of {parts}", unit="batch"):
         skipped.update(batch["skipped"])
         batch["inputs"] = {k: v.to(device) for k, v in batch["inputs"].items()}
@@ -129,31 +132,36 @@ def compute_part(
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         records.append(
             [
-                {"key": group, "logps": values[start : start + size]}
+                {"key": group, "group": fingerprints[group], "logps": values[start : start + size]}
                 for group, start, size in zip(batch["ids"], starts, sizes)
             ]
         )
     skipped.update(preparer.take_skipped())  # skips after the last batch
-    records.append([{"key": COMPLETE, "skipped": dict(skipped)}])
+    records.append([{"key": COMPLETE, "skipped": dict(skipped), "shards": schema.shards_fingerprint(manifest)}])
 
 
 def merge_parts(shards: str | Path, parts: int, settings: dict) -> Path | None:
-    """Write reference-logps.json from every part file once all are complete; None before that."""
+    """Write reference-logps.json from every part file once all are complete for the shard set as it
+    is now; None before that."""
+    current = schema.shards_fingerprint(schema.read_manifest(shards, verify=False))
     logps: dict[str, list[float]] = {}
+    groups: dict[str, str] = {}
     skipped: Counter = Counter()
     for part in range(parts):
         path = part_path(shards, part, parts)
         # read only: a part still running may be appending to its file
         latest = {r["key"]: r for r in read_complete(path)[0]} if path.exists() else {}
-        if COMPLETE not in latest:
+        if latest.get(COMPLETE, {}).get("shards") != current:
             log.info("part %d of %d is not finished: merge later", part, parts)
             return None
         skipped.update(latest.pop(COMPLETE)["skipped"])
         latest.pop(SETTINGS)
         logps.update({key: record["logps"] for key, record in latest.items()})
+        groups.update({key: record["group"] for key, record in latest.items()})
     out = Path(shards) / REFERENCE_FILE
     temporary = out.with_suffix(".tmp")
-    temporary.write_text(json.dumps({**settings, "skipped": dict(skipped), "logps": logps}))
+    merged = {**settings, "shards": current, "skipped": dict(skipped), "groups": groups, "logps": logps}
+    temporary.write_text(json.dumps(merged))
     os.replace(temporary, out)  # parts finishing together both write the same file; neither leaves half of one
     log.info("wrote reference log-probs of %d groups to %s (skipped: %s)", len(logps), out, dict(skipped) or "none")
     return out
