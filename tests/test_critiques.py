@@ -36,7 +36,9 @@ def curated(tmp_path_factory) -> str:
     stages.split(workdir, tau=2)
     # the simulated judge stands in for the SFT judge: it is right 60% of the time on pairs with one right answer
     critiques.critiques(workdir, lambda: SimulatedJudge("sft", workdir, accuracy=0.6), name="sim-sft", samples=6)
-    critiques.evaluate(workdir, lambda: SimulatedEvaluator("eval", unparseable_rate=0.05), name="sim-eval")
+    critiques.evaluate(
+        workdir, lambda: SimulatedEvaluator("eval", unparseable_rate=0.05), name="sim-eval", max_failed=0.2
+    )
     return workdir
 
 
@@ -144,7 +146,7 @@ def test_a_retrained_checkpoint_is_sampled_afresh_and_only_its_critiques_are_gro
     assert {r["key"] for r in critiques.selected_critiques(workdir)} == {
         r["key"] for r in records if r.get("revision") == revision
     }
-    critiques.evaluate(workdir, lambda: SimulatedEvaluator("eval"), name="sim-eval")
+    critiques.evaluate(workdir, lambda: SimulatedEvaluator("eval"), name="sim-eval", max_failed=0.2)
     critiques.groups(workdir, strategies=["best_to_worse"], out=str(tmp_path / "groups"))
     grouped = {
         text for group in read_groups(tmp_path / "groups" / "best_to_worse") for text in [group.chosen, *group.rejected]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from carevl.backends.interface import Sampling
-from carevl.backends.openai_api import OpenAIChat
+from carevl.backends.interface import EndpointRefused, Sampling
+from carevl.backends.openai_api import OpenAIBatch, OpenAIChat
 from carevl.curation import stages
 from carevl.curation.records import Records
 from carevl.curation.report import write_report
@@ -22,7 +22,7 @@ from carevl.standins.loopback import LoopbackEndpoint
 from carevl.standins.shapes import true_label
 from carevl.standins.simulated import SimulatedAnswerer, SimulatedCaptioner, SimulatedExpert, SimulatedJudge
 from carevl.standins.world import write_questions
-from tests.helpers import ingest_world
+from tests.helpers import ingest_world, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "candidates", "captions", "pairs", "judge", "votes", "split", "sft_shards"]
@@ -82,7 +82,9 @@ def test_ingest_records_bad_input_with_reasons(tmp_path):
     ]
     source = tmp_path / "source.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-    summary = stages.ingest(str(tmp_path / "cur"), source=str(source))
+    with pytest.raises(stages.StageFailed, match="ingest: 5 of 6 units failed"):
+        stages.ingest(str(tmp_path / "cur"), source=str(source))
+    summary = stages.ingest(str(tmp_path / "cur2"), source=str(source), max_failed=1.0)
     assert summary == {
         "stage": "ingest",
         "done": 1,
@@ -91,10 +93,10 @@ def test_ingest_records_bad_input_with_reasons(tmp_path):
         "failed: duplicate_id": 1,
         "failed: unparseable": 1,
     }
-    assert len(list((tmp_path / "cur" / "images").rglob("*.png"))) == 1
+    assert len(list((tmp_path / "cur2" / "images").rglob("*.png"))) == 1
     # a second run keeps what it has and records nothing twice
-    stages.ingest(str(tmp_path / "cur"), source=str(source))
-    assert stages.items_by_id(tmp_path / "cur").keys() == {"a"}
+    stages.ingest(str(tmp_path / "cur2"), source=str(source), max_failed=1.0)
+    assert stages.items_by_id(tmp_path / "cur2").keys() == {"a"}
     # a GIF is stored re-encoded as PNG (shards hold PNG, JPEG or WebP only)
     from PIL import Image
 
@@ -245,7 +247,7 @@ def test_judge_over_http_records_failures_then_completes_and_never_writes_the_ke
         def build() -> OpenAIChat:
             return OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=1, max_attempts=2, max_backoff=0.01)
 
-        first = stages.judge(str(workdir), model=build)
+        first = stages.judge(str(workdir), model=build, max_failed=0.5)
         assert (
             first["failed: http_500"] == 1
             and first["failed: http_400"] == 1
@@ -342,3 +344,80 @@ def test_candidates_on_a_paid_endpoint_print_their_estimate_first(tmp_path, caps
         stages.candidates(workdir, models, {"greedy": Sampling()}, prices={"paid": Prices()}, max_usd=0.0)
     printed = capsys.readouterr().out
     assert "candidates paid/greedy: 5 requests" in printed and "local" not in printed
+
+
+def judged_pairs(workdir: Path) -> int:
+    """A curation work folder of 8 items with answer pairs to judge; how many pairs."""
+    ingest_world(str(workdir), 8, 1)
+    answerer = {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)}
+    stages.candidates(str(workdir), answerer, {"t1": Sampling(temperature=1.0, n=3)})
+    stages.pairs(str(workdir))
+    return len(Records(workdir / "pairs.jsonl").ok())
+
+
+def test_a_stage_with_failures_exits_non_zero_and_its_rerun_retries_them(tmp_path, monkeypatch):
+    """Failed units beyond the stage's max_failed share make `tools/curate.py` exit non-zero (a
+    pipeline then never marks the step done); the failures are recorded, and the rerun retries them."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    workdir = tmp_path / "cur"
+    n_pairs = judged_pairs(workdir)
+    curate = load_tool("curate")
+    with LoopbackEndpoint(faults=["400", None, "400"]) as endpoint:
+        model = {
+            "class_path": "carevl.backends.openai_api.OpenAIChat",
+            "init_args": {"model": "gpt-4o", "base_url": endpoint.base_url, "concurrency": 1},
+        }
+        config = tmp_path / "judge.yaml"
+        config.write_text(yaml.safe_dump({"judge": {"workdir": str(workdir), "model": model}}))
+        with pytest.raises(SystemExit) as exit_info:
+            curate.main(["--config", str(config), "judge"])
+        assert f"judge: 2 of {n_pairs} units failed (http_400 2)" in str(exit_info.value.code)
+        assert Records(workdir / "judgments.jsonl").failures() == {"http_400": 2}
+        curate.main(["--config", str(config), "judge"])  # returns: exit status 0
+    assert len(Records(workdir / "judgments.jsonl").ok()) == n_pairs
+
+
+@pytest.mark.parametrize("refusal", ["wrong_key", "quota"])
+def test_a_refused_key_or_account_stops_the_stage_at_once_and_records_nothing(tmp_path, monkeypatch, refusal):
+    """A 401 (or a spent quota) cannot be fixed by retrying: the stage stops after the requests
+    already in flight, records no failure, and the rerun with the right key judges every pair."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong" if refusal == "wrong_key" else "sk-right")
+    workdir = tmp_path / "cur"
+    n_pairs = judged_pairs(workdir)
+    faults = ["quota"] * 8 if refusal == "quota" else []
+    with LoopbackEndpoint(api_key="sk-right", faults=faults, latency=0.05) as endpoint:
+
+        def build() -> OpenAIChat:
+            return OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=4, max_attempts=3)
+
+        with pytest.raises(
+            EndpointRefused, match="invalid_api_key" if refusal == "wrong_key" else "insufficient_quota"
+        ):
+            stages.judge(str(workdir), model=build)
+        assert n_pairs > 8 and len(endpoint.requests) <= 8, "stopped at once, not after a request per pair"
+        assert Records(workdir / "judgments.jsonl").latest() == []
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
+        endpoint.faults.clear()
+        assert stages.judge(str(workdir), model=build)["done"] == n_pairs
+
+
+def test_the_batch_api_stops_at_a_refused_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+    workdir = tmp_path / "cur"
+    judged_pairs(workdir)
+    with LoopbackEndpoint(api_key="sk-right") as endpoint:
+        batch = OpenAIBatch("gpt-4o", base_url=endpoint.base_url, poll_seconds=0.01)
+        with pytest.raises(EndpointRefused, match="http_401"):
+            stages.judge(str(workdir), batch=lambda: batch)
+    assert Records(workdir / "judgments.jsonl").latest() == []
+
+
+def test_sft_shards_with_nothing_to_write_fail_and_keep_the_shards_before(tmp_path):
+    workdir = str(tmp_path / "cur")
+    run_simulated(workdir, items=30)
+    before = read_manifest(Path(workdir) / "sft")
+    split = Records(Path(workdir) / "split.jsonl")
+    split.rewrite([{**row, "confidence": "low"} for row in split.ok()])
+    with pytest.raises(stages.StageFailed, match="sft_shards: no pair to write"):
+        stages.sft_shards(workdir)
+    assert read_manifest(Path(workdir) / "sft") == before

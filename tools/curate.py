@@ -8,16 +8,20 @@ Run them all:   for s in ingest candidates captions pairs judge votes split sft_
 Help on one:    python tools/curate.py candidates --help
 
 Every stage appends to its JSONL under the work directory and skips work already done, so a killed
-stage is simply run again. API keys come from the environment only (see `api_key_env`).
+stage is simply run again. A stage whose units failed beyond its `max_failed` share, or whose
+endpoint refused the key or the account, exits with status 1 (its records kept), so a pipeline
+never takes it for done. API keys come from the environment only (see `api_key_env`).
 """
 
 import logging
+import sys
 
 from jsonargparse import CLI
 
+from carevl.backends.interface import EndpointRefused
 from carevl.curation.critiques import critiques, evaluate, groups
 from carevl.curation.report import Truth, write_report
-from carevl.curation.stages import candidates, captions, ingest, judge, pairs, sft_shards, split, votes
+from carevl.curation.stages import StageFailed, candidates, captions, ingest, judge, pairs, sft_shards, split, votes
 
 
 def report(workdir: str, out: str | None = None, truth: Truth | None = None) -> dict:
@@ -37,7 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stages = [ingest, candidates, captions, pairs, judge, votes, split, sft_shards, report, critiques, evaluate, groups]
-    CLI(stages, as_positional=False, args=argv)
+    try:
+        CLI(stages, as_positional=False, args=argv)
+    except StageFailed as error:
+        sys.exit(f"stage failed: {error}")
+    except EndpointRefused as error:
+        sys.exit(
+            f"stage stopped: the endpoint refused the request ({error}); the remaining requests were not sent. "
+            "Check the key and the account, then run the stage again."
+        )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class EndpointRefused(RuntimeError):
+    """The endpoint refused the credentials or the account (authentication, permission, quota): no
+    request can succeed, so the stage stops at once instead of recording every item as failed."""
+
+
 @dataclass
 class Chat:
     """One conversation: messages in the OpenAI chat layout whose image parts are ``{"type": "image"}``

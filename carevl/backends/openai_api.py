@@ -4,8 +4,10 @@
 Retries are ours, not the client's (it is built with ``max_retries=0``), so every failure has a
 counted reason: 429 waits what Retry-After (or retry-after-ms) says, 408/409/5xx, timeouts and
 connection errors back off exponentially, and a 200 whose body or structured output does not
-parse is retried as ``malformed_response``. Other 4xx fail at once. An item that exhausts its
-attempts comes back as a failed `Reply` with the last reason; nothing raises.
+parse is retried as ``malformed_response``. Other 4xx fail their item at once. An item that
+exhausts its attempts comes back as a failed `Reply` with the last reason. Only a refusal of the
+credentials or the account (401, 403, an exhausted quota) raises `EndpointRefused`, stopping the
+stage: no other request could succeed.
 
 The API key is read from the environment variable named by `api_key_env` when a request is made;
 it is never an argument, so it never reaches a config, a record or a log.
@@ -24,12 +26,15 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from carevl.backends.interface import BatchChatModel, Chat, ChatModel, Reply, Sampling
+from carevl.backends.interface import BatchChatModel, Chat, ChatModel, EndpointRefused, Reply, Sampling
 from carevl.images import data_url
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 409, 429}
+# No request can succeed: wrong key, no access, no money left. The stage stops at once.
+REFUSED_STATUS = {401, 403}
+REFUSED_CODES = {"insufficient_quota", "invalid_api_key", "account_deactivated"}
 BATCH_ENDPOINT = "/v1/chat/completions"
 BATCH_MAX_REQUESTS = 50_000  # the Batch API's limit per input file
 BATCH_MAX_BYTES = 190_000_000  # under the 200 MB input file limit
@@ -210,6 +215,8 @@ class OpenAIChat(ChatModel):
                 reason = "connection_error"
             except openai.APIStatusError as error:
                 reason = "rate_limited" if error.status_code == 429 else f"http_{error.status_code}"
+                if error.status_code in REFUSED_STATUS or error.code in REFUSED_CODES:
+                    raise EndpointRefused(f"{reason} ({error.code or 'refused'}): {str(error.message)[:200]}") from None
                 if error.status_code < 500 and error.status_code not in RETRYABLE_STATUS:
                     return Reply(error=f"{reason}: {str(error.message)[:200]}")
                 wait = retry_after(error.response.headers)
@@ -267,7 +274,21 @@ class OpenAIBatch(BatchChatModel):
         on_replies: Callable[[dict[str, Reply]], None],
     ) -> None:
         """Get a reply for every chat (keyed by custom_id), handing each finished batch's replies to
-        `on_replies` as it completes."""
+        `on_replies` as it completes. A refusal of the key or the account raises `EndpointRefused`."""
+        import openai
+
+        try:
+            self._run(chats, sampling, schema, state_file, on_replies)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+            raise EndpointRefused(
+                f"http_{error.status_code} ({error.code or 'refused'}): {str(error.message)[:200]}"
+            ) from None
+        except openai.RateLimitError as error:
+            if error.code not in REFUSED_CODES:
+                raise
+            raise EndpointRefused(f"rate_limited ({error.code}): {str(error.message)[:200]}") from None
+
+    def _run(self, chats, sampling, schema, state_file, on_replies) -> None:
         client = self.client()
         state = BatchState(state_file)
         bodies = {

@@ -25,7 +25,16 @@ from carevl import prompts
 from carevl.backends.interface import ChatModel, Sampling
 from carevl.curation.groups import STRATEGIES, Critique, form_group
 from carevl.curation.records import ImageStore, Records, content_key
-from carevl.curation.stages import caption_by_image, item_chat, items_by_id, records, reply_record, run_units, summarize
+from carevl.curation.stages import (
+    StageFailed,
+    caption_by_image,
+    item_chat,
+    items_by_id,
+    records,
+    reply_record,
+    run_units,
+    summarize,
+)
 
 log = logging.getLogger(__name__)
 CRITIQUES, EVALUATIONS, SELECTION = "critiques.jsonl", "evaluations.jsonl", "critiques.selection.json"
@@ -76,6 +85,7 @@ def critiques(
     sampling: Sampling | None = None,
     max_pairs: int | None = None,
     chunk_size: int = 16,
+    max_failed: float = 0.0,
 ) -> dict:
     """The SFT judge writes `samples` critiques of every low-confidence pair (paper: m = 10).
 
@@ -93,6 +103,8 @@ def critiques(
         sampling: decoding settings (default temperature 1.0, 512 tokens); n is set to `samples`.
         max_pairs: only the first this many low-confidence pairs (by key), for a pilot run.
         chunk_size: pairs per generate call (and per write to disk).
+        max_failed: the share of this run's units that may fail before the stage exits with an error
+            (failed units are recorded with their reasons, and a rerun retries them).
     """
     sampling = Sampling(**{**asdict(sampling or Sampling(temperature=1.0, max_tokens=512)), "n": samples})
     store, items, out = ImageStore(workdir), items_by_id(workdir), Records(Path(workdir) / CRITIQUES)
@@ -133,7 +145,7 @@ def critiques(
     counts["samples"] = sum(len(r["samples"]) for r in found)
     counts["samples correct"] = sum(s["verdict"] == r["label"] for r in found for s in r["samples"])
     counts["samples unparseable"] = sum(s["verdict"] is None for r in found for s in r["samples"])
-    return summarize("critiques", counts)
+    return summarize("critiques", counts, max_failed)
 
 
 def critique_context(prompt: str) -> str:
@@ -143,7 +155,12 @@ def critique_context(prompt: str) -> str:
 
 
 def evaluate(
-    workdir: str, evaluator: Callable[[], ChatModel], name: str, sampling: Sampling | None = None, chunk_size: int = 64
+    workdir: str,
+    evaluator: Callable[[], ChatModel],
+    name: str,
+    sampling: Sampling | None = None,
+    chunk_size: int = 64,
+    max_failed: float = 0.0,
 ) -> dict:
     """An expert evaluator (paper: Llama-3.3-70B-Instruct) scores every critique from 0 to 100.
 
@@ -158,6 +175,8 @@ def evaluate(
         name: the evaluator's name in records and keys.
         sampling: decoding settings (default greedy, 1024 tokens).
         chunk_size: critiques per generate call (and per write to disk).
+        max_failed: the share of this run's units that may fail before the stage exits with an error
+            (failed units are recorded with their reasons, and a rerun retries them).
     """
     sampling = sampling or Sampling(max_tokens=1024)
     items, captions_ = items_by_id(workdir), caption_by_image(workdir)
@@ -199,7 +218,7 @@ def evaluate(
             ),
         )
 
-    return summarize("evaluate", run_units(out, units, work, chunk_size, "evaluate"))
+    return summarize("evaluate", run_units(out, units, work, chunk_size, "evaluate"), max_failed)
 
 
 def groups(
@@ -262,8 +281,8 @@ def groups(
                     sum(c.score is None for c in table) if strategy == strategies[0] else 0
                 )
                 group, reason = form_group(table, pair["label"], strategy)
-                counts[f"{strategy}: {'written' if group else reason}"] += 1
                 if group is None:
+                    counts[f"{strategy}: {reason}"] += 1
                     continue
                 writer.write(
                     PreferenceGroupSample(
@@ -281,4 +300,7 @@ def groups(
                         meta={"item": pair["item"], "rule": pair["rule"], **item["meta"]},
                     )
                 )
+                counts[f"{strategy}: written"] += 1
+            if not counts[f"{strategy}: written"]:  # raised inside the writer: the set before stays
+                raise StageFailed(f"groups: no {strategy} group to write ({summarize('groups', counts)})")
     return summarize("groups", counts)

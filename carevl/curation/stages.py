@@ -52,9 +52,25 @@ def records(workdir: str | Path, stage: str) -> Records:
     return Records(Path(workdir) / FILES[stage])
 
 
-def summarize(stage: str, counts: Counter) -> dict:
+class StageFailed(RuntimeError):
+    """A stage whose work failed beyond what its config allows. Its records are kept (each failed
+    unit with its reason), and running the stage again retries the failed units."""
+
+
+def summarize(stage: str, counts: Counter, max_failed: float | None = None) -> dict:
+    """The stage's counts, logged. With `max_failed`, raise StageFailed when more than that share of
+    this run's units failed (counts "failed: <reason>" against "done")."""
     summary = {"stage": stage, **dict(sorted(counts.items()))}
     log.info("%s: %s", stage, ", ".join(f"{k} {v}" for k, v in summary.items() if k != "stage"))
+    failures = {k.removeprefix("failed: "): v for k, v in counts.items() if k.startswith("failed: ")}
+    failed = sum(failures.values())
+    attempted = failed + counts.get("done", 0)
+    if max_failed is not None and failed > max_failed * attempted:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(failures.items()))
+        raise StageFailed(
+            f"{stage}: {failed} of {attempted} units failed ({reasons}), more than max_failed ({max_failed:g}) allows. "
+            "The failures are recorded with their reasons; run the stage again to retry them."
+        )
     return summary
 
 
@@ -116,7 +132,7 @@ def item_chat(store: ImageStore, item: dict, text: str) -> Chat:
     return Chat.user(text, store.get(item["image"], item["image_ext"]))
 
 
-def ingest(workdir: str, source: str) -> dict:
+def ingest(workdir: str, source: str, max_failed: float = 0.0) -> dict:
     """Store images once (content-addressed) and record the image-question items.
 
     Args:
@@ -124,6 +140,8 @@ def ingest(workdir: str, source: str) -> dict:
         source: a questions file: one JSON object a line, {"id", "image" (a path relative to the
             file), "question", "meta" (optional; carried into every record and shard of the item)}
             (`carevl.schema.QUESTION_FIELDS`).
+        max_failed: the share of this run's units that may fail before the stage exits with an error
+            (failed units are recorded with their reasons, and a rerun retries them).
     """
     store, out = ImageStore(workdir), records(workdir, "ingest")
     counts = Counter()
@@ -178,7 +196,7 @@ def ingest(workdir: str, source: str) -> dict:
     out.append(new)
     for record in new:
         counts["failed: " + record["error"].split(":")[0] if "error" in record else "done"] += 1
-    return summarize("ingest", counts)
+    return summarize("ingest", counts, max_failed)
 
 
 # -- candidates and captions -------------------------------------------------------------------------
@@ -195,6 +213,7 @@ def candidates(
     prices: dict[str, cost.Prices] | None = None,
     max_usd: float | None = None,
     chunk_size: int = 64,
+    max_failed: float = 0.0,
 ) -> dict:
     """Every model answers every item under every decoding (paper: 5 models, greedy and temperature 1.0).
 
@@ -206,6 +225,8 @@ def candidates(
             and cost estimate is printed before any request, and `max_usd` is enforced.
         max_usd: refuse to start when the paid models' expected cost is above this.
         chunk_size: items per generate call (and per write to disk).
+        max_failed: the share of this run's units that may fail before the stage exits with an error
+            (failed units are recorded with their reasons, and a rerun retries them).
     """
     decodings = decodings or default_decodings()
     store, items, out = ImageStore(workdir), items_by_id(workdir), records(workdir, "candidates")
@@ -253,7 +274,7 @@ def candidates(
             counts.update(run_units(out, units, work, chunk_size, f"candidates {name}/{decoding}"))
             model = None
             free_memory()
-    return summarize("candidates", counts)
+    return summarize("candidates", counts, max_failed)
 
 
 def captions(
@@ -264,6 +285,7 @@ def captions(
     prices: cost.Prices | None = None,
     max_usd: float | None = None,
     chunk_size: int = 64,
+    max_failed: float = 0.0,
 ) -> dict:
     """One detailed caption per image, from a strong captioner (paper: Qwen2-VL-72B).
 
@@ -275,6 +297,9 @@ def captions(
         prices: USD per million tokens when the captioner is a paid endpoint: the estimate is
             printed before any request.
         max_usd: refuse to start above this expected cost (with `prices`).
+        chunk_size: images per generate call (and per write to disk).
+        max_failed: the share of this run's units that may fail before the stage exits with an error
+            (failed units are recorded with their reasons, and a rerun retries them).
     """
     sampling = sampling or Sampling(max_tokens=1024)
     store, out = ImageStore(workdir), records(workdir, "captions")
@@ -302,7 +327,7 @@ def captions(
         )
 
     counts = run_units(out, units, work, chunk_size, "captions")
-    return summarize("captions", counts)
+    return summarize("captions", counts, max_failed)
 
 
 def caption_by_image(workdir: str | Path) -> dict[str, str]:
@@ -383,6 +408,7 @@ def judge(
     max_usd: float | None = None,
     estimate_only: bool = False,
     chunk_size: int = 1024,
+    max_failed: float = 0.0,
 ) -> dict:
     """The strong LVLM (paper: GPT-4o) judges every pair: a verdict and an explanation.
 
@@ -403,6 +429,8 @@ def judge(
         estimate_only: print the estimate and stop.
         chunk_size: pairs per generate call in live mode. Replies from a live endpoint are written
             as they arrive, so a kill loses only the requests in flight.
+        max_failed: the share of this run's units that may fail before the stage exits with an error
+            (failed units are recorded with their reasons, and a rerun retries them).
     """
     if (model is None) == (batch is None):
         raise ValueError("give exactly one of `model` (live) and `batch` (Batch API)")
@@ -461,7 +489,7 @@ def judge(
         batch().run(
             {key: chat(unit) for key, unit in todo}, sampling, schema, Path(workdir) / "judge.batches.jsonl", on_replies
         )
-        return summarize("judge", counts)
+        return summarize("judge", counts, max_failed)
 
     live = None
 
@@ -472,7 +500,7 @@ def judge(
             [chat(unit) for _, unit in chunk], sampling, schema, lambda i, reply: write([record(*chunk[i], reply)])
         )
 
-    return summarize("judge", run_units(out, units, work, chunk_size, "judge"))
+    return summarize("judge", run_units(out, units, work, chunk_size, "judge"), max_failed)
 
 
 # -- expert votes ------------------------------------------------------------------------------------
@@ -484,7 +512,9 @@ def score_key(expert: str, item: dict, captions_: dict[str, str], answer: str) -
     return content_key("score", expert, item["question"], captions_[item["image"]], answer)
 
 
-def votes(workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_size: int = 256) -> dict:
+def votes(
+    workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_size: int = 256, max_failed: float = 0.0
+) -> dict:
     """Every expert reward model scores every distinct answer, given question and caption.
 
     The experts are text-only: the image caption stands in for the image (paper: M = 5 experts). A pair's votes are
@@ -494,6 +524,8 @@ def votes(workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_siz
         workdir: the curation work directory.
         experts: name -> reward model; built one at a time.
         chunk_size: answers per scoring call (and per write to disk).
+        max_failed: the share of this run's units that may fail before the stage exits with an error
+            (failed units are recorded with their reasons, and a rerun retries them).
     """
     items, captions_ = items_by_id(workdir), caption_by_image(workdir)
     out = records(workdir, "votes")
@@ -536,7 +568,7 @@ def votes(workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_siz
         counts.update(run_units(out, units, work, chunk_size, f"votes {name}"))
         expert = None
         free_memory()
-    return summarize("votes", counts)
+    return summarize("votes", counts, max_failed)
 
 
 # -- the confidence split ---------------------------------------------------------------------------
@@ -659,4 +691,6 @@ def sft_shards(
                 )
             )
             counts["written"] += 1
+        if not counts["written"]:  # raised inside the writer: the shard set before stays as it was
+            raise StageFailed(f"sft_shards: no pair to write ({summarize('sft_shards', counts)})")
     return summarize("sft_shards", counts)

@@ -8,7 +8,9 @@ object that fits its schema, and anything else with a fixed sentence.
 Faults are consumed one per chat request, in order: "429" (with Retry-After), "500", "timeout"
 (the reply comes after the client has given up), "malformed" (a 200 whose body is not JSON),
 "bad_output" (a valid completion whose content breaks the requested schema), "400" (a request the
-server refuses, not worth retrying), or None.
+server refuses, not worth retrying), "quota" (a 429 whose code says the account's quota is spent),
+or None. With `api_key`, every request that does not carry that key gets a 401, as a real
+endpoint answers a wrong key.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class LoopbackEndpoint:
         retry_after: the Retry-After header value sent with injected 429s.
         timeout_delay: how long a "timeout" fault stalls.
         expire_batches: how many of the first batches expire with only their first half answered.
+        api_key: the key requests must carry (None: any or none).
     """
 
     def __init__(
@@ -78,9 +81,11 @@ class LoopbackEndpoint:
         retry_after: str = "0.2",
         timeout_delay: float = 2.0,
         expire_batches: int = 0,
+        api_key: str | None = None,
     ):
         self.responder, self.latency, self.faults = responder, latency, list(faults or [])
         self.retry_after, self.timeout_delay, self.expire_batches = retry_after, timeout_delay, expire_batches
+        self.api_key = api_key
         self.requests: list[dict] = []  # path, time, authorization and body of every request
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
@@ -209,9 +214,23 @@ def _handler(endpoint: LoopbackEndpoint):
                 }
             )
 
+        def refused(self) -> bool:
+            """Answer a request without the endpoint's key with a 401, as a real endpoint does."""
+            if endpoint.api_key is None or self.headers.get("Authorization") == f"Bearer {endpoint.api_key}":
+                return False
+            error = {
+                "message": "Incorrect API key provided",
+                "type": "invalid_request_error",
+                "code": "invalid_api_key",
+            }
+            self.send_json({"error": error}, 401)
+            return True
+
         def do_POST(self) -> None:
             raw = self.read_body()
             self.log_request_seen(raw)
+            if self.refused():
+                return
             if self.path.endswith("/chat/completions"):
                 self.chat(json.loads(raw))
             elif self.path.endswith("/files"):
@@ -235,6 +254,8 @@ def _handler(endpoint: LoopbackEndpoint):
 
         def do_GET(self) -> None:
             self.log_request_seen(b"")
+            if self.refused():
+                return
             parts = self.path.rstrip("/").split("/")
             if "batches" in parts:
                 self.send_json(endpoint.retrieve_batch(parts[-1]))
@@ -246,7 +267,14 @@ def _handler(endpoint: LoopbackEndpoint):
         def chat(self, body: dict) -> None:
             fault = endpoint.next_fault()
             time.sleep(endpoint.latency)
-            if fault == "429":
+            if fault == "quota":
+                error = {
+                    "message": "You exceeded your current quota",
+                    "type": "insufficient_quota",
+                    "code": "insufficient_quota",
+                }
+                self.send_json({"error": error}, 429)
+            elif fault == "429":
                 self.send_json(
                     {"error": {"message": "rate limited", "type": "rate_limit_error"}},
                     429,
