@@ -215,7 +215,7 @@ def write_benchmark_shards(
     """Benchmark shards from (record, image bytes, origin) rows. Missing and unreadable images and
     malformed records are logged, counted and skipped; returns the counts ("written" and skip reasons)."""
     from carevl.images import image_extension
-    from carevl.schema import BenchmarkSample, ShardWriter
+    from carevl.schema import BenchmarkSample, SchemaError, ShardWriter
 
     counts: Counter = Counter()
     with ShardWriter(out_dir, prefix="benchmark", max_count=shard_size, kind="benchmark") as writer:
@@ -236,6 +236,11 @@ def write_benchmark_shards(
                 counts["unreadable_image"] += 1
                 log.warning("skipping %s: unreadable image %s (%s)", fields["id"], origin, error)
                 continue
-            writer.write(BenchmarkSample(**fields, image=image, image_ext=ext))
+            try:
+                writer.write(BenchmarkSample(**fields, image=image, image_ext=ext))
+            except SchemaError as error:  # breaks the shard contract (text that is not valid Unicode, say)
+                counts["bad_record"] += 1
+                log.warning("skipping record %s: %s", origin, error)
+                continue
             counts["written"] += 1
     return counts

@@ -15,6 +15,8 @@ def load_image(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image past PIL's decompression limit ({error})") from error
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"unreadable image ({error})") from error
     return image.convert("RGB")

@@ -166,9 +166,24 @@ def sample_key(sample_id: str) -> str:
     return key
 
 
+def check_encodable(sample: Sample) -> None:
+    """Raise SchemaError for text the tokenizer could not read (a lone surrogate from a broken JSON
+    escape, say): it is refused when shards are written, not met mid-epoch."""
+    for name, value in asdict(sample).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    raise SchemaError(
+                        f"{sample.id}: '{name}' holds text that is not valid Unicode ({error.reason})"
+                    ) from None
+
+
 def encode(sample: Sample) -> dict[str, Any]:
     """The WebDataset dict of a sample: __key__, json bytes and the image bytes under its extension."""
     sample.validate()
+    check_encodable(sample)
     ext = sample.image_ext.lower().lstrip(".")
     if ext not in IMAGE_EXTENSIONS:
         raise SchemaError(f"{sample.id}: image extension {ext!r} not in {IMAGE_EXTENSIONS}")

@@ -67,43 +67,80 @@ def test_pairs_merge_identical_answers_and_never_pair_an_answer_with_itself(tmp_
         assert stages.normalized(pair["responses"][0]) != stages.normalized(pair["responses"][1])
 
 
-def test_ingest_records_bad_input_with_reasons(tmp_path):
+def test_ingest_records_bad_input_with_reasons(tmp_path, monkeypatch):
+    """Every line is read on its own: before, a line that was not an object, a byte that was not
+    UTF-8 or an image past PIL's decompression limit stopped the stage with nothing ingested, and
+    the error named no line; image paths leaving the data folder were followed."""
+    from PIL import Image
+
     from carevl.standins.shapes import judge_items
 
     item = judge_items(1, seed=0)[0]
-    (tmp_path / "good.png").write_bytes(item.image)
-    (tmp_path / "corrupt.png").write_bytes(item.image[:40])
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "good.png").write_bytes(item.image)
+    (data / "corrupt.png").write_bytes(item.image[:40])
+    (tmp_path / "secret.png").write_bytes(item.image)  # outside the questions file's folder
+    Image.new("RGB", (64, 64)).save(data / "huge.png")  # past the limit lowered below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1800)  # an error past 3,600 pixels: huge.png, not the 56 x 56 ones
     rows = [
         {"id": "a", "image": "good.png", "question": "What colour are the shapes?"},
         {"id": "b", "image": "corrupt.png", "question": "What colour?"},
         {"id": "c", "image": "good.png"},
         {"id": "a", "image": "good.png", "question": "Another question"},
         {"id": "d", "image": "missing.png", "question": "What?"},
+        {"id": "e", "image": "../secret.png", "question": "What?"},
+        {"id": "f", "image": str(tmp_path / "secret.png"), "question": "What?"},
+        {"id": "g", "image": "huge.png", "question": "What?"},
+        ["not", "an", "object"],
     ]
-    source = tmp_path / "source.jsonl"
-    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-    with pytest.raises(stages.StageFailed, match="ingest: 5 of 6 units failed"):
+    source = data / "source.jsonl"
+    lines = [json.dumps(r).encode() for r in rows] + [b"{not json", b'{"id": "h", "question": "\xff"}']
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(stages.StageFailed, match="ingest: 10 of 11 units failed"):
         stages.ingest(str(tmp_path / "cur"), source=str(source))
     summary = stages.ingest(str(tmp_path / "cur2"), source=str(source), max_failed=1.0)
     assert summary == {
         "stage": "ingest",
         "done": 1,
-        "failed: corrupt_image": 1,
-        "failed: missing_field": 2,
+        "failed: corrupt_image": 2,
+        "failed: missing_field": 1,
+        "failed: missing_image": 1,
         "failed: duplicate_id": 1,
+        "failed: outside_folder": 2,
+        "failed: not_an_object": 1,
         "failed: unparseable": 1,
+        "failed: not_utf8": 1,
     }
+    errors = {r["error"] for r in Records(tmp_path / "cur2" / "items.jsonl").latest() if "error" in r}
+    assert f"not_utf8: {source}:11" in errors and f"not_an_object: {source}:9" in errors
+    assert any(e.startswith(f"corrupt_image: {source}:8: image past PIL's decompression limit") for e in errors)
     assert len(list((tmp_path / "cur2" / "images").rglob("*.png"))) == 1
     # a second run keeps what it has and records nothing twice
     stages.ingest(str(tmp_path / "cur2"), source=str(source), max_failed=1.0)
     assert stages.items_by_id(tmp_path / "cur2").keys() == {"a"}
+    # images outside the folder are read when the config says so
+    assert stages.ingest(str(tmp_path / "cur3"), source=str(source), images_outside=True, max_failed=1.0)["done"] == 3
     # a GIF is stored re-encoded as PNG (shards hold PNG, JPEG or WebP only)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(data / "red.gif")
+    (data / "gif.jsonl").write_text(json.dumps({"id": "g", "image": "red.gif", "question": "What colour?"}) + "\n")
+    assert stages.ingest(str(tmp_path / "cur"), source=str(data / "gif.jsonl"))["converted to png"] == 1
+    assert stages.items_by_id(tmp_path / "cur").keys() == {"g"}, "the items of the file ingested last"
+
+
+def test_an_image_replaced_under_the_same_name_is_stored_again(tmp_path):
+    """Before, an item's key held the first 32 bytes of its image, the same for two PNGs of one
+    size, so a replaced image kept the old one."""
     from PIL import Image
 
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red.gif")
-    (tmp_path / "gif.jsonl").write_text(json.dumps({"id": "g", "image": "red.gif", "question": "What colour?"}) + "\n")
-    assert stages.ingest(str(tmp_path / "cur"), source=str(tmp_path / "gif.jsonl"))["converted to png"] == 1
-    assert stages.items_by_id(tmp_path / "cur")["g"]["image_ext"] == "png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "x.png")
+    source = tmp_path / "q.jsonl"
+    source.write_text(json.dumps({"id": "x", "image": "x.png", "question": "What colour?"}) + "\n")
+    stages.ingest(str(tmp_path / "cur"), source=str(source))
+    first = stages.items_by_id(tmp_path / "cur")["x"]["image"]
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "x.png")
+    assert stages.ingest(str(tmp_path / "cur"), source=str(source))["done"] == 1
+    assert stages.items_by_id(tmp_path / "cur")["x"]["image"] != first
 
 
 def test_a_line_cut_by_a_kill_is_dropped(tmp_path):
@@ -115,6 +152,28 @@ def test_a_line_cut_by_a_kill_is_dropped(tmp_path):
     assert [r["key"] for r in records.latest()] == ["a", "b"] and records.done("a") and not records.done("b")
     records.append([{"key": "b", "value": 2}, {"key": "b", "error": "later failure"}])
     assert Records(path).done("b") and path.read_text().count("\n") == 4
+
+
+def test_reading_records_changes_nothing_and_reads_around_a_line_that_is_not_a_record(tmp_path, caplog):
+    """Before, opening a records file truncated a line another process was still writing, and one
+    garbage line made every later stage fail with a JSONDecodeError that named no file."""
+    path = tmp_path / "judgments.jsonl"
+    path.write_text('{"key": "a", "v": 1}\nGARBAGE\n[1, 2]\n{"key": "b", "v": 2}\n{"key": "c", "v')
+    before = path.read_bytes()
+    records = Records(path)
+    assert [r["key"] for r in records.latest()] == ["a", "b"]
+    assert f"{path}:2 is not a record" in caplog.text and f"{path}:3 is not a record" in caplog.text
+    assert path.read_bytes() == before, "a reader leaves the file as it is: a writer may be appending"
+    records.append([{"key": "d"}])  # the writer drops the cut line before it appends
+    assert path.read_text().endswith('{"key": "b", "v": 2}\n{"key": "d"}\n')
+
+
+def test_a_garbage_line_in_a_stage_file_does_not_stop_the_stages_after_it(tmp_path):
+    workdir = str(tmp_path / "cur")
+    run_simulated(workdir, items=20)
+    with open(Path(workdir) / "candidates.jsonl", "a") as handle:
+        handle.write("\x00 not a record \n")
+    assert stages.pairs(workdir)["skipped"] > 0
 
 
 def write_config(path: Path, workdir: Path, latency: float) -> Path:
@@ -421,3 +480,20 @@ def test_sft_shards_with_nothing_to_write_fail_and_keep_the_shards_before(tmp_pa
     with pytest.raises(stages.StageFailed, match="sft_shards: no pair to write"):
         stages.sft_shards(workdir)
     assert read_manifest(Path(workdir) / "sft") == before
+
+
+def test_sft_shards_count_a_pair_whose_text_cannot_be_encoded_and_write_the_rest(tmp_path):
+    workdir = str(tmp_path / "cur")
+    run_simulated(workdir, items=30)
+    high = read_manifest(Path(workdir) / "sft")["samples"]
+    split = Records(Path(workdir) / "split.jsonl")
+    rows = split.ok()
+    broken = next(i for i, row in enumerate(rows) if row["confidence"] == "high")
+    rows[broken] = {**rows[broken], "explanation": json.loads('"The image shows \\ud800"')}
+    split.rewrite(rows)
+    summary = stages.sft_shards(workdir)
+    assert summary["written"] == high - 1
+    assert [k for k in summary if k.startswith("dropped: ")] == [
+        "dropped: 'target' holds text that is not valid Unicode (surrogates not allowed)"
+    ]
+    assert read_manifest(Path(workdir) / "sft")["samples"] == high - 1

@@ -130,3 +130,13 @@ def test_a_shard_cut_short_or_miscounted_is_an_error_naming_it(tmp_path):
     (tmp_path / "set" / "p-000000.tar").unlink()
     with pytest.raises(schema.ShardError, match="p-000000.tar is missing"):
         schema.read_manifest(tmp_path / "set")
+
+
+def test_text_that_is_not_valid_unicode_is_refused_when_written_not_met_mid_epoch():
+    """A lone surrogate (a broken JSON escape in a dataset or a model's output) passed through JSON
+    into the shards and stopped training when the tokenizer met it."""
+    broken = json.loads('"half a pair \\ud800"')
+    with pytest.raises(schema.SchemaError, match="'target' holds text that is not valid Unicode"):
+        schema.encode(sft(target=broken))
+    with pytest.raises(schema.SchemaError, match="'responses' holds text"):
+        schema.encode(sft(responses=["fine", broken]))

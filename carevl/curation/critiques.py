@@ -34,6 +34,7 @@ from carevl.curation.stages import (
     reply_record,
     run_units,
     summarize,
+    write_or_count,
 )
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,9 @@ def groups(
                 if group is None:
                     counts[f"{strategy}: {reason}"] += 1
                     continue
-                writer.write(
+                written = write_or_count(
+                    writer,
+                    counts,
                     PreferenceGroupSample(
                         id=f"{pair['key'][:32]}-{strategy}",
                         question=item["question"],
@@ -298,9 +301,9 @@ def groups(
                         rejected_scores=[c.score for c in group.rejected],
                         strategy=strategy,
                         meta={"item": pair["item"], "rule": pair["rule"], **item["meta"]},
-                    )
+                    ),
                 )
-                counts[f"{strategy}: written"] += 1
+                counts[f"{strategy}: written"] += written
             if not counts[f"{strategy}: written"]:  # raised inside the writer: the set before stays
                 raise StageFailed(f"groups: no {strategy} group to write ({summarize('groups', counts)})")
     return summarize("groups", counts)

@@ -2,8 +2,10 @@
 
 Every record carries a `key`: the sha256 of the inputs that produced it (see `content_key`). A stage
 skips units whose key already has a successful record, so rerunning after a kill redoes only what
-was missing, and retries what failed. A line cut short by a kill is removed when the file is next
-opened; every complete line is written in one call and fsync'd.
+was missing, and retries what failed. Every complete line is written in one call and fsync'd.
+Reading never changes a file: a line cut short by a kill is left out (the next run that appends
+removes it first) and a line that is not a record is left out with a warning naming the file and
+line.
 """
 
 from __future__ import annotations
@@ -25,10 +27,23 @@ def content_key(*parts) -> str:
 
 def read_complete(path: str | Path) -> tuple[list[dict], int, int]:
     """The records of a JSONL file's complete lines, where they end, and the file's size; the file is
-    left as it is (another process may still be appending to it)."""
+    left as it is (another process may still be appending to it). A line that is not a JSON object
+    with a "key" is left out and logged with its file and line."""
     data = Path(path).read_bytes()
     end = data.rfind(b"\n") + 1
-    return [json.loads(line) for line in data[:end].decode().splitlines() if line.strip()], end, len(data)
+    found = []
+    for number, line in enumerate(data[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict) or "key" not in record:
+            log.warning("%s:%d is not a record: left out", path, number)
+            continue
+        found.append(record)
+    return found, end, len(data)
 
 
 class Records:
@@ -38,15 +53,31 @@ class Records:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._latest: dict[str, dict] = {}
+        self._appended = False
         if self.path.exists():
             self._load()
 
-    def _load(self) -> None:
-        records, end, size = read_complete(self.path)
-        if end < size:
-            log.warning("%s: dropping a line cut short by an interrupted run (%d bytes)", self.path, size - end)
-            with self.path.open("r+b") as handle:
+    def _trim_cut_line(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            end = size
+            while end > 0:  # back to the last newline, a block at a time
+                start = max(0, end - 65536)
+                handle.seek(start)
+                block = handle.read(end - start)
+                newline = block.rfind(b"\n")
+                if newline >= 0:
+                    end = start + newline + 1
+                    break
+                end = start
+            if end < size:
+                log.warning("%s: dropping a line cut short by an interrupted run (%d bytes)", self.path, size - end)
                 handle.truncate(end)
+
+    def _load(self) -> None:
+        records, _, _ = read_complete(self.path)
         for record in records:
             self._remember(record)
 
@@ -59,6 +90,9 @@ class Records:
         if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._appended:  # the run that appends removes a line a killed run cut short
+            self._trim_cut_line()
+            self._appended = True
         with self.path.open("a") as handle:
             handle.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
             handle.flush()

@@ -16,9 +16,11 @@ Models are given as factories and built one at a time, when their stage needs th
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 import json
 import logging
+import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -37,6 +39,7 @@ from carevl.schema import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
+ITEMS_SELECTION = "items.selection.json"  # the keys of the items of the last ingest's questions file
 FILES = {
     "ingest": "items.jsonl",
     "candidates": "candidates.jsonl",
@@ -72,6 +75,19 @@ def summarize(stage: str, counts: Counter, max_failed: float | None = None) -> d
             "The failures are recorded with their reasons; run the stage again to retry them."
         )
     return summary
+
+
+def write_or_count(writer, counts: Counter, sample) -> bool:
+    """Write a sample to a shard set, or count why it breaks the shard contract ("dropped: ...")."""
+    from carevl.schema import SchemaError
+
+    try:
+        writer.write(sample)
+    except SchemaError as error:
+        log.warning("not written: %s", error)
+        counts[f"dropped: {str(error).split(': ', 1)[-1]}"] += 1
+        return False
+    return True
 
 
 def free_memory() -> None:
@@ -125,78 +141,110 @@ def reply_record(base: dict, reply: Reply, fields: Callable[[list[str]], dict]) 
 
 
 def items_by_id(workdir: str | Path) -> dict[str, dict]:
-    return {r["id"]: r for r in records(workdir, "ingest").ok()}
+    """The items of the questions file the last ingest read (an item changed since, or no longer
+    in the file, is left out)."""
+    found = records(workdir, "ingest").ok()
+    selection = Path(workdir) / ITEMS_SELECTION
+    if selection.exists():
+        keys = set(json.loads(selection.read_text())["keys"])
+        found = [r for r in found if r["key"] in keys]
+    return {r["id"]: r for r in found}
 
 
 def item_chat(store: ImageStore, item: dict, text: str) -> Chat:
     return Chat.user(text, store.get(item["image"], item["image_ext"]))
 
 
-def ingest(workdir: str, source: str, max_failed: float = 0.0) -> dict:
+def ingest(workdir: str, source: str, images_outside: bool = False, max_failed: float = 0.0) -> dict:
     """Store images once (content-addressed) and record the image-question items.
+
+    Every line is read on its own: a line that is not UTF-8, not JSON or not an object, an item
+    without an id, question or readable image, and a duplicate id are failed records naming the
+    file and line, and the other lines go on.
 
     Args:
         workdir: the curation work directory (created if missing).
         source: a questions file: one JSON object a line, {"id", "image" (a path relative to the
             file), "question", "meta" (optional; carried into every record and shard of the item)}
             (`carevl.schema.QUESTION_FIELDS`).
+        images_outside: follow image paths that leave the questions file's folder (absolute paths,
+            `..`); off, such an item fails.
         max_failed: the share of this run's units that may fail before the stage exits with an error
             (failed units are recorded with their reasons, and a rerun retries them).
     """
     store, out = ImageStore(workdir), records(workdir, "ingest")
     counts = Counter()
     new = []
-    seen = {r["id"] for r in out.ok()}
+    seen: set[str] = set()  # ids of this file's items
+    current: list[str] = []  # their keys
+    root = Path(source).parent.resolve()
 
-    def add(line_key: str, record_id: object, question: object, image: bytes | None, ext: str, meta: dict) -> None:
-        base = {"key": line_key, "id": record_id}
-        if out.done(line_key):
+    def fail(key: str, record_id: object, reason: str, where: str) -> None:
+        log.warning("ingest: %s (%s)", where, reason)
+        new.append({"key": key, "id": record_id if isinstance(record_id, str) else None, "error": f"{reason}: {where}"})
+
+    for number, raw in enumerate(Path(source).read_bytes().splitlines(), start=1):
+        where = f"{source}:{number}"
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            fail(content_key("ingest", source, number), None, "not_utf8", where)
+            continue
+        except ValueError:
+            fail(content_key("ingest", source, number), None, "unparseable", where)
+            continue
+        if not isinstance(row, dict):
+            fail(content_key("ingest", source, number), None, "not_an_object", where)
+            continue
+        image, problem = image_file(root, row.get("image"), images_outside)
+        key = content_key("ingest", row, hashlib.sha256(image).hexdigest() if image is not None else problem)
+        record_id, question = row.get("id"), row.get("question")
+        if out.done(key) and record_id not in seen:
             counts["skipped"] += 1
-            return
-        if (
-            not isinstance(record_id, str)
-            or not record_id
-            or not isinstance(question, str)
-            or not question.strip()
-            or image is None
-        ):
-            new.append({**base, "error": "missing_field: id, question and image are required"})
+            seen.add(record_id)
+            current.append(key)
+        elif not isinstance(record_id, str) or not record_id or not isinstance(question, str) or not question.strip():
+            fail(key, record_id, "missing_field", f"{where}: id and question are required")
+        elif problem is not None:
+            fail(key, record_id, problem, where)
         elif record_id in seen:
-            new.append({**base, "error": f"duplicate_id: {record_id}"})
+            fail(key, record_id, "duplicate_id", f"{where}: {record_id}")
         else:
             try:
                 decoded = load_image(image)
             except ValueError as error:
-                new.append({**base, "error": f"corrupt_image: {error}"})
-                return
+                fail(key, record_id, "corrupt_image", f"{where}: {error}")
+                continue
+            ext = Path(row["image"]).suffix.lstrip(".").lower().replace("jpeg", "jpg") or "png"
             if ext not in IMAGE_EXTENSIONS:  # shards hold PNG, JPEG or WebP: anything else is re-encoded once
                 image, ext = png_bytes(decoded), "png"
                 counts["converted to png"] += 1
             seen.add(record_id)
-            new.append(
-                {**base, "image": store.put(image, ext), "image_ext": ext, "question": question.strip(), "meta": meta}
-            )
-
-    root = Path(source).parent
-    for number, line in enumerate(Path(source).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            new.append(
-                {"key": content_key("ingest", source, number), "id": None, "error": f"unparseable: line {number + 1}"}
-            )
-            continue
-        path = root / str(row.get("image", ""))
-        image = path.read_bytes() if row.get("image") and path.is_file() else None
-        ext = path.suffix.lstrip(".").lower().replace("jpeg", "jpg") or "png"
-        key = content_key("ingest", row, image.hex()[:64] if image else None)
-        add(key, row.get("id"), row.get("question"), image, ext, row.get("meta") or {})
+            current.append(key)
+            item = {"image": store.put(image, ext), "image_ext": ext, "question": question.strip()}
+            new.append({"key": key, "id": record_id, **item, "meta": row.get("meta") or {}})
     out.append(new)
+    selection = Path(workdir) / ITEMS_SELECTION
+    temporary = selection.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"source": str(source), "keys": current}))
+    os.replace(temporary, selection)
     for record in new:
         counts["failed: " + record["error"].split(":")[0] if "error" in record else "done"] += 1
     return summarize("ingest", counts, max_failed)
+
+
+def image_file(root: Path, name: object, outside: bool) -> tuple[bytes | None, str | None]:
+    """(the bytes of the image file `name` relative to `root`, None) or (None, why it cannot be read)."""
+    if not isinstance(name, str) or not name:
+        return None, "missing_field"
+    path = (root / name).resolve()
+    if not outside and not path.is_relative_to(root):
+        return None, "outside_folder"
+    if not path.is_file():
+        return None, "missing_image"
+    return path.read_bytes(), None
 
 
 # -- candidates and captions -------------------------------------------------------------------------
@@ -671,7 +719,9 @@ def sft_shards(
                 counts["dropped: explanation missing or too long"] += 1
                 continue
             item = items[row["item"]]
-            writer.write(
+            written = write_or_count(
+                writer,
+                counts,
                 SFTSample(
                     id=row["key"][:32],
                     question=item["question"],
@@ -688,9 +738,9 @@ def sft_shards(
                         "confidence": row["confidence"],
                         **item["meta"],
                     },
-                )
+                ),
             )
-            counts["written"] += 1
+            counts["written"] += written
         if not counts["written"]:  # raised inside the writer: the shard set before stays as it was
             raise StageFailed(f"sft_shards: no pair to write ({summarize('sft_shards', counts)})")
     return summarize("sft_shards", counts)
