@@ -15,7 +15,7 @@ import yaml
 from carevl.backends.interface import EndpointRefused, Sampling
 from carevl.backends.openai_api import OpenAIBatch, OpenAIChat
 from carevl.curation import stages
-from carevl.curation.records import Records
+from carevl.curation.records import FolderBusy, Records
 from carevl.curation.report import write_report
 from carevl.schema import read_manifest
 from carevl.standins.loopback import LoopbackEndpoint
@@ -174,6 +174,31 @@ def test_a_garbage_line_in_a_stage_file_does_not_stop_the_stages_after_it(tmp_pa
     with open(Path(workdir) / "candidates.jsonl", "a") as handle:
         handle.write("\x00 not a record \n")
     assert stages.pairs(workdir)["skipped"] > 0
+
+
+def test_a_second_run_on_a_work_folder_stops_at_once_naming_the_first(tmp_path):
+    """A double launch: the second run stops before sending anything, instead of paying for every
+    request again and interleaving its records with the first's."""
+    workdir = tmp_path / "cur"
+    config = write_config(tmp_path / "curation.yaml", workdir, latency=0.05)
+    curate(config, "ingest")
+    first = subprocess.Popen([sys.executable, str(ROOT / "tools" / "curate.py"), "--config", str(config), "candidates"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while f"process {first.pid}" not in ((workdir / ".lock").read_text() if (workdir / ".lock").exists() else ""):
+            assert time.time() < deadline and first.poll() is None, "the first run never held the folder"
+            time.sleep(0.01)
+        lines = (
+            (workdir / "candidates.jsonl").read_bytes().count(b"\n") if (workdir / "candidates.jsonl").exists() else 0
+        )
+        with pytest.raises(FolderBusy, match=f"in use by process {first.pid}"):
+            stages.candidates(str(workdir), {"m": lambda: SimulatedAnswerer("m", str(workdir))})
+        assert first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+    assert len(Records(workdir / "candidates.jsonl").latest()) == len(Records(workdir / "candidates.jsonl").ok())
+    assert lines < (workdir / "candidates.jsonl").read_bytes().count(b"\n"), "the first run went on"
 
 
 def write_config(path: Path, workdir: Path, latency: float) -> Path:

@@ -20,6 +20,7 @@ from jsonargparse import CLI
 
 from carevl.backends.interface import EndpointRefused
 from carevl.curation.critiques import critiques, evaluate, groups
+from carevl.curation.records import FolderBusy
 from carevl.curation.report import Truth, write_report
 from carevl.curation.stages import StageFailed, candidates, captions, ingest, judge, pairs, sft_shards, split, votes
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = [ingest, candidates, captions, pairs, judge, votes, split, sft_shards, report, critiques, evaluate, groups]
     try:
         CLI(stages, as_positional=False, args=argv)
-    except StageFailed as error:
+    except (StageFailed, FolderBusy) as error:
         sys.exit(f"stage failed: {error}")
     except EndpointRefused as error:
         sys.exit(

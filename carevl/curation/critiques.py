@@ -24,7 +24,7 @@ from pathlib import Path
 from carevl import prompts
 from carevl.backends.interface import ChatModel, Sampling
 from carevl.curation.groups import STRATEGIES, Critique, form_group
-from carevl.curation.records import ImageStore, Records, content_key
+from carevl.curation.records import ImageStore, Records, content_key, holds_work_folder
 from carevl.curation.stages import (
     StageFailed,
     caption_by_image,
@@ -77,6 +77,7 @@ def low_confidence(workdir: str | Path) -> list[dict]:
     return [r for r in records(workdir, "split").ok() if r["confidence"] == "low" and r["label"] in (1, 2)]
 
 
+@holds_work_folder
 def critiques(
     workdir: str,
     judge: Callable[[], ChatModel],
@@ -155,6 +156,7 @@ def critique_context(prompt: str) -> str:
     return content_key("critique-context", prompt)
 
 
+@holds_work_folder
 def evaluate(
     workdir: str,
     evaluator: Callable[[], ChatModel],
@@ -222,6 +224,7 @@ def evaluate(
     return summarize("evaluate", run_units(out, units, work, chunk_size, "evaluate"), max_failed)
 
 
+@holds_work_folder
 def groups(
     workdir: str,
     strategies: list[str] | None = None,

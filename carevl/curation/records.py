@@ -5,19 +5,26 @@ skips units whose key already has a successful record, so rerunning after a kill
 was missing, and retries what failed. Every complete line is written in one call and fsync'd.
 Reading never changes a file: a line cut short by a kill is left out (the next run that appends
 removes it first) and a line that is not a record is left out with a warning naming the file and
-line.
+line. One run at a time holds a work folder (`work_folder`), so only one process appends.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
+import socket
+import time
 from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+LOCK = ".lock"  # held by the run that owns a work folder
 
 
 def content_key(*parts) -> str:
@@ -44,6 +51,46 @@ def read_complete(path: str | Path) -> tuple[list[dict], int, int]:
             continue
         found.append(record)
     return found, end, len(data)
+
+
+class FolderBusy(RuntimeError):
+    """Another run holds the work folder."""
+
+
+@contextmanager
+def work_folder(workdir: str | Path):
+    """Hold `workdir` for this run: a second run on the same folder (a double launch) stops at once,
+    naming the first, instead of paying for every request again and interleaving records. The hold
+    ends with the process, however it ends."""
+    folder = Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderBusy(f"{workdir} is in use by {holder}: wait for it to finish, or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def holds_work_folder(stage: Callable) -> Callable:
+    """A stage function (whose first argument is `workdir`) run while holding its work folder."""
+
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        workdir = kwargs["workdir"] if "workdir" in kwargs else args[0]
+        with work_folder(workdir):
+            return stage(*args, **kwargs)
+
+    return run
 
 
 class Records:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from carevl import prompts
 from carevl.backends.interface import BatchChatModel, Chat, ChatModel, Reply, RewardModel, Sampling, chunks
 from carevl.curation import cost
-from carevl.curation.records import ImageStore, Records, content_key
+from carevl.curation.records import ImageStore, Records, content_key, holds_work_folder
 from carevl.curation.split import HIGH, count_votes, decide
 from carevl.images import load_image, png_bytes
 from carevl.schema import IMAGE_EXTENSIONS
@@ -155,6 +155,7 @@ def item_chat(store: ImageStore, item: dict, text: str) -> Chat:
     return Chat.user(text, store.get(item["image"], item["image_ext"]))
 
 
+@holds_work_folder
 def ingest(workdir: str, source: str, images_outside: bool = False, max_failed: float = 0.0) -> dict:
     """Store images once (content-addressed) and record the image-question items.
 
@@ -254,6 +255,7 @@ def default_decodings() -> dict[str, Sampling]:
     return {"greedy": Sampling(temperature=0.0, max_tokens=512), "t1": Sampling(temperature=1.0, max_tokens=512)}
 
 
+@holds_work_folder
 def candidates(
     workdir: str,
     models: dict[str, Callable[[], ChatModel]],
@@ -325,6 +327,7 @@ def candidates(
     return summarize("candidates", counts, max_failed)
 
 
+@holds_work_folder
 def captions(
     workdir: str,
     captioner: Callable[[], ChatModel],
@@ -389,6 +392,7 @@ def normalized(answer: str) -> str:
     return " ".join(answer.split()).casefold().rstrip(".")
 
 
+@holds_work_folder
 def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) -> dict:
     """Pair the distinct answers of each item.
 
@@ -444,6 +448,7 @@ def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) ->
 # -- the strong LVLM judge -----------------------------------------------------------------------------
 
 
+@holds_work_folder
 def judge(
     workdir: str,
     model: Callable[[], ChatModel] | None = None,
@@ -560,6 +565,7 @@ def score_key(expert: str, item: dict, captions_: dict[str, str], answer: str) -
     return content_key("score", expert, item["question"], captions_[item["image"]], answer)
 
 
+@holds_work_folder
 def votes(
     workdir: str, experts: dict[str, Callable[[], RewardModel]], chunk_size: int = 256, max_failed: float = 0.0
 ) -> dict:
@@ -622,6 +628,7 @@ def votes(
 # -- the confidence split ---------------------------------------------------------------------------
 
 
+@holds_work_folder
 def split(workdir: str, tau: int | None = None) -> dict:
     """Join judgments and expert scores into the confidence split and relabel (carevl.curation.split).
 
@@ -678,6 +685,7 @@ def split(workdir: str, tau: int | None = None) -> dict:
     return summarize("split", counts)
 
 
+@holds_work_folder
 def sft_shards(
     workdir: str,
     labels: str = "high_confidence",
