@@ -522,3 +522,79 @@ def test_sft_shards_count_a_pair_whose_text_cannot_be_encoded_and_write_the_rest
         "dropped: 'target' holds text that is not valid Unicode (surrogates not allowed)"
     ]
     assert read_manifest(Path(workdir) / "sft")["samples"] == high - 1
+
+
+def test_a_changed_or_removed_model_is_never_served_from_old_records(tmp_path, monkeypatch):
+    """Before, records were keyed by content, not by what produced them: after a dry run of the
+    judge against a local endpoint, the real judge's run printed `judge: skipped` and the SFT
+    targets read "placeholder ..."; a changed captioner reused every old caption; an expert or a
+    candidate model removed from the config still counted (split reported 5 experts with 4
+    configured, so tau meant something else; pairs used answers of the removed model)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    curate, workdir = load_tool("curate"), tmp_path / "cur"
+    config = yaml.safe_load(write_config(tmp_path / "base.yaml", workdir, latency=0.0).read_text())
+    sim = "carevl.standins.simulated."
+    config["candidates"]["models"]["m4"]["init_args"]["style"] = "verbose"  # answers m2 never gives
+    config["votes"]["experts"] = {
+        f"e{i}": {"class_path": sim + "SimulatedExpert", "init_args": {"name": f"e{i}", "error_rate": 0.2}}
+        for i in range(5)
+    }
+
+    def run(stage: str, **changes) -> None:
+        config[stage].update(changes)
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump({stage: config[stage]}))
+        curate.main(["--config", str(path), stage])
+
+    for stage in ("ingest", "candidates", "captions", "pairs"):
+        run(stage)
+    with LoopbackEndpoint() as endpoint:  # a dry run: the endpoint answers placeholders
+        dry = {
+            "class_path": "carevl.backends.openai_api.OpenAIChat",
+            "init_args": {"model": "dry-run", "base_url": endpoint.base_url},
+        }
+        run("judge", model=dry)
+    real = {"class_path": sim + "SimulatedJudge", "init_args": {"name": "judge", "world": str(workdir)}}
+    run("judge", model=real)
+    for stage in ("votes", "split", "sft_shards"):
+        run(stage)
+    judged = Records(workdir / "judgments.jsonl")
+    assert len(judged.ok()) == 2 * len(stages.selected(Records(workdir / "pairs.jsonl"))), (
+        "the real judge judged every pair"
+    )
+    targets = snapshot(workdir)["sft"]
+    assert targets and not [t for t in targets if "placeholder" in t], "no SFT target from the dry run"
+
+    old_captions = stages.caption_by_image(workdir)
+    run(
+        "captions",
+        captioner={
+            "class_path": sim + "SimulatedCaptioner",
+            "init_args": {"name": "cap", "world": str(workdir), "error_rate": 0.6},
+        },
+    )
+    new_captions = stages.caption_by_image(workdir)
+    assert new_captions.keys() == old_captions.keys() and new_captions != old_captions, "captioned afresh"
+
+    del config["votes"]["experts"]["e4"]
+    run("votes")
+    run("split")
+    summary = stages.split(str(workdir))
+    assert summary["experts"] == 4 and summary["tau"] == 3
+
+    del config["candidates"]["models"]["m4"]
+    run("candidates")
+    run("pairs")
+    kept = {stages.normalized(a) for r in stages.selected(Records(workdir / "candidates.jsonl")) for a in r["answers"]}
+    assert {r["model"] for r in stages.selected(Records(workdir / "candidates.jsonl"))} == {"m2"}
+    removed = {
+        stages.normalized(a)
+        for r in Records(workdir / "candidates.jsonl").ok()
+        if r["model"] == "m4"
+        for a in r["answers"]
+    }
+    assert removed - kept, "m4 gave answers m2 did not"
+    for pair in stages.selected(Records(workdir / "pairs.jsonl")):
+        assert {stages.normalized(text) for text in pair["responses"]} <= kept, (
+            "a pair holds an answer of the removed model"
+        )

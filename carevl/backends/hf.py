@@ -44,6 +44,8 @@ class HFChat(ChatModel):
     name: the name in records (default: the model path).
     """
 
+    operational = ("device", "max_length")
+
     def __init__(
         self,
         model: str,
@@ -109,6 +111,8 @@ class HFReward(RewardModel):
     batch_size: conversations per forward.
     max_length: longer conversations get no score (None) and are counted by the stage.
     """
+
+    operational = ("device", "batch_size", "max_length")
 
     def __init__(
         self,

@@ -72,9 +72,12 @@ class Reply:
 
 
 class ChatModel(ABC):
-    """Generates replies to chats with images. `name` identifies the model in records."""
+    """Generates replies to chats with images. `name` identifies the model in records; records are
+    keyed by the constructor's settings but those listed in `operational` (which do not change a
+    reply: concurrency, timeouts, devices), see `carevl.curation.provenance`."""
 
     name: str = "chat-model"
+    operational: tuple[str, ...] = ()
 
     @abstractmethod
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
@@ -93,6 +96,7 @@ class BatchChatModel(ABC):
     within hours. `name` identifies the model in records."""
 
     name: str = "batch-chat-model"
+    operational: tuple[str, ...] = ()
 
     @abstractmethod
     def run(
@@ -107,6 +111,7 @@ class RewardModel(ABC):
     """Scores text-only conversations (user turn + assistant answer) with one raw scalar each."""
 
     name: str = "reward-model"
+    operational: tuple[str, ...] = ()
 
     @abstractmethod
     def score(self, conversations: list[list[dict]]) -> list[float | None]:

@@ -137,6 +137,8 @@ class OpenAIChat(ChatModel):
         image_detail: "low", "high" or "auto" (GPT-4o's image token budget).
     """
 
+    operational = ("api_key_env", "concurrency", "max_attempts", "timeout", "max_backoff")
+
     def __init__(
         self,
         model: str,
@@ -237,6 +239,8 @@ class OpenAIBatch(BatchChatModel):
     The ids of submitted batches are appended to a state file, so a killed run resumes polling the
     batches it already paid for instead of submitting them again.
     """
+
+    operational = ("api_key_env", "poll_seconds", "max_requests", "max_bytes", "max_resubmits")
 
     def __init__(
         self,

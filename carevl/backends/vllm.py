@@ -50,6 +50,8 @@ class VLLMChat(ChatModel):
     gpu_memory_utilization: fraction of GPU memory vLLM may take.
     """
 
+    operational = ("tensor_parallel_size", "max_model_len", "max_images", "gpu_memory_utilization")
+
     def __init__(
         self,
         model: str,
@@ -90,6 +92,8 @@ class VLLMReward(RewardModel):
     """A sequence-classification reward model through the pooling runner, activation off, so the
     score is the raw logit (Skywork-Reward's scale), not a sigmoid. Prompts go in as token ids
     rendered by the chat template, so no second BOS token is added."""
+
+    operational = ("tensor_parallel_size", "max_model_len", "gpu_memory_utilization")
 
     def __init__(
         self,

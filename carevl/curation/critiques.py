@@ -24,6 +24,7 @@ from pathlib import Path
 from carevl import prompts
 from carevl.backends.interface import ChatModel, Sampling
 from carevl.curation.groups import STRATEGIES, Critique, form_group
+from carevl.curation.provenance import producer, select, selected
 from carevl.curation.records import ImageStore, Records, content_key, holds_work_folder
 from carevl.curation.stages import (
     StageFailed,
@@ -113,7 +114,13 @@ def critiques(
     rows = sorted(low_confidence(workdir), key=lambda r: r["key"])[:max_pairs]
     revision = checkpoint_revision(checkpoint) if checkpoint else None
     units = [
-        (content_key("critiques", name, revision, row["key"], row["label"], asdict(sampling)), row) for row in rows
+        (
+            content_key(
+                "critiques", name, revision, prompts.JUDGE_TEMPLATE, row["key"], row["label"], asdict(sampling)
+            ),
+            row,
+        )
+        for row in rows
     ]
     (Path(workdir) / SELECTION).write_text(
         json.dumps({"judge": name, "revision": revision, "keys": [key for key, _ in units]})
@@ -184,6 +191,7 @@ def evaluate(
     sampling = sampling or Sampling(max_tokens=1024)
     items, captions_ = items_by_id(workdir), caption_by_image(workdir)
     pairs = {r["key"]: r for r in low_confidence(workdir)}
+    made_by = producer(evaluator)
     out = Records(Path(workdir) / EVALUATIONS)
     units = []
     for record in selected_critiques(workdir):
@@ -196,8 +204,9 @@ def evaluate(
                 item["question"], captions_.get(item["image"], ""), pair["responses"], pair["label"], sample["text"]
             )
             units.append(
-                (content_key("evaluation", name, prompt, asdict(sampling)), (critique_context(prompt), prompt))
+                (content_key("evaluation", name, made_by, prompt, asdict(sampling)), (critique_context(prompt), prompt))
             )
+    select(out, [key for key, _ in units])
     model = None
 
     def work(chunk: list, write) -> None:
@@ -217,7 +226,13 @@ def evaluate(
             sampling,
             None,
             lambda i, reply: write(
-                [reply_record({"key": chunk[i][0], "context": chunk[i][1][0], "evaluator": name}, reply, fields)]
+                [
+                    reply_record(
+                        {"key": chunk[i][0], "context": chunk[i][1][0], "evaluator": name, "producer": made_by},
+                        reply,
+                        fields,
+                    )
+                ]
             ),
         )
 
@@ -240,7 +255,8 @@ def groups(
     Args:
         workdir: the curation work directory.
         strategies: which of best_to_worse, lowest_incorrect, highest_incorrect, all_incorrect.
-        evaluator: whose scores to use, when critiques were scored by more than one evaluator.
+        evaluator: keep only this evaluator's scores (by default, those of the evaluator the last
+            evaluate run was configured with).
         out: the directory holding one shard directory per strategy (default <workdir>/groups).
         shard_size: groups per shard.
     """
@@ -252,11 +268,9 @@ def groups(
         raise ValueError(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
     store, items = ImageStore(workdir), items_by_id(workdir)
     pairs = {r["key"]: r for r in low_confidence(workdir)}
-    evaluations = Records(Path(workdir) / EVALUATIONS)
-    names = sorted({r["evaluator"] for r in evaluations.latest()})
-    if evaluator is None and len(names) > 1:
-        raise ValueError(f"critiques were scored by several evaluators {names}: choose one with `evaluator`")
-    scores = {r["context"]: r["score"] for r in evaluations.ok() if evaluator is None or r["evaluator"] == evaluator}
+    # the scores of the evaluator the last evaluate run was configured with
+    evaluations = selected(Records(Path(workdir) / EVALUATIONS))
+    scores = {r["context"]: r["score"] for r in evaluations if evaluator is None or r["evaluator"] == evaluator}
     captions_ = caption_by_image(workdir)
     counts = Counter()
     found = sorted((r for r in selected_critiques(workdir) if r["pair"] in pairs), key=lambda r: r["pair"])

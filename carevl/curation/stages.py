@@ -32,6 +32,7 @@ from tqdm import tqdm
 from carevl import prompts
 from carevl.backends.interface import BatchChatModel, Chat, ChatModel, Reply, RewardModel, Sampling, chunks
 from carevl.curation import cost
+from carevl.curation.provenance import producer, select, selected, selection
 from carevl.curation.records import ImageStore, Records, content_key, holds_work_folder
 from carevl.curation.split import HIGH, count_votes, decide
 from carevl.images import load_image, png_bytes
@@ -281,13 +282,16 @@ def candidates(
     decodings = decodings or default_decodings()
     store, items, out = ImageStore(workdir), items_by_id(workdir), records(workdir, "candidates")
     counts = Counter()
+    producers = {name: producer(build) for name, build in models.items()}
     plan = {
         (name, decoding): [
-            (content_key("candidate", item["key"], name, decoding, asdict(sampling)), item) for item in items.values()
+            (content_key("candidate", item["key"], name, producers[name], decoding, asdict(sampling)), item)
+            for item in items.values()
         ]
         for name in models
         for decoding, sampling in decodings.items()
     }
+    select(out, [key for units in plan.values() for key, _ in units])
     paid = [
         cost.check(
             f"candidates {name}/{decoding}",
@@ -313,7 +317,13 @@ def candidates(
                 write(
                     [
                         reply_record(
-                            {"key": key, "item": item["id"], "model": name, "decoding": decoding},
+                            {
+                                "key": key,
+                                "item": item["id"],
+                                "model": name,
+                                "decoding": decoding,
+                                "producer": producers[name],
+                            },
                             reply,
                             lambda texts: {"answers": texts},
                         )
@@ -355,7 +365,9 @@ def captions(
     sampling = sampling or Sampling(max_tokens=1024)
     store, out = ImageStore(workdir), records(workdir, "captions")
     images = {item["image"]: item for item in items_by_id(workdir).values()}
-    units = [(content_key("caption", sha, prompt, asdict(sampling)), item) for sha, item in images.items()]
+    made_by = producer(captioner)
+    units = [(content_key("caption", sha, prompt, asdict(sampling), made_by), item) for sha, item in images.items()]
+    select(out, [key for key, _ in units])
     if prices is not None:
         cost.check(
             "captions",
@@ -372,7 +384,11 @@ def captions(
         replies = model.generate([item_chat(store, item, prompt) for _, item in chunk], sampling)
         write(
             [
-                reply_record({"key": key, "image": item["image"]}, reply, lambda texts: {"caption": texts[0].strip()})
+                reply_record(
+                    {"key": key, "image": item["image"], "producer": made_by},
+                    reply,
+                    lambda texts: {"caption": texts[0].strip()},
+                )
                 for (key, item), reply in zip(chunk, replies)
             ]
         )
@@ -382,7 +398,8 @@ def captions(
 
 
 def caption_by_image(workdir: str | Path) -> dict[str, str]:
-    return {r["image"]: r["caption"] for r in records(workdir, "captions").ok()}
+    """The captions of the captioner the last captions run was configured with."""
+    return {r["image"]: r["caption"] for r in selected(records(workdir, "captions"))}
 
 
 # -- pairs -----------------------------------------------------------------------------------------
@@ -406,7 +423,7 @@ def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) ->
     """
     counts = Counter()
     answers: dict[str, dict[str, dict]] = defaultdict(dict)
-    for record in sorted(records(workdir, "candidates").ok(), key=lambda r: r["key"]):
+    for record in sorted(selected(records(workdir, "candidates")), key=lambda r: r["key"]):
         for index, text in enumerate(record["answers"]):
             if not text.strip():
                 counts["dropped: empty answer"] += 1
@@ -414,7 +431,7 @@ def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) ->
             known = answers[record["item"]].setdefault(normalized(text), {"text": text.strip(), "sources": []})
             known["sources"].append(f"{record['model']}/{record['decoding']}/{index}")
     out = records(workdir, "pairs")
-    new = []
+    new, current = [], []
     for item_id, distinct in sorted(answers.items()):
         counts["identical answers merged"] += sum(len(a["sources"]) - 1 for a in distinct.values())
         options = sorted(distinct.values(), key=lambda a: a["text"])
@@ -431,6 +448,7 @@ def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) ->
             if rng.random() < 0.5:
                 first, second = second, first
             key = content_key("pair", item_id, first["text"], second["text"])
+            current.append(key)
             counts["skipped" if out.done(key) else "done"] += 1
             if not out.done(key):
                 new.append(
@@ -442,6 +460,7 @@ def pairs(workdir: str, max_pairs_per_item: int | None = None, seed: int = 0) ->
                     }
                 )
     out.append(new)
+    select(out, current)
     return summarize("pairs", counts)
 
 
@@ -490,13 +509,14 @@ def judge(
     sampling = sampling or Sampling(max_tokens=1024)
     schema = prompts.JUDGMENT_SCHEMA if structured else None
     store, items, out = ImageStore(workdir), items_by_id(workdir), records(workdir, "judge")
+    made_by = producer(model if model is not None else batch)
+    asked = (prompts.CURATION_JUDGE_TEMPLATE, asdict(sampling), structured, made_by)
     units = []
-    for pair in records(workdir, "pairs").ok():
+    for pair in selected(records(workdir, "pairs")):
         for order in ("12", "21") if both_orders else ("12",):
             responses = pair["responses"] if order == "12" else pair["responses"][::-1]
-            units.append(
-                (content_key("judgment", pair["key"], order, asdict(sampling), structured), (pair, order, responses))
-            )
+            units.append((content_key("judgment", pair["key"], order, *asked), (pair, order, responses)))
+    select(out, [key for key, _ in units])
     todo = [(key, unit) for key, unit in units if not out.done(key)]
 
     def chat(unit) -> Chat:
@@ -526,7 +546,7 @@ def judge(
                 raise ValueError("no verdict or no explanation")
             return {"verdict": verdict if order == "12" else 3 - verdict, "explanation": explanation}
 
-        return reply_record({"key": key, "pair": pair["key"], "order": order}, reply, fields)
+        return reply_record({"key": key, "pair": pair["key"], "order": order, "producer": made_by}, reply, fields)
 
     if batch is not None:
         counts = Counter(skipped=len(units) - len(todo))
@@ -559,10 +579,11 @@ def judge(
 # -- expert votes ------------------------------------------------------------------------------------
 
 
-def score_key(expert: str, item: dict, captions_: dict[str, str], answer: str) -> str:
-    """An expert's score depends on the question, the caption and the answer only: items that share
-    all three share the score."""
-    return content_key("score", expert, item["question"], captions_[item["image"]], answer)
+def score_key(expert: str, made_by: dict, item: dict, captions_: dict[str, str], answer: str) -> str:
+    """An expert's score depends on the expert, the prompt, the question, the caption and the answer
+    only: items that share all of them share the score."""
+    question, caption = item["question"], captions_[item["image"]]
+    return content_key("score", expert, made_by, prompts.EXPERT_TEMPLATE, question, caption, answer)
 
 
 @holds_work_folder
@@ -583,18 +604,26 @@ def votes(
     """
     items, captions_ = items_by_id(workdir), caption_by_image(workdir)
     out = records(workdir, "votes")
-    answers = sorted({(pair["item"], text) for pair in records(workdir, "pairs").ok() for text in pair["responses"]})
+    answers = sorted(
+        {(pair["item"], text) for pair in selected(records(workdir, "pairs")) for text in pair["responses"]}
+    )
     counts = Counter()
     missing = {item for item, _ in answers if items[item]["image"] not in captions_}
     if missing:
         counts["failed: no caption"] = sum(item in missing for item, _ in answers)
         log.warning("votes: %d items have no caption; run the captions stage first", len(missing))
-    for name, build in experts.items():
-        units = [
-            (score_key(name, items[item], captions_, text), (item, text))
+    producers = {name: producer(build) for name, build in sorted(experts.items())}
+    plan = {
+        name: [
+            (score_key(name, producers[name], items[item], captions_, text), (item, text))
             for item, text in answers
             if item not in missing
         ]
+        for name in experts
+    }
+    select(out, [key for units in plan.values() for key, _ in units], experts=producers)
+    for name, build in experts.items():
+        units = plan[name]
         if all(out.done(key) for key, _ in units):
             counts["skipped"] += len(dict(units))
             continue
@@ -611,6 +640,7 @@ def votes(
                     {
                         "key": key,
                         "expert": name,
+                        "producer": producers[name],
                         "item": item,
                         "answer": text,
                         **({"score": s} if s is not None else {"error": "unscored"}),
@@ -636,22 +666,25 @@ def split(workdir: str, tau: int | None = None) -> dict:
         workdir: the curation work directory.
         tau: expert votes needed for high confidence (default: number of experts - 1).
     """
-    found = records(workdir, "votes").ok()
-    scores = {record["key"]: record["score"] for record in found}
-    experts = sorted({record["expert"] for record in found})
-    items, captions_ = items_by_id(workdir), caption_by_image(workdir)
-    if not experts:
+    votes_ = records(workdir, "votes")
+    chosen = selection(votes_)
+    if chosen is None or not chosen["experts"]:
         raise RuntimeError("no expert scores: run the votes stage first")
+    experts = chosen["experts"]  # the experts the last votes run was configured with: M is theirs
+    scores = {record["key"]: record["score"] for record in selected(votes_)}
+    items, captions_ = items_by_id(workdir), caption_by_image(workdir)
     tau = len(experts) - 1 if tau is None else tau
     judgments: dict[str, dict[str, dict]] = defaultdict(dict)
-    for record in records(workdir, "judge").latest():
+    for record in selected(records(workdir, "judge"), failed_too=True):
         judgments[record["pair"]][record["order"]] = record
     counts = Counter()
     rows = []
-    for pair in sorted(records(workdir, "pairs").ok(), key=lambda p: p["key"]):
+    for pair in sorted(selected(records(workdir, "pairs")), key=lambda p: p["key"]):
         item = items[pair["item"]]
         keys = [
-            [score_key(e, item, captions_, text) for e in experts] if item["image"] in captions_ else []
+            [score_key(name, made_by, item, captions_, text) for name, made_by in experts.items()]
+            if item["image"] in captions_
+            else []
             for text in pair["responses"]
         ]
         if any(len(k) != len(experts) or not all(key in scores for key in k) for k in keys):

@@ -51,6 +51,8 @@ class SimulatedAnswerer(ChatModel):
     ones, a judge trained on their pairs could get most labels right from length alone, and on pairs
     of mixed styles the tiny judge never learned the task (see `shapes.quote_task`)."""
 
+    operational = ("world", "latency")
+
     def __init__(self, name: str, world: str, error_rate: float = 0.3, style: str = "sentence", latency: float = 0.0):
         if style not in (*shapes.ANSWER_STYLES, "mixed"):
             raise ValueError(f"style must be one of {sorted(shapes.ANSWER_STYLES)} or 'mixed'")
@@ -90,6 +92,8 @@ class SimulatedAnswerer(ChatModel):
 class SimulatedCaptioner(ChatModel):
     """A simulated captioner: states the scene, misreading one attribute with probability `error_rate`."""
 
+    operational = ("world", "latency")
+
     def __init__(self, name: str, world: str, error_rate: float = 0.05):
         self.name, self.truth, self.error_rate = name, WorldTruth(world), error_rate
 
@@ -118,6 +122,8 @@ class SimulatedJudge(ChatModel):
         random. Its explanation reads like the shapes world's critiques and supports its verdict, right
         or wrong. With a schema it answers as JSON {"explanation", "verdict"}, like structured output;
     without one, in free text ending with the verdict line. At temperature > 0 the n samples differ."""
+
+    operational = ("world", "latency")
 
     def __init__(self, name: str, world: str, accuracy: float = 0.8, latency: float = 0.0):
         self.name, self.truth, self.accuracy, self.latency = name, WorldTruth(world), accuracy, latency
@@ -184,6 +190,8 @@ class SimulatedExpert(RewardModel):
     when the answer's value matches the caption's (0 otherwise), flips that with probability
     `error_rate`, and adds 0 or 1 at random, so two equally right answers tie half the time."""
 
+    operational = ("world", "latency")
+
     def __init__(self, name: str, error_rate: float = 0.2):
         self.name, self.error_rate = name, error_rate
 
@@ -213,6 +221,8 @@ class SimulatedEvaluator(ChatModel):
     is the reference decision, 35 otherwise; 20 fewer when the scene it describes contradicts the
     image description on the asked attribute; +-10 at random. With probability `unparseable_rate`
     it forgets the final "Score:" line."""
+
+    operational = ("world", "latency")
 
     def __init__(self, name: str, unparseable_rate: float = 0.02):
         self.name, self.unparseable_rate = name, unparseable_rate
