@@ -4,10 +4,11 @@
 It runs one conversation at a time, seeding the generator from the seed and the conversation, so a
 reply depends only on its own input: a resumed stage reproduces an uninterrupted one.
 
-`HFReward` scores with a sequence-classification reward model (one logit, returned raw). The chat
-template is applied to token ids directly, so a template that starts with the BOS token is not given
-a second one by the tokenizer. Reward models with custom heads (INF-ORM, QRM) need
-``trust_remote_code: true``, which is off unless a config turns it on.
+`HFReward` scores with a reward model of one of the expert families of
+`carevl.backends.reward_heads` (Skywork-Reward's sequence classification, INF-ORM's MLP head, QRM's
+gated quantiles), returning the raw reward the family defines. The chat template is applied to token
+ids directly, so a template that starts with the BOS token is not given a second one by the
+tokenizer. Custom heads load from the checkpoint's weights with carevl's own classes, no remote code.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import torch
 
 from carevl.backends.interface import Chat, ChatModel, Reply, RewardModel, Sampling, chunks
+from carevl.backends.reward_heads import gating_position, last_token
 from carevl.images import load_image
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,11 @@ class HFChat(ChatModel):
 
 class HFReward(RewardModel):
     """Args:
-    model: a sequence-classification checkpoint with one label (Skywork-Reward style).
+    model: a reward model checkpoint (local directory or hub id) with one output.
+    family: its head layout, `carevl.backends.reward_heads.FAMILIES`: sequence_classification
+        (Skywork-Reward), inf_orm (INF-ORM-Llama3.1-70B) or qrm (QRM-Llama3.1-8B). Loading fails
+        when the checkpoint's weights do not match the family's.
+    device: "cpu", "cuda", ... or "auto" to shard a model too large for one GPU across all of them.
     batch_size: conversations per forward.
     max_length: longer conversations get no score (None) and are counted by the stage.
     """
@@ -117,6 +123,7 @@ class HFReward(RewardModel):
     def __init__(
         self,
         model: str,
+        family: str = "sequence_classification",
         device: str = "cpu",
         dtype: str = "float32",
         batch_size: int = 8,
@@ -124,42 +131,64 @@ class HFReward(RewardModel):
         trust_remote_code: bool = False,
         name: str | None = None,
     ):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        self.name = name or model
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        from carevl.backends.reward_heads import QRM_GATING_TEXT, load_reward_model
+
+        self.name, self.family = name or model, family
+        self.batch_size, self.max_length = batch_size, max_length
         self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.model = (
-            AutoModelForSequenceClassification.from_pretrained(
-                model, dtype=_dtype(dtype), trust_remote_code=trust_remote_code
-            )
-            .to(device)
-            .eval()
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        placement = {"device_map": "auto"} if device == "auto" else {}
+        # Gemma 2 soft-caps its attention logits; only the eager kernel applies the cap (model cards).
+        attention = {"attn_implementation": "eager"} if config.model_type == "gemma2" else {}
+        self.model = load_reward_model(
+            model, family, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **placement, **attention
         )
-        if self.model.config.num_labels != 1:
+        if device != "auto":
+            self.model.to(device)
+        self.device = self.model.get_input_embeddings().weight.device
+        if family == "sequence_classification" and self.model.config.num_labels != 1:
             raise ValueError(f"{model} has {self.model.config.num_labels} labels; a reward model has one")
+        self.gating_pattern = (
+            self.tokenizer.encode(QRM_GATING_TEXT, add_special_tokens=False) if family == "qrm" else None
+        )
+        # Rows are padded on the right and read at their last real token by the attention mask, so
+        # the pad id never matters (a pad id that also ends turns cannot move the read position).
+        self.pad = self.tokenizer.pad_token_id or 0
 
     def token_ids(self, conversation: list[dict]) -> list[int]:
         """The chat template rendered straight to ids: no special tokens are added on top."""
         ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
+    def scorable(self, ids: list[int]) -> bool:
+        if len(ids) > self.max_length:
+            return False
+        return self.gating_pattern is None or gating_position(ids, self.gating_pattern) is not None
+
     @torch.no_grad()
+    def rewards(self, rows: list[list[int]]) -> list[float]:
+        """The raw reward of each row of token ids, as the family's checkpoint defines it."""
+        length = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [self.pad] * (length - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=self.device)
+        if self.family == "sequence_classification":
+            body = getattr(self.model, self.model.base_model_prefix)
+            hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            values = self.model.score(last_token(hidden, mask))[:, 0]
+        elif self.family == "qrm":
+            positions = torch.tensor([gating_position(r, self.gating_pattern) for r in rows], device=self.device)
+            values = self.model(input_ids, mask, positions)
+        else:
+            values = self.model(input_ids, mask)
+        return values.float().tolist()
+
     def score(self, conversations: list[list[dict]]) -> list[float | None]:
         scores: list[float | None] = []
-        pad = (
-            self.model.config.pad_token_id
-            if self.model.config.pad_token_id is not None
-            else self.tokenizer.pad_token_id
-        )
         for batch in chunks([self.token_ids(c) for c in conversations], self.batch_size):
-            keep = [len(ids) <= self.max_length for ids in batch]
+            keep = [self.scorable(ids) for ids in batch]
             rows = [ids for ids, k in zip(batch, keep) if k]
-            values = iter([])
-            if rows:
-                length = max(len(r) for r in rows)
-                input_ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=self.device)
-                mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=self.device)
-                values = iter(self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist())
+            values = iter(self.rewards(rows) if rows else [])
             scores += [next(values) if k else None for k in keep]
         return scores
