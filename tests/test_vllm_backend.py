@@ -1,37 +1,115 @@
-"""vLLM backends: run only where vLLM and a CUDA device are present (vLLM's own environment)."""
+"""vLLM backends through the real engine, on tiny local models: they run in vLLM's own environment,
+``.venv-vllm`` (`tools/setup_vllm_env.sh`; `tools/test.sh` runs them after the main suite), on
+the CPU build here. The checks that need no engine run in the main suite too."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
 
 import pytest
 
-vllm = pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM needs a CUDA device")]
+from carevl.backends.reward_heads import IncompleteCheckpoint
+
+needs_vllm = pytest.mark.vllm
 
 
-def test_vllm_reward_is_raw_and_matches_transformers(tmp_path):
+def conversation(answer):
+    return [
+        {"role": "user", "content": "What colour are the shapes?\n\nImage description: two red circles at the left"},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+CONVERSATIONS = [
+    conversation("The shapes are red."),
+    conversation("Blue."),
+    conversation("Looking at the image carefully, the shapes are green, I think."),
+    conversation("Red. " * 200),  # over the engines' max_model_len below: unscored, not a failed batch
+]
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    from carevl.standins.experts import build_expert
+
+    root = tmp_path_factory.mktemp("experts")
+    names = ("skywork-reward-llama-3.1-8b-v0.2", "skywork-reward-gemma-2-27b-v0.2", "inf-orm-llama3.1-70b")
+    return {name: str(build_expert(name, root / name)) for name in names}
+
+
+@needs_vllm
+@pytest.mark.parametrize("name", ["skywork-reward-llama-3.1-8b-v0.2", "skywork-reward-gemma-2-27b-v0.2"])
+def test_vllm_reward_is_the_raw_head_output_of_transformers(experts, name):
     from carevl.backends.hf import HFReward
     from carevl.backends.vllm import VLLMReward
-    from carevl.standins.tiny import build_tiny_reward_model
 
-    path = str(build_tiny_reward_model(tmp_path / "rm"))
-    conversations = [
-        [
-            {"role": "user", "content": "What colour?\n\nImage description: a red circle"},
-            {"role": "assistant", "content": answer},
-        ]
-        for answer in ("Red.", "Blue.")
-    ]
-    expected = HFReward(path).score(conversations)
-    got = VLLMReward(path, max_model_len=512, gpu_memory_utilization=0.3).score(conversations)
-    assert got == pytest.approx(expected, abs=2e-2)
+    expected = HFReward(experts[name], max_length=256).score(CONVERSATIONS)
+    engine = VLLMReward(experts[name], max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+    got = engine.score(CONVERSATIONS)
+    assert got[-1] is None and expected[-1] is None
+    difference = max(abs(a - b) for a, b in zip(got[:-1], expected[:-1]))
+    print(f"{name}: max |vLLM - transformers| = {difference:.2e} over {len(got) - 1} conversations")
+    assert difference < 1e-3
+    assert not all(0 < v < 1 for v in got[:-1])  # raw logits: no sigmoid
 
 
-def test_vllm_chat_generates_n_samples(tiny_qwen):
-    from carevl.backends.interface import Chat, Sampling
+def test_vllm_reward_refuses_a_checkpoint_with_another_head(experts):
+    """INF-ORM's MLP head is not a sequence-classification head: vLLM would build its own."""
+    from carevl.backends.vllm import VLLMReward
+
+    with pytest.raises(IncompleteCheckpoint, match="inf_orm"):
+        VLLMReward(experts["inf-orm-llama3.1-70b"])
+
+
+@pytest.mark.parametrize("field", ["use_activation", "activation"])
+def test_an_engine_whose_pooler_kept_its_activation_is_refused(field):
+    from carevl.backends.vllm import require_raw_scores
+
+    def engine(value):
+        pooler = SimpleNamespace(**{field: value})
+        return SimpleNamespace(llm_engine=SimpleNamespace(model_config=SimpleNamespace(pooler_config=pooler)))
+
+    require_raw_scores(engine(False))
+    for value in (True, None):  # None: the release dropped the switch and applies its default
+        with pytest.raises(RuntimeError, match="sigmoid"):
+            require_raw_scores(engine(value))
+
+
+@pytest.fixture(scope="module")
+def chat_engine(tmp_path_factory):
     from carevl.backends.vllm import VLLMChat
-    from carevl.standins.shapes import judge_items
+    from carevl.standins.tiny import build_tiny_text_model
 
-    item = judge_items(1, seed=0)[0]
-    replies = VLLMChat(tiny_qwen, max_model_len=512, gpu_memory_utilization=0.3).generate(
-        [Chat.user(item.question, item.image)], Sampling(n=2, temperature=1.0, max_tokens=8)
-    )
-    assert replies[0].ok and len(replies[0].texts) == 2
+    path = build_tiny_text_model(tmp_path_factory.mktemp("text-lm"))
+    return VLLMChat(str(path), max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+
+
+@needs_vllm
+def test_vllm_chat_seeded_samples_reproduce_and_a_long_prompt_fails_alone(chat_engine):
+    from carevl.backends.interface import Chat, Sampling
+
+    chats = [Chat.user("What colour are the shapes?"), Chat.user("Describe " * 300), Chat.user("Which answer?")]
+    sampling = Sampling(n=2, temperature=1.0, seed=1, max_tokens=12)
+    first = chat_engine.generate(chats, sampling)
+    assert first[0].ok and first[2].ok and len(first[0].texts) == 2
+    assert first[1].error.startswith("too_long")
+    again = chat_engine.generate([chats[0]], sampling)
+    assert again[0].texts == first[0].texts
+    other = chat_engine.generate([chats[0]], Sampling(n=2, temperature=1.0, seed=2, max_tokens=12))
+    assert other[0].texts != first[0].texts
+
+
+@needs_vllm
+def test_vllm_chat_honours_the_json_schema(chat_engine):
+    """A random tiny model left alone writes no JSON; constrained to the schema it always does (the
+    verdict part of the curation judge's schema: a random model's free string rarely closes)."""
+    from carevl.backends.interface import Chat, Sampling
+
+    schema = {"type": "object", "properties": {"verdict": {"type": "integer", "enum": [1, 2]}}, "required": ["verdict"]}
+    chats = [Chat.user("Answer 1: red. Answer 2: blue. Which is better?"), Chat.user("Which answer?")]
+    sampling = Sampling(n=3, temperature=1.0, seed=3, max_tokens=40)
+    for reply in chat_engine.generate(chats, sampling, schema=schema):
+        assert [json.loads(text)["verdict"] in (1, 2) for text in reply.texts] == [True] * 3
+    free = [text for reply in chat_engine.generate(chats, sampling) for text in reply.texts]
+    assert not any(text.lstrip().startswith("{") for text in free)

@@ -1,16 +1,13 @@
-"""vLLM's offline engine (GPU). vLLM pins its own torch and transformers, so it lives in its own
-environment (``pip install vllm`` there, then ``pip install -e . --no-deps``); this module imports
-it only when a backend is built.
+"""vLLM's offline engine. vLLM pins its own torch and transformers, so it lives in its own
+environment, ``.venv-vllm`` (`tools/setup_vllm_env.sh`: the CPU build here, the CUDA build on GPU
+nodes); this module imports vLLM only when a backend is built.
 
-Written against the vLLM 0.11-0.13 offline API: ``LLM.chat`` with OpenAI-style image parts for
-generation, and ``LLM(runner="pooling", convert="classify")`` + ``LLM.classify`` for
-sequence-classification reward models. Version differences handled here: structured output is
-``SamplingParams(structured_outputs=StructuredOutputsParams(json=...))`` from 0.11 and
-``guided_decoding=GuidedDecodingParams(json=...)`` before; the pooler's activation switch is
-``PoolerConfig(use_activation=False)`` in newer releases and ``activation=False`` in older ones.
-Before 0.10 the runner was chosen with ``task="reward"``/``"classify"``; those releases are not
-supported. Not exercised on this project's CPU machines; `tests/test_vllm_backend.py` runs where
-vLLM and a GPU are present.
+Tested against vLLM 0.32.0 (`tests/test_vllm_backend.py`, in that environment, on the CPU build):
+``LLM.chat`` with OpenAI-style image parts for generation, ``SamplingParams(structured_outputs=
+StructuredOutputsParams(json=...))`` for structured output, and ``LLM(runner="pooling",
+convert="classify")`` + ``LLM.classify`` with ``PoolerConfig(use_activation=False)`` for
+sequence-classification reward models. Older spellings are kept as fallbacks (``guided_decoding``,
+``PoolerConfig(activation=False)``), and a pooler that did not take the switch is refused at start.
 """
 
 from __future__ import annotations
@@ -45,9 +42,12 @@ class VLLMChat(ChatModel):
     """Args:
     model: checkpoint path or hub id.
     tensor_parallel_size: GPUs per model.
-    max_model_len: context length to allocate for.
+    max_model_len: context length to allocate for; a longer prompt fails alone (``too_long``).
     max_images: images per prompt (``limit_mm_per_prompt``).
-    gpu_memory_utilization: fraction of GPU memory vLLM may take.
+    gpu_memory_utilization: fraction of GPU memory vLLM may take (of CPU memory on the CPU build).
+    mm_processor_kwargs: the processor's image settings, e.g. ``{max_pixels: 1003520}`` for Qwen2-VL,
+        whose default (12.8 M pixels, ~16k image tokens) overflows most context lengths.
+    dtype: "auto" (the checkpoint's), "float32", "bfloat16", ...
     """
 
     operational = ("tensor_parallel_size", "max_model_len", "max_images", "gpu_memory_utilization")
@@ -59,6 +59,8 @@ class VLLMChat(ChatModel):
         max_model_len: int = 8192,
         max_images: int = 1,
         gpu_memory_utilization: float = 0.9,
+        mm_processor_kwargs: dict | None = None,
+        dtype: str = "auto",
         trust_remote_code: bool = False,
         name: str | None = None,
     ):
@@ -71,27 +73,58 @@ class VLLMChat(ChatModel):
             max_model_len=max_model_len,
             limit_mm_per_prompt={"image": max_images},
             gpu_memory_utilization=gpu_memory_utilization,
+            mm_processor_kwargs=mm_processor_kwargs,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
         )
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
-        outputs = self.llm.chat(
-            [message_payload(chat) for chat in chats], _sampling_params(sampling, schema), use_tqdm=False
-        )
-        return [
-            Reply(
-                [o.text for o in out.outputs],
-                prompt_tokens=len(out.prompt_token_ids or []),
-                completion_tokens=sum(len(o.token_ids) for o in out.outputs),
-            )
-            for out in outputs
-        ]
+        """One engine call for the whole list; where vLLM refuses it (one prompt too long or malformed
+        fails the call), each chat again on its own, so only the bad ones fail, with vLLM's reason."""
+        params, refused = _sampling_params(sampling, schema), _request_errors()
+        try:
+            return [_reply(out) for out in self.llm.chat([message_payload(c) for c in chats], params, use_tqdm=False)]
+        except refused:
+            pass
+        replies = []
+        for chat in chats:
+            try:
+                replies += [_reply(out) for out in self.llm.chat([message_payload(chat)], params, use_tqdm=False)]
+            except refused as error:
+                kind = "too_long" if "maximum context length" in str(error) else "bad_input"
+                replies.append(Reply(error=f"{kind}: {str(error)[:300]}"))
+        return replies
+
+
+def _request_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it will not run (too long, malformed), as opposed to a dead
+    engine: ValueError in older releases, VLLMClientError (not a ValueError) in newer ones."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
+def _reply(out) -> Reply:
+    return Reply(
+        [o.text for o in out.outputs],
+        prompt_tokens=len(out.prompt_token_ids or []),
+        completion_tokens=sum(len(o.token_ids) for o in out.outputs),
+    )
 
 
 class VLLMReward(RewardModel):
-    """A sequence-classification reward model through the pooling runner, activation off, so the
-    score is the raw logit (Skywork-Reward's scale), not a sigmoid. Prompts go in as token ids
-    rendered by the chat template, so no second BOS token is added."""
+    """A sequence-classification reward model (Skywork-Reward's layout, `reward_heads` family
+    ``sequence_classification``) through the pooling runner, activation off, so the score is the raw
+    logit, not a sigmoid. Refuses a checkpoint with another head (INF-ORM, QRM: `HFReward`) and a
+    vLLM that does not keep the activation off. Prompts go in as token ids rendered by the chat
+    template, so no second BOS token is added.
+
+    Args:
+    model: checkpoint path or hub id.
+    dtype: "auto" (the checkpoint's), "float32", "bfloat16", ...
+    """
 
     operational = ("tensor_parallel_size", "max_model_len", "gpu_memory_utilization")
 
@@ -101,9 +134,13 @@ class VLLMReward(RewardModel):
         tensor_parallel_size: int = 1,
         max_model_len: int = 8192,
         gpu_memory_utilization: float = 0.9,
+        dtype: str = "auto",
         trust_remote_code: bool = False,
         name: str | None = None,
     ):
+        from carevl.backends.reward_heads import check_head
+
+        check_head(model, "sequence_classification")
         from transformers import AutoTokenizer
         from vllm import LLM
         from vllm.config import PoolerConfig
@@ -122,14 +159,33 @@ class VLLMReward(RewardModel):
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
         )
+        self.max_length = max_model_len
+        require_raw_scores(self.llm)
 
     def score(self, conversations: list[list[dict]]) -> list[float | None]:
         from vllm.inputs import TokensPrompt
 
-        prompts = [
-            TokensPrompt(prompt_token_ids=list(self.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)))
-            for c in conversations
-        ]
-        return [float(out.outputs.probs[0]) for out in self.llm.classify(prompts, use_tqdm=False)]
+        rows = [list(self.tokenizer.apply_chat_template(c, tokenize=True, return_dict=False)) for c in conversations]
+        keep = [len(ids) <= self.max_length for ids in rows]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids, k in zip(rows, keep) if k]
+        outputs = self.llm.classify(prompts, use_tqdm=False) if prompts else []
+        values = iter([float(out.outputs.probs[0]) for out in outputs])
+        return [next(values) if k else None for k in keep]
+
+
+def require_raw_scores(llm) -> None:
+    """Raise unless the engine's pooler keeps its activation off. Some vLLM releases drop an unknown
+    pooler field without a word (0.11 ignores ``use_activation``), and a sigmoid then squashes every
+    expert score towards 1.0, where answers tie."""
+    engine = llm.llm_engine
+    config = getattr(engine, "model_config", None) or engine.vllm_config.model_config
+    pooler = config.pooler_config
+    flag = getattr(pooler, "use_activation", getattr(pooler, "activation", None))
+    if flag is not False:
+        raise RuntimeError(
+            f"this vLLM's pooler has activation={flag!r}: reward scores would pass through a sigmoid; "
+            "use a vLLM release that honours PoolerConfig(use_activation=False)"
+        )

@@ -286,6 +286,22 @@ def build_tiny_reward_model(out_dir: str | Path, hidden: int = 64, layers: int =
     return out
 
 
+def build_tiny_text_model(out_dir: str | Path, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny text-only chat model (Qwen2ForCausalLM, ChatML template): the language-model role of
+    curation (the critique evaluator, a text candidate). The default width gives 32-wide attention
+    heads, the smallest vLLM's CPU kernels take."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(CHATML_TOKENS)
+    tokenizer.chat_template = chat_template("")
+    model = Qwen2ForCausalLM(Qwen2Config(**_qwen2_text(tokenizer, hidden, layers)))
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write the checkpoint to")
