@@ -349,6 +349,33 @@ def test_judge_over_http_records_failures_then_completes_and_never_writes_the_ke
     assert key not in captured.out + captured.err + caplog.text
 
 
+def test_a_model_that_cannot_load_fails_its_own_units_and_the_stage_goes_on(tmp_path):
+    workdir = tmp_path / "cur"
+    ingest_world(str(workdir), 5, 1)
+    decodings = {"greedy": Sampling(), "t1": Sampling(temperature=1.0)}
+
+    def broken():
+        raise FileNotFoundError("no checkpoint at /models/missing")
+
+    good = {"good": lambda: SimulatedAnswerer("good", str(workdir))}
+    with pytest.raises(stages.StageFailed, match="model_failed 10"):
+        stages.candidates(str(workdir), {"broken": broken, **good}, decodings)
+    failed = [r for r in Records(workdir / "candidates.jsonl").latest() if "error" in r]
+    assert len(failed) == 10 and {r["model"] for r in failed} == {"broken"}
+    assert failed[0]["error"].startswith("model_failed: FileNotFoundError: no checkpoint at /models/missing")
+    assert len(Records(workdir / "candidates.jsonl").ok()) == 10  # the good model answered everything
+    fixed = {"broken": lambda: SimulatedAnswerer("broken", str(workdir)), **good}
+    assert stages.candidates(str(workdir), fixed, decodings) == {"stage": "candidates", "done": 10, "skipped": 10}
+
+    stages.captions(str(workdir), lambda: SimulatedCaptioner("c", str(workdir)))
+    stages.pairs(str(workdir))
+    experts = {"e1": lambda: SimulatedExpert("e1"), "e2": broken}
+    with pytest.raises(stages.StageFailed, match="model_failed"):
+        stages.votes(str(workdir), experts)
+    scored = Records(workdir / "scores.jsonl").ok()
+    assert scored and {r["expert"] for r in scored} == {"e1"}
+
+
 def test_judge_prints_an_estimate_and_refuses_above_max_usd(tmp_path, capsys):
     workdir = tmp_path / "cur"
     ingest_world(str(workdir), 6, 2)

@@ -103,6 +103,17 @@ def free_memory() -> None:
         pass
 
 
+def build_model(build, name: str):
+    """(model, None), or (None, the reason) when `build` raises: a model that cannot load (a missing
+    checkpoint, a wrong head, too little memory) fails its own units, recorded with that reason, and
+    the stage goes on with the next model; a rerun retries them."""
+    try:
+        return (build() if callable(build) else build), None
+    except Exception as error:
+        log.exception("%s could not be built; its units are recorded as failed", name)
+        return None, f"model_failed: {type(error).__name__}: {str(error)[:300]}"
+
+
 def run_units(
     out: Records,
     units: list[tuple[str, object]],
@@ -305,15 +316,15 @@ def candidates(
     if max_usd is not None and sum(f["usd"] for f in paid) > max_usd:
         raise RuntimeError(f"expected cost ${sum(f['usd'] for f in paid):.2f} is above max_usd ${max_usd:.2f}")
     for name, build in models.items():
+        if all(out.done(key) for decoding in decodings for key, _ in plan[(name, decoding)]):
+            counts["skipped"] += sum(len(dict(plan[(name, decoding)])) for decoding in decodings)
+            continue
+        model, failure = build_model(build, name)  # once for all its decodings
         for decoding, sampling in decodings.items():
-            units = plan[(name, decoding)]
-            if all(out.done(key) for key, _ in units):
-                counts["skipped"] += len(dict(units))
-                continue
-            model = build() if callable(build) else build
 
-            def work(chunk: list, write, model=model, name=name, decoding=decoding, sampling=sampling) -> None:
-                replies = model.generate([item_chat(store, item, item["question"]) for _, item in chunk], sampling)
+            def work(chunk, write, model=model, failure=failure, name=name, decoding=decoding, sampling=sampling):
+                chats = [item_chat(store, item, item["question"]) for _, item in chunk]
+                replies = model.generate(chats, sampling) if model else [Reply(error=failure)] * len(chunk)
                 write(
                     [
                         reply_record(
@@ -331,9 +342,9 @@ def candidates(
                     ]
                 )
 
-            counts.update(run_units(out, units, work, chunk_size, f"candidates {name}/{decoding}"))
-            model = None
-            free_memory()
+            counts.update(run_units(out, plan[(name, decoding)], work, chunk_size, f"candidates {name}/{decoding}"))
+        model = None
+        free_memory()
     return summarize("candidates", counts, max_failed)
 
 
@@ -627,14 +638,14 @@ def votes(
         if all(out.done(key) for key, _ in units):
             counts["skipped"] += len(dict(units))
             continue
-        expert = build() if callable(build) else build
+        expert, failure = build_model(build, name)
 
-        def work(chunk: list, write, expert=expert, name=name) -> None:
+        def work(chunk: list, write, expert=expert, name=name, failure=failure) -> None:
             conversations = [
                 prompts.expert_conversation(items[item]["question"], captions_[items[item]["image"]], text)
                 for _, (item, text) in chunk
             ]
-            scores = expert.score(conversations)
+            scores = expert.score(conversations) if expert else [None] * len(chunk)
             write(
                 [
                     {
@@ -643,7 +654,7 @@ def votes(
                         "producer": producers[name],
                         "item": item,
                         "answer": text,
-                        **({"score": s} if s is not None else {"error": "unscored"}),
+                        **({"score": s} if s is not None else {"error": failure or "unscored"}),
                     }
                     for (key, (item, text)), s in zip(chunk, scores)
                 ]
