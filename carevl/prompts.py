@@ -147,12 +147,21 @@ JUDGMENT_SCHEMA = {
 EXPERT_TEMPLATE = "{question}\n\nImage description: {caption}"
 
 
-def curation_judge_prompt(question: str, responses: list[str] | tuple[str, str]) -> str:
+# For a judge without structured output (GPT-4o 2024-05-13): the verdict comes as the last line.
+FREE_TEXT_VERDICT = (
+    '\nEnd with one line: "Overall Judgment: Answer 1 is better." or "Overall Judgment: Answer 2 is better."'
+)
+
+
+def curation_judge_prompt(question: str, responses: list[str] | tuple[str, str], structured: bool = True) -> str:
+    """The curation judge's prompt; without `structured` output it asks for the verdict line, which
+    `parse_judgment` reads."""
     if len(responses) != 2:
         raise ValueError(f"a judge prompt needs exactly two responses, got {len(responses)}")
-    return CURATION_JUDGE_TEMPLATE.format(
+    prompt = CURATION_JUDGE_TEMPLATE.format(
         question=question.strip(), answer1=responses[0].strip(), answer2=responses[1].strip()
     )
+    return prompt if structured else prompt + FREE_TEXT_VERDICT
 
 
 def expert_conversation(question: str, caption: str, answer: str) -> list[dict]:

@@ -376,6 +376,38 @@ def test_a_model_that_cannot_load_fails_its_own_units_and_the_stage_goes_on(tmp_
     assert scored and {r["expert"] for r in scored} == {"e1"}
 
 
+def test_a_judge_without_structured_output_is_asked_for_the_verdict_line(tmp_path):
+    """GPT-4o 2024-05-13 has no JSON-schema output: a schema is refused before any request; with
+    structured: false the prompt asks for the verdict line, and the stage reads verdict and reasons."""
+    workdir = tmp_path / "cur"
+    ingest_world(str(workdir), 6, 1)
+    stages.candidates(
+        str(workdir),
+        {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)},
+        {"t1": Sampling(temperature=1.0, n=3)},
+    )
+    stages.pairs(str(workdir))
+    n_pairs = len(Records(workdir / "pairs.jsonl").ok())
+
+    def free_text(body: dict) -> str:
+        assert "response_format" not in body
+        return "Answer 2 names the colour the image shows. Overall Judgment: Answer 2 is better."
+
+    with LoopbackEndpoint(responder=free_text, api_key=None) as endpoint:
+
+        def build() -> OpenAIChat:
+            return OpenAIChat("gpt-4o-2024-05-13", base_url=endpoint.base_url, api_key_env="HOME", concurrency=2)
+
+        with pytest.raises(ValueError, match="no structured output"):
+            stages.judge(str(workdir), model=build)
+        assert endpoint.requests == []
+        assert stages.judge(str(workdir), model=build, structured=False)["done"] == n_pairs
+        prompt = json.loads(endpoint.requests[0]["body"])["messages"][0]["content"][-1]["text"]
+    assert prompt.endswith('"Overall Judgment: Answer 2 is better."')
+    judgments = Records(workdir / "judgments.jsonl").ok()
+    assert {(r["verdict"], r["explanation"]) for r in judgments} == {(2, "Answer 2 names the colour the image shows.")}
+
+
 def test_judge_prints_an_estimate_and_refuses_above_max_usd(tmp_path, capsys):
     workdir = tmp_path / "cur"
     ingest_world(str(workdir), 6, 2)

@@ -87,7 +87,14 @@ def message_payload(chat: Chat, detail: str = "auto") -> list[dict]:
     return messages
 
 
+# Snapshots without JSON-schema structured output (OpenAI's structured-outputs guide lists
+# gpt-4o-2024-08-06 and later): a schema is refused before any request is sent.
+NO_STRUCTURED_OUTPUT = ("gpt-4o-2024-05-13", "gpt-4-turbo", "gpt-4-vision-preview")
+
+
 def request_body(model: str, chat: Chat, sampling: Sampling, schema: dict | None, detail: str = "auto") -> dict:
+    if schema is not None and model.startswith(NO_STRUCTURED_OUTPUT):
+        raise ValueError(f"{model} has no structured output: set the judge stage's structured: false")
     body = {
         "model": model,
         "messages": message_payload(chat, detail),

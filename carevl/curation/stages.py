@@ -504,8 +504,8 @@ def judge(
         both_orders: also judge each pair with the answers swapped; the split keeps a verdict only
             when both orders agree, cancelling position bias.
         sampling: decoding settings (default greedy, 1024 tokens).
-        structured: ask for JSON {"explanation", "verdict"} (structured output); off for models that
-            answer in free text ending with the verdict line.
+        structured: ask for JSON {"explanation", "verdict"} (structured output); false for models
+            without it (GPT-4o 2024-05-13): the prompt then asks for a final verdict line instead.
         prices: USD per million tokens for the estimate (default GPT-4o's).
         image_detail: GPT-4o image detail for the estimate ("low", "high", "auto").
         max_usd: refuse to start when the expected cost is above this.
@@ -521,7 +521,8 @@ def judge(
     schema = prompts.JUDGMENT_SCHEMA if structured else None
     store, items, out = ImageStore(workdir), items_by_id(workdir), records(workdir, "judge")
     made_by = producer(model if model is not None else batch)
-    asked = (prompts.CURATION_JUDGE_TEMPLATE, asdict(sampling), structured, made_by)
+    template = prompts.CURATION_JUDGE_TEMPLATE + ("" if structured else prompts.FREE_TEXT_VERDICT)
+    asked = (template, asdict(sampling), structured, made_by)  # as before for structured: old records stay
     units = []
     for pair in selected(records(workdir, "pairs")):
         for order in ("12", "21") if both_orders else ("12",):
@@ -532,9 +533,8 @@ def judge(
 
     def chat(unit) -> Chat:
         pair, _, responses = unit
-        return item_chat(
-            store, items[pair["item"]], prompts.curation_judge_prompt(items[pair["item"]]["question"], responses)
-        )
+        question = items[pair["item"]]["question"]
+        return item_chat(store, items[pair["item"]], prompts.curation_judge_prompt(question, responses, structured))
 
     figures = cost.check(
         "judge",
