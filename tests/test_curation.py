@@ -448,6 +448,31 @@ def test_judge_through_the_batch_api(tmp_path, monkeypatch):
     assert sorted((r["order"], r["verdict"]) for r in judgments) == [("12", 1)] * n_pairs + [("21", 2)] * n_pairs
 
 
+def test_sft_shards_hold_out_whole_items_the_same_way_every_run(tmp_path):
+    import webdataset as wds
+
+    from carevl.schema import decode
+
+    workdir = str(tmp_path / "cur")
+    run_simulated(workdir, items=60)
+    everything = read_manifest(Path(workdir) / "sft")["samples"]
+
+    def items_of(folder):
+        urls = read_manifest(Path(workdir) / folder)["urls"]
+        return [decode(raw, "sft").meta["item"] for url in urls for raw in wds.WebDataset(url, shardshuffle=False)]
+
+    summary = stages.sft_shards(workdir, heldout=0.25)
+    train, held = items_of("sft"), items_of("sft-heldout")
+    assert summary["written"] == len(train) and summary["held out"] == len(held)
+    assert len(train) + len(held) == everything
+    assert held and not set(train) & set(held)  # an item's pairs are all on one side
+    assert 0.1 < len(set(held)) / len(set(train) | set(held)) < 0.4
+    stages.sft_shards(workdir, heldout=0.25)
+    assert items_of("sft-heldout") == held
+    with pytest.raises(ValueError, match="heldout"):
+        stages.sft_shards(workdir, heldout=1.0)
+
+
 def test_sft_shards_with_the_judge_labels_keep_every_judged_pair(tmp_path):
     import webdataset as wds
 

@@ -736,11 +736,15 @@ def sft_shards(
     out: str | None = None,
     shard_size: int = 1000,
     max_target_chars: int = 8000,
+    heldout: float = 0.0,
+    heldout_out: str | None = None,
 ) -> dict:
     """Write SFT shards: the high-confidence pairs, or every judged pair (the no-experts baseline).
 
     The target is the judge's explanation followed by the verdict line. Targets longer than
-    `max_target_chars` are dropped and counted.
+    `max_target_chars` are dropped and counted. With `heldout`, that share of the items (chosen by a
+    hash of the item id: the same items on every run, all pairs of an item on one side) goes to a
+    held-out shard set instead, the SFT run's validation set.
 
     Args:
         workdir: the curation work directory.
@@ -750,15 +754,27 @@ def sft_shards(
         out: shard directory (default <workdir>/sft, or <workdir>/sft-judge for labels "judge").
         shard_size: samples per shard.
         max_target_chars: longest explanation kept.
+        heldout: share of items held out for validation (0: none).
+        heldout_out: held-out shard directory (default: `out` with "-heldout" appended).
     """
+    from contextlib import ExitStack
+
     from carevl.schema import SFTSample, ShardWriter
 
     if labels not in ("high_confidence", "judge"):
         raise ValueError(f"labels must be 'high_confidence' or 'judge', got {labels!r}")
     store, items = ImageStore(workdir), items_by_id(workdir)
     counts = Counter()
-    default = "sft" if labels == "high_confidence" else "sft-judge"
-    with ShardWriter(Path(out or Path(workdir) / default), prefix="sft", max_count=shard_size, kind="sft") as writer:
+    if not 0.0 <= heldout < 1.0:
+        raise ValueError(f"heldout must be in [0, 1), got {heldout}")
+    out = out or str(Path(workdir) / ("sft" if labels == "high_confidence" else "sft-judge"))
+    with ExitStack() as stack:
+        writer = stack.enter_context(ShardWriter(Path(out), prefix="sft", max_count=shard_size, kind="sft"))
+        held = (
+            stack.enter_context(ShardWriter(Path(heldout_out or out + "-heldout"), prefix="sft", kind="sft"))
+            if heldout
+            else None
+        )
         for row in records(workdir, "split").ok():
             if labels == "high_confidence" and row["confidence"] != HIGH:
                 counts[f"not written: {row['confidence']} confidence"] += 1
@@ -771,8 +787,9 @@ def sft_shards(
                 counts["dropped: explanation missing or too long"] += 1
                 continue
             item = items[row["item"]]
+            held_out = held is not None and _share(row["item"]) < heldout
             written = write_or_count(
-                writer,
+                held if held_out else writer,
                 counts,
                 SFTSample(
                     id=row["key"][:32],
@@ -792,7 +809,12 @@ def sft_shards(
                     },
                 ),
             )
-            counts["written"] += written
+            counts["held out" if held_out else "written"] += written
         if not counts["written"]:  # raised inside the writer: the shard set before stays as it was
             raise StageFailed(f"sft_shards: no pair to write ({summarize('sft_shards', counts)})")
     return summarize("sft_shards", counts)
+
+
+def _share(item_id: str) -> float:
+    """A fixed number in [0, 1) for an item id, the same on every machine and run."""
+    return int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16) / 16**8
