@@ -81,10 +81,16 @@ def test_vlrewardbench_parquet_with_embedded_images(vlrb_lines, tmp_path):
         record["meta"] = json.dumps(record["meta"])  # the HF release stores meta as a string
         record["image"] = {"bytes": image_bytes(i) if i < 2 else None, "path": None}
         rows.append(record)
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test.parquet")
-    assert convert(["vlrewardbench-parquet", str(tmp_path / "test.parquet"), "--out", str(tmp_path / "out")]) == 0
-    samples = read_shards(tmp_path / "out")
-    assert [s.id for s in samples] == [r["id"] for r in rows[:2]] and samples[1].image == image_bytes(1)
+    (tmp_path / "release").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "release" / "test-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "release" / "test-00001.parquet")
+    for inputs, out in (
+        ([str(tmp_path / "release" / "test-00000.parquet"), str(tmp_path / "release" / "test-00001.parquet")], "a"),
+        ([str(tmp_path / "release")], "b"),
+    ):  # files, or their folder
+        assert convert(["vlrewardbench-parquet", *inputs, "--out", str(tmp_path / out)]) == 0
+        samples = read_shards(tmp_path / out)
+        assert [s.id for s in samples] == [r["id"] for r in rows[:2]] and samples[1].image == image_bytes(1)
 
 
 def test_mllm_judge_pairs(tmp_path):

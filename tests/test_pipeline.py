@@ -175,3 +175,54 @@ def test_every_carevl_and_curate_step_of_the_shipped_pipelines_parses(config, mo
             checked += 1
     capsys.readouterr()
     assert checked >= 10
+
+
+def test_the_real_pipeline_reads_only_what_an_earlier_step_writes_or_preflight_checks():
+    """configs/pipeline/real.yaml from an empty folder: every shard set, checkpoint and input a step
+    reads is written by an earlier step or is an input the preflight step checks first."""
+
+    def load(path):
+        return yaml.safe_load((ROOT / path).read_text())
+
+    steps = load("configs/pipeline/real.yaml")["steps"]
+    curation = load("configs/curation/gpt4o.yaml")
+    work = curation["sft_shards"]["workdir"]
+    preflight = shlex.split(steps[0]["run"])
+    assert steps[0]["name"] == "preflight"
+    given = set(preflight[preflight.index("--files") + 1 : preflight.index("--env")])
+    written, reads = {}, []
+    for index, step in enumerate(steps):
+        argv = shlex.split(step["run"])
+        option = dict(zip(argv, argv[1:]))
+        if "--out" in option:
+            written[option["--out"]] = index
+        stage = argv[-1] if "tools/curate.py" in argv else None
+        if stage == "ingest":
+            reads.append((index, curation["ingest"]["source"]))
+        if stage == "sft_shards":
+            written[f"{work}/sft"] = index
+            if curation["sft_shards"].get("heldout"):
+                written[f"{work}/sft-heldout"] = index
+        if stage == "critiques":
+            reads.append((index, curation["critiques"]["judge"]["init_args"]["model"]))
+        if stage == "groups":
+            written.update({f"{work}/groups/{name}": index for name in curation["groups"]["strategies"]})
+        if "tools/reference_logps.py" in argv:
+            reads += [(index, option["--model"]), (index, option["--shards"])]
+        if argv[:1] == ["carevl"]:
+            config = load(option["--config"])
+            data = config["data"]["init_args"]
+            for key in ("train", "val", "test"):
+                values = data.get(key) or []
+                reads += [(index, path) for path in ([values] if isinstance(values, str) else values)]
+            reads.append((index, config["model"]["init_args"]["backbone"]["init_args"]["model"]))
+            for callback in config["trainer"].get("callbacks") or []:
+                if callback["class_path"].endswith("ExportHF"):
+                    written[callback["init_args"]["dirpath"]] = index
+    hub_models = {"Qwen/Qwen2-VL-7B-Instruct"}
+    unmet = [
+        (steps[index]["name"], path)
+        for index, path in reads
+        if path not in given | hub_models and not written.get(path, len(steps)) < index
+    ]
+    assert reads and not unmet

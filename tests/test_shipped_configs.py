@@ -33,15 +33,16 @@ CPU = [
     "--data.init_args.num_workers=0",
     "--data.init_args.val_batch_size=2",
 ]
+CURATION = Path("runs/curation/real")  # the work folder of configs/curation/gpt4o.yaml
 TEST_STRATEGY = {"fsdp": "tests.workers.cpu_fsdp.CPUFSDP"}  # every other block is DeepSpeed's
 
 
 def workdir(tmp_path: Path, world: Path) -> Path:
     """A working directory with the repository's configs and the data where the configs look."""
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    (tmp_path / "data" / "sft").mkdir(parents=True)
-    (tmp_path / "data" / "sft" / "high_confidence").symlink_to(world / "train")
-    (tmp_path / "data" / "sft" / "heldout").symlink_to(world / "heldout")
+    (tmp_path / CURATION).mkdir(parents=True)
+    (tmp_path / CURATION / "sft").symlink_to(world / "train")
+    (tmp_path / CURATION / "sft-heldout").symlink_to(world / "heldout")
     return tmp_path
 
 
@@ -66,7 +67,8 @@ def trained_export(export: Path, start: str) -> None:
 
 def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
     cwd = workdir(tmp_path, world)
-    write_preference_groups(str(cwd / "data" / "dpo" / "groups"), n=16, shard_size=8)
+    groups = CURATION / "groups" / "best_to_worse"
+    write_preference_groups(str(cwd / groups), n=16, shard_size=8)
     write_benchmarks(str(cwd / "data" / "bench"), n=8)
 
     # configs/sft.yaml (DeepSpeed ZeRO-2): ExportHF writes the judge the DPO config starts from
@@ -76,9 +78,9 @@ def test_sft_then_reference_then_dpo_as_shipped(tiny_qwen, world, tmp_path):
 
     # the reference log-probs, as configs/dpo.yaml's header says to compute them
     python_module(
-        "tools.reference_logps", "--model", "runs/sft/hf", "--shards", "data/dpo/groups", "--dtype", "bfloat16", cwd=cwd
+        "tools.reference_logps", "--model", "runs/sft/hf", "--shards", str(groups), "--dtype", "bfloat16", cwd=cwd
     )
-    assert len(json.loads((cwd / "data" / "dpo" / "groups" / "reference-logps.json").read_text())["logps"]) == 16
+    assert len(json.loads((cwd / groups / "reference-logps.json").read_text())["logps"]) == 16
 
     # configs/dpo.yaml (ZeRO-3, the precomputed reference), validated on VL-RewardBench-format shards
     fit(cwd, "configs/dpo.yaml")

@@ -12,6 +12,7 @@ Then: carevl test --config configs/eval/vlrewardbench.yaml --data.init_args.test
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from carevl import benchmarks
 
@@ -19,7 +20,7 @@ from carevl import benchmarks
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=("vlrewardbench-parquet", "vlrewardbench-jsonl", "mllm-judge"))
-    parser.add_argument("inputs", nargs="+", help="parquet files, or one jsonl file")
+    parser.add_argument("inputs", nargs="+", help="parquet files or folders of them, or one jsonl file")
     parser.add_argument("--images", help="image folder (jsonl sources)")
     parser.add_argument("--out", required=True, help="output shard directory")
     parser.add_argument("--shard-size", type=int, default=500)
@@ -27,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     if args.source == "vlrewardbench-parquet":
-        rows, to_fields = benchmarks.vlrb_parquet_rows(args.inputs), benchmarks.vlrb_fields
+        files = [f for p in args.inputs for f in (sorted(Path(p).glob("*.parquet")) if Path(p).is_dir() else [p])]
+        if not files:
+            parser.error(f"no parquet files in {args.inputs}")
+        rows, to_fields = benchmarks.vlrb_parquet_rows(files), benchmarks.vlrb_fields
     else:
         if args.images is None or len(args.inputs) != 1:
             parser.error(f"{args.source} takes one jsonl file and --images")
