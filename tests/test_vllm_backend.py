@@ -113,3 +113,21 @@ def test_vllm_chat_honours_the_json_schema(chat_engine):
         assert [json.loads(text)["verdict"] in (1, 2) for text in reply.texts] == [True] * 3
     free = [text for reply in chat_engine.generate(chats, sampling) for text in reply.texts]
     assert not any(text.lstrip().startswith("{") for text in free)
+
+
+@needs_vllm
+def test_vllm_chat_answers_image_chats_with_the_tiny_judge(tmp_path_factory):
+    """A Qwen2-VL checkpoint (the tiny judge's family) through vLLM's multimodal path: images as
+    OpenAI-style parts, processed by the checkpoint's own processor, n samples per chat."""
+    from carevl.backends.interface import Chat, Sampling
+    from carevl.backends.vllm import VLLMChat
+    from carevl.standins.shapes import judge_items
+    from carevl.standins.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny-vl"), family="qwen2_vl", hidden=128, layers=2)
+    engine = VLLMChat(str(path), max_model_len=512, gpu_memory_utilization=0.1, dtype="float32")
+    items = judge_items(2, seed=0)
+    chats = [Chat.user(item.question, item.image) for item in items] + [Chat.user("No image here.")]
+    replies = engine.generate(chats, Sampling(n=2, temperature=1.0, seed=1, max_tokens=8))
+    assert all(reply.ok and len(reply.texts) == 2 for reply in replies)
+    assert replies[0].prompt_tokens > replies[2].prompt_tokens  # the image's tokens are in the prompt

