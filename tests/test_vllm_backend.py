@@ -131,3 +131,56 @@ def test_vllm_chat_answers_image_chats_with_the_tiny_judge(tmp_path_factory):
     replies = engine.generate(chats, Sampling(n=2, temperature=1.0, seed=1, max_tokens=8))
     assert all(reply.ok and len(reply.texts) == 2 for reply in replies)
     assert replies[0].prompt_tokens > replies[2].prompt_tokens  # the image's tokens are in the prompt
+
+
+@needs_vllm
+def test_a_killed_vllm_stage_resumes_without_duplicates(tmp_path):
+    """`tools/curate.py candidates` on vLLM, killed (its whole process group, engine workers
+    included) once some chunks are on disk, then run again: every item answered once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from carevl.curation.records import Records
+    from carevl.standins.tiny import build_tiny_model
+    from tests.helpers import ROOT, ingest_world
+
+    items = 40
+    workdir = tmp_path / "cur"
+    ingest_world(workdir, items, seed=3)
+    model = build_tiny_model(tmp_path / "tiny-vl", family="qwen2_vl", hidden=128, layers=2)
+    vllm_chat = {"model": str(model), "max_model_len": 512, "gpu_memory_utilization": 0.1, "dtype": "float32"}
+    config = tmp_path / "curation.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "candidates": {
+                    "workdir": str(workdir),
+                    "chunk_size": 2,
+                    "models": {"tiny-vl": {"class_path": "carevl.backends.vllm.VLLMChat", "init_args": vllm_chat}},
+                    "decodings": {"t1": {"temperature": 1.0, "seed": 5, "max_tokens": 6}},
+                }
+            }
+        )
+    )
+    command = [sys.executable, str(ROOT / "tools" / "curate.py"), "--config", str(config), "candidates"]
+    records = workdir / "candidates.jsonl"
+    first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while first.poll() is None and time.monotonic() < deadline:
+        if records.exists() and records.read_bytes().count(b"\n") >= 6:
+            os.killpg(first.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    first.wait()
+    written = records.read_bytes().count(b"\n")
+    assert first.returncode == -signal.SIGKILL and 6 <= written < items, "killed part way"
+    subprocess.run(command, check=True, timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lines = [line for line in records.read_text().splitlines() if line.strip()]
+    keys = [json.loads(line)["key"] for line in lines]
+    assert len(keys) == len(set(keys)) == items
+    assert len(Records(records).ok()) == items
