@@ -147,3 +147,14 @@ def test_templates_keep_one_bos_and_the_real_turn_layout(scorers):
 def test_unknown_family_is_refused(replicas):
     with pytest.raises(ValueError, match="family must be one of"):
         load_reward_model(str(replicas["qrm-llama3.1-8b"]), "armo")
+
+
+def test_device_auto_places_the_model_by_device_map_and_scores_the_same(replicas, scorers):
+    """device: auto hands placement to transformers' device_map (a 70B expert over a node's GPUs;
+    the layers are never split inside: `_no_split_modules` comes with the Llama body)."""
+    from carevl.backends.hf import HFReward
+
+    name = "inf-orm-llama3.1-70b"
+    placed = HFReward(str(replicas[name]), family="inf_orm", device="auto", batch_size=3)
+    assert set(placed.model._no_split_modules) == {"LlamaDecoderLayer"} and placed.device.type == "cpu"
+    assert placed.score(CONVERSATIONS) == pytest.approx(scorers[name].score(CONVERSATIONS), abs=1e-5)
