@@ -5,7 +5,8 @@ Training with ``reference: precomputed`` then loads no reference weights at all,
 makes ZeRO-3 runs simple. Run it once per (starting model, shard set):
 
     python tools/reference_logps.py --model runs/sft/hf --shards runs/curation/real/groups/best_to_worse
-    torchrun --nproc-per-node 8 tools/reference_logps.py --model runs/sft/hf --shards runs/curation/real/groups/best_to_worse --dtype bfloat16
+    torchrun --nproc-per-node 8 tools/reference_logps.py --model runs/sft/hf \
+        --shards runs/curation/real/groups/best_to_worse --dtype bfloat16
 
 Under torchrun each process takes its part of the groups (every WORLD_SIZE-th from RANK) on its own
 GPU, with no communication. Each part appends every batch's log-probs to its own JSONL file beside
