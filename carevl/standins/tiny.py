@@ -237,6 +237,22 @@ FAMILIES = {
 }
 
 
+def _hub_layout_siglip(folder: Path) -> None:
+    """Store the SigLIP tower's weights under ``vision_tower.vision_model.``, as the hub's LLaVA-
+    OneVision checkpoints do. transformers 5 saves them one level flatter and reads both; vLLM
+    (0.32) reads only the hub's layout."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    prefix = "vision_tower."
+    weights = load_file(path)
+    renamed = {
+        (prefix + "vision_model." + key[len(prefix) :]) if key.startswith(prefix) else key: value
+        for key, value in weights.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
+
+
 def build_tiny_model(
     out_dir: str | Path, family: str = "qwen2_vl", hidden: int = 128, layers: int = 4, seed: int = 0
 ) -> Path:
@@ -253,6 +269,8 @@ def build_tiny_model(
     out = Path(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if family == "llava_onevision":
+        _hub_layout_siglip(out)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("wrote tiny %s (%.2fM parameters, vocab %d) to %s", family, n_params / 1e6, len(tokenizer), out)
     return out
