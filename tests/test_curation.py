@@ -43,6 +43,19 @@ def run_simulated(workdir: str, items: int = 120) -> None:
     stages.sft_shards(workdir)
 
 
+def paired_world(workdir: Path, items: int, seed: int, samples: int) -> int:
+    """`items` world items ingested, answered `samples` times by one simulated model at T = 1.0 and
+    paired; the number of pairs."""
+    ingest_world(str(workdir), items, seed)
+    stages.candidates(
+        str(workdir),
+        {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)},
+        {"t1": Sampling(temperature=1.0, n=samples)},
+    )
+    stages.pairs(str(workdir))
+    return len(Records(workdir / "pairs.jsonl").ok())
+
+
 def test_high_confidence_labels_beat_the_judge_alone(tmp_path):
     workdir = str(tmp_path / "cur")
     run_simulated(workdir)
@@ -318,14 +331,7 @@ def test_judge_over_http_records_failures_then_completes_and_never_writes_the_ke
     key = "sk-live-5d1e0f-must-not-leak"
     monkeypatch.setenv("OPENAI_API_KEY", key)
     workdir = tmp_path / "cur"
-    ingest_world(str(workdir), 8, 1)
-    stages.candidates(
-        str(workdir),
-        {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)},
-        {"t1": Sampling(temperature=1.0, n=3)},
-    )
-    stages.pairs(str(workdir))
-    n_pairs = len(Records(workdir / "pairs.jsonl").ok())
+    n_pairs = paired_world(workdir, 8, 1, samples=3)
     with LoopbackEndpoint(faults=["500", "500", "400", "bad_output", "bad_output"], retry_after="0.01") as endpoint:
 
         def build() -> OpenAIChat:
@@ -380,14 +386,7 @@ def test_a_judge_without_structured_output_is_asked_for_the_verdict_line(tmp_pat
     """GPT-4o 2024-05-13 has no JSON-schema output: a schema is refused before any request; with
     structured: false the prompt asks for the verdict line, and the stage reads verdict and reasons."""
     workdir = tmp_path / "cur"
-    ingest_world(str(workdir), 6, 1)
-    stages.candidates(
-        str(workdir),
-        {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)},
-        {"t1": Sampling(temperature=1.0, n=3)},
-    )
-    stages.pairs(str(workdir))
-    n_pairs = len(Records(workdir / "pairs.jsonl").ok())
+    n_pairs = paired_world(workdir, 6, 1, samples=3)
 
     def free_text(body: dict) -> str:
         assert "response_format" not in body
@@ -410,13 +409,7 @@ def test_a_judge_without_structured_output_is_asked_for_the_verdict_line(tmp_pat
 
 def test_judge_prints_an_estimate_and_refuses_above_max_usd(tmp_path, capsys):
     workdir = tmp_path / "cur"
-    ingest_world(str(workdir), 6, 2)
-    stages.candidates(
-        str(workdir),
-        {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)},
-        {"t1": Sampling(temperature=1.0, n=2)},
-    )
-    stages.pairs(str(workdir))
+    paired_world(workdir, 6, 2, samples=2)
     with pytest.raises(RuntimeError, match="above max_usd"):
         stages.judge(str(workdir), model=lambda: SimulatedJudge("j", str(workdir)), max_usd=0.0)
     assert "requests" in capsys.readouterr().out
@@ -428,14 +421,7 @@ def test_judge_through_the_batch_api(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-batch-test")
     workdir = tmp_path / "cur"
-    ingest_world(str(workdir), 6, 2)
-    stages.candidates(
-        str(workdir),
-        {"m": lambda: SimulatedAnswerer("m", str(workdir), error_rate=0.5)},
-        {"t1": Sampling(temperature=1.0, n=3)},
-    )
-    stages.pairs(str(workdir))
-    n_pairs = len(Records(workdir / "pairs.jsonl").ok())
+    n_pairs = paired_world(workdir, 6, 2, samples=3)
     with LoopbackEndpoint(expire_batches=1) as endpoint:
         summary = stages.judge(
             str(workdir),

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from carevl.backends.reward_heads import IncompleteCheckpoint, load_reward_model
+from carevl.backends.reward_heads import QRM_GATING_TEXT, IncompleteCheckpoint, load_reward_model
 from carevl.standins.experts import EXPERTS, build_expert
 
 
@@ -122,11 +122,8 @@ def test_qrm_gates_on_the_last_assistant_header(scorers):
     scorer = scorers["qrm-llama3.1-8b"]
     ids = scorer.token_ids(CONVERSATIONS[0])
     at = gating_position(ids, scorer.gating_pattern)
-    assert scorer.tokenizer.convert_ids_to_tokens(ids[at : at + 3]) == [
-        "<|eot_id|>",
-        "<|start_header_id|>",
-        "assistant",
-    ] or scorer.tokenizer.decode(ids[at:]).startswith("<|eot_id|><|start_header_id|>assistant")
+    assert scorer.tokenizer.decode(ids[at : at + len(scorer.gating_pattern)]) == QRM_GATING_TEXT
+    assert scorer.tokenizer.decode(ids[:at]).endswith(CONVERSATIONS[0][0]["content"])  # the user turn's end
     assert gating_position(ids[:at], scorer.gating_pattern) is None
     # a conversation without an assistant turn has nothing to gate on: no score, counted by the stage
     assert scorer.score([CONVERSATIONS[0][:1], CONVERSATIONS[0]])[0] is None

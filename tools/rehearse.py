@@ -58,8 +58,8 @@ def build_replicas(folder: Path) -> dict[str, str]:
 def rehearsal_config(real: dict, out: Path, replicas: dict[str, str], base_url: str, questions: Path) -> dict:
     """gpt4o.yaml's curation-I stages with every model replaced, every engine on the CPU, the OpenAI
     backends pointed at `base_url`, one work folder under `out`. Raises on a model without a replica."""
-    config = {stage: copy.deepcopy(real[stage]) for stage in ("ingest", "candidates", "captions", "pairs", "judge")}
-    config.update({stage: copy.deepcopy(real[stage]) for stage in ("votes", "split", "sft_shards", "report")})
+    stages = ("ingest", "candidates", "captions", "pairs", "judge", "votes", "split", "sft_shards", "report")
+    config = {stage: copy.deepcopy(real[stage]) for stage in stages}
     for section in config.values():
         section["workdir"] = str(out / "curation")
     config["ingest"]["source"] = str(questions)

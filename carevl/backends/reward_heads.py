@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers import AutoModelForSequenceClassification, LlamaModel, LlamaPreTrainedModel
 
 FAMILIES = ("sequence_classification", "inf_orm", "qrm")
 
@@ -129,8 +129,6 @@ def gating_position(ids: list[int], pattern: list[int]) -> int | None:
 
 
 def model_class(family: str):
-    from transformers import AutoModelForSequenceClassification
-
     if family not in FAMILIES:
         raise ValueError(f"reward model family must be one of {FAMILIES}, got {family!r}")
     return {
