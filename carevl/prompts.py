@@ -215,14 +215,38 @@ Grade the critique on four aspects, each worth 25 points:
 3. Logical reasoning: does its conclusion follow from its analysis, and does it reach the reference decision? (0-5 no reasoning or the wrong decision for no reason; 6-10 weak; 11-15 sound in parts; 16-20 sound with small gaps; 21-25 rigorous)
 4. Clarity: is it concise, well organised and easy to follow? (0-5 confusing; 6-10 hard to follow; 11-15 adequate; 16-20 clear; 21-25 exemplary)
 
-Explain each aspect's points in one sentence, then end with the total on its own line as "Score: <points>", a number from 0 to 100."""
+"""
+# How the evaluator replies: free text ending in the total (the paper's way), or, with structured
+# output, JSON holding each aspect's points (the total is their sum: no reply without a score).
+FREE_TEXT_SCORE = (
+    'Explain each aspect\'s points in one sentence, then end with the total on its own line as "Score: <points>", '
+    "a number from 0 to 100."
+)
+STRUCTURED_SCORE = (
+    'Reply as JSON with each aspect\'s points: {"relevance": <0-25>, "factual_accuracy": <0-25>, '
+    '"logical_reasoning": <0-25>, "clarity": <0-25>}.'
+)
+SCORE_ASPECTS = ("relevance", "factual_accuracy", "logical_reasoning", "clarity")
+SCORE_SCHEMA = {
+    "type": "object",
+    "properties": {aspect: {"type": "integer", "minimum": 0, "maximum": 25} for aspect in SCORE_ASPECTS},
+    "required": list(SCORE_ASPECTS),
+    "additionalProperties": False,
+}
 
 _SCORE = re.compile(r"Score\s*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
 def evaluator_prompt(
-    question: str, caption: str, responses: list[str] | tuple[str, str], label: int, critique: str
+    question: str,
+    caption: str,
+    responses: list[str] | tuple[str, str],
+    label: int,
+    critique: str,
+    structured: bool = False,
 ) -> str:
+    """The evaluator's prompt; `structured` asks for the aspects as JSON (`SCORE_SCHEMA`) instead of
+    the "Score:" line."""
     return EVALUATOR_TEMPLATE.format(
         caption=caption.strip(),
         question=question.strip(),
@@ -230,7 +254,7 @@ def evaluator_prompt(
         answer2=responses[1].strip(),
         label=label,
         critique=critique.strip(),
-    )
+    ) + (STRUCTURED_SCORE if structured else FREE_TEXT_SCORE)
 
 
 def parse_score(text: object) -> float | None:
@@ -242,3 +266,18 @@ def parse_score(text: object) -> float | None:
         return None
     value = float(found[-1])
     return value if 0 <= value <= 100 else None
+
+
+def parse_aspect_scores(text: object) -> dict[str, int] | None:
+    """The four aspects' points of a structured evaluator reply (`SCORE_SCHEMA`), each an integer
+    from 0 to 25; None for anything else. Never raises."""
+    try:
+        record = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or set(record) != set(SCORE_ASPECTS):
+        return None
+    points = {aspect: record[aspect] for aspect in SCORE_ASPECTS}
+    if not all(type(value) is int and 0 <= value <= 25 for value in points.values()):
+        return None
+    return points

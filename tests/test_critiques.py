@@ -10,7 +10,7 @@ import webdataset as wds
 from carevl.curation import critiques, stages
 from carevl.curation.groups import STRATEGIES
 from carevl.curation.records import Records
-from carevl.prompts import parse_verdict
+from carevl.prompts import SCORE_ASPECTS, parse_verdict
 from carevl.schema import decode, read_manifest
 from carevl.standins.simulated import (
     SimulatedAnswerer,
@@ -152,6 +152,19 @@ def test_a_retrained_checkpoint_is_sampled_afresh_and_only_its_critiques_are_gro
         text for group in read_groups(tmp_path / "groups" / "best_to_worse") for text in [group.chosen, *group.rejected]
     }
     assert grouped and grouped <= texts[revision] and not grouped & stale
+
+
+def test_a_structured_evaluator_scores_the_sum_of_its_aspects_and_groups_read_them(curated, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(curated, workdir)
+    summary = critiques.evaluate(workdir, lambda: SimulatedEvaluator("eval"), name="sim-eval", structured=True)
+    evaluations = critiques.selected(Records(Path(workdir) / critiques.EVALUATIONS))
+    free = {r["context"]: r["score"] for r in Records(Path(curated) / critiques.EVALUATIONS).ok()}
+    assert summary["done"] == len(evaluations) and not [k for k in summary if k.startswith("failed")]
+    assert {r["context"] for r in evaluations} > set(free)  # the same critiques, the unscored ones too
+    for record in evaluations:
+        assert record["score"] == sum(record["aspects"].values()) and set(record["aspects"]) == set(SCORE_ASPECTS)
+    assert critiques.groups(workdir, out=str(tmp_path / "groups"))["best_to_worse: written"] > 0
 
 
 def test_checkpoint_revision_needs_weights(tmp_path):

@@ -129,3 +129,34 @@ def test_parse_score_is_range_checked(text, expected):
     from carevl.prompts import parse_score
 
     assert parse_score(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"relevance": 20, "factual_accuracy": 25, "logical_reasoning": 0, "clarity": 15}', 60),
+        ('{"relevance": 20, "factual_accuracy": 26, "logical_reasoning": 0, "clarity": 15}', None),
+        ('{"relevance": 20, "factual_accuracy": 25, "logical_reasoning": 0}', None),
+        ('{"relevance": 20, "factual_accuracy": 25, "logical_reasoning": 0, "clarity": 15, "total": 60}', None),
+        ('{"relevance": 20.5, "factual_accuracy": 25, "logical_reasoning": 0, "clarity": 15}', None),
+        ('{"relevance": true, "factual_accuracy": 25, "logical_reasoning": 0, "clarity": 15}', None),
+        ('{"relevance": 20, "factual_accuracy": 25, "logical_reasoning": 0, "clarity": 1', None),
+        ("Score: 80", None),
+        (None, None),
+    ],
+)
+def test_structured_scores_need_all_four_aspects_in_range(text, expected):
+    from carevl.prompts import parse_aspect_scores
+
+    aspects = parse_aspect_scores(text)
+    assert (None if aspects is None else sum(aspects.values())) == expected
+
+
+def test_the_structured_evaluator_prompt_differs_only_in_how_it_asks_for_the_score():
+    from carevl.prompts import FREE_TEXT_SCORE, STRUCTURED_SCORE, evaluator_prompt
+
+    free = evaluator_prompt("q?", "a cat", ["A", "B"], 2, "B is right.")
+    structured = evaluator_prompt("q?", "a cat", ["A", "B"], 2, "B is right.", structured=True)
+    assert free.endswith(FREE_TEXT_SCORE) and structured.endswith(STRUCTURED_SCORE)
+    assert free.removesuffix(FREE_TEXT_SCORE) == structured.removesuffix(STRUCTURED_SCORE)
+    assert "Reference decision: Answer 2 is better." in structured

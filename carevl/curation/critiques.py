@@ -158,8 +158,9 @@ def critiques(
 
 
 def critique_context(prompt: str) -> str:
-    """What a score depends on besides the evaluator: the evaluator prompt (question, caption, answers,
-    label, critique). Equal critiques of equal pairs are scored once."""
+    """What a score depends on besides the evaluator: the free-text evaluator prompt (question,
+    caption, answers, label, critique), whichever reply format the evaluator is asked for. Equal
+    critiques of equal pairs are scored once."""
     return content_key("critique-context", prompt)
 
 
@@ -171,10 +172,11 @@ def evaluate(
     sampling: Sampling | None = None,
     chunk_size: int = 64,
     max_failed: float = 0.0,
+    structured: bool = False,
 ) -> dict:
     """An expert evaluator (paper: Llama-3.3-70B-Instruct) scores every critique from 0 to 100.
 
-    The four aspects are relevance, factual accuracy, logical reasoning and clarity
+    The four aspects are relevance, factual accuracy, logical reasoning and clarity, 25 points each
     (carevl.prompts.EVALUATOR_TEMPLATE); the evaluator sees the
     question, the caption, both answers, the reference choice and the critique. Replies without a
     score in range are recorded as failed (``unparseable``), excluded from groups and counted.
@@ -187,8 +189,12 @@ def evaluate(
         chunk_size: critiques per generate call (and per write to disk).
         max_failed: the share of this run's units that may fail before the stage exits with an error
             (failed units are recorded with their reasons, and a rerun retries them).
+        structured: ask for the four aspects' points as JSON (carevl.prompts.SCORE_SCHEMA, structured
+            output on vLLM and the OpenAI API) and score their sum; records then hold `aspects`.
+            False (the paper's way): the reply ends in a "Score: N" line.
     """
     sampling = sampling or Sampling(max_tokens=1024)
+    schema = prompts.SCORE_SCHEMA if structured else None
     items, captions_ = items_by_id(workdir), caption_by_image(workdir)
     pairs = {r["key"]: r for r in low_confidence(workdir)}
     made_by = producer(evaluator)
@@ -200,12 +206,16 @@ def evaluate(
             continue
         item = items[pair["item"]]
         for sample in record["samples"]:
-            prompt = prompts.evaluator_prompt(
-                item["question"], captions_.get(item["image"], ""), pair["responses"], pair["label"], sample["text"]
+            content = (
+                item["question"],
+                captions_.get(item["image"], ""),
+                pair["responses"],
+                pair["label"],
+                sample["text"],
             )
-            units.append(
-                (content_key("evaluation", name, made_by, prompt, asdict(sampling)), (critique_context(prompt), prompt))
-            )
+            prompt = prompts.evaluator_prompt(*content, structured)
+            context = critique_context(prompts.evaluator_prompt(*content))
+            units.append((content_key("evaluation", name, made_by, prompt, asdict(sampling)), (context, prompt)))
     select(out, [key for key, _ in units])
     model = None
 
@@ -215,6 +225,11 @@ def evaluate(
         from carevl.backends.interface import Chat
 
         def fields(texts: list[str]) -> dict:
+            if structured:
+                aspects = prompts.parse_aspect_scores(texts[0])
+                if aspects is None:
+                    raise ValueError(f"no JSON of {', '.join(prompts.SCORE_ASPECTS)} from 0 to 25")
+                return {"score": float(sum(aspects.values())), "aspects": aspects}
             score = prompts.parse_score(texts[0])
             if score is None:
                 raise ValueError("no score from 0 to 100")
@@ -224,7 +239,7 @@ def evaluate(
         model.generate_each(
             chats,
             sampling,
-            None,
+            schema,
             lambda i, reply: write(
                 [
                     reply_record(

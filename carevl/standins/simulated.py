@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from carevl.backends.interface import Chat, ChatModel, Reply, RewardModel, Sampling
+from carevl.prompts import SCORE_ASPECTS
 from carevl.standins import shapes
 
 
@@ -220,7 +221,8 @@ class SimulatedEvaluator(ChatModel):
     """A simulated critique evaluator (Llama-3.3-70B's role): 85 points for a critique whose verdict
     is the reference decision, 35 otherwise; 20 fewer when the scene it describes contradicts the
     image description on the asked attribute; +-10 at random. With probability `unparseable_rate`
-    it forgets the final "Score:" line."""
+    it forgets the final "Score:" line. With a schema (structured output) it replies with the four
+    aspects' points as JSON, summing to the same score, and never forgets."""
 
     operational = ("world", "latency")
 
@@ -248,6 +250,11 @@ class SimulatedEvaluator(ChatModel):
             ):
                 points -= 20
             points = max(0, min(100, points + rng.randint(-10, 10)))
+            if schema is not None:
+                share, rest = divmod(points, len(SCORE_ASPECTS))
+                aspects = {aspect: share + (i < rest) for i, aspect in enumerate(SCORE_ASPECTS)}
+                replies.append(Reply([json.dumps(aspects)] * sampling.n))
+                continue
             ending = "" if rng.random() < self.unparseable_rate else f"\nScore: {points}"
             replies.append(Reply([f"Relevance, accuracy, reasoning and clarity weighed.{ending}"] * sampling.n))
         return replies
