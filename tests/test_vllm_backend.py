@@ -101,6 +101,18 @@ def test_vllm_chat_seeded_samples_reproduce_and_a_long_prompt_fails_alone(chat_e
 
 
 @needs_vllm
+def test_vllm_chat_samples_more_seeded_prompts_than_one_engine_step_holds(chat_engine):
+    """64 prompts of ~200 tokens are more than an engine step's token budget (4096 on the CPU):
+    with chunked prefill, vLLM's CPU build split one, then died rewinding its seeded generator."""
+    from carevl.backends.interface import Chat, Sampling
+
+    chats = [Chat.user(f"Case {i}: " + "describe the shapes and their colours " * 15) for i in range(64)]
+    replies = chat_engine.generate(chats, Sampling(n=2, temperature=1.0, seed=1, max_tokens=4))
+    assert all(reply.ok and len(reply.texts) == 2 for reply in replies)
+    assert sum(reply.prompt_tokens for reply in replies) > 4096
+
+
+@needs_vllm
 def test_vllm_chat_honours_the_json_schema(chat_engine):
     """A random tiny model left alone writes no JSON; constrained to the schema it always does (the
     verdict part of the curation judge's schema: a random model's free string rarely closes)."""

@@ -48,6 +48,10 @@ class VLLMChat(ChatModel):
     mm_processor_kwargs: the processor's image settings, e.g. ``{max_pixels: 1003520}`` for Qwen2-VL,
         whose default (12.8 M pixels, ~16k image tokens) overflows most context lengths.
     dtype: "auto" (the checkpoint's), "float32", "bfloat16", ...
+
+    On vLLM's CPU build each prompt is prefilled whole (chunked prefill off): there, a seeded
+    request whose prompt was split across engine steps kills the engine ("CPU Generator does not
+    use offset"), and every request here is seeded.
     """
 
     operational = ("tensor_parallel_size", "max_model_len", "max_images", "gpu_memory_utilization")
@@ -65,8 +69,14 @@ class VLLMChat(ChatModel):
         name: str | None = None,
     ):
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.name = name or model
+        whole_prompts = (
+            {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
+            if current_platform.is_cpu()
+            else {}
+        )
         self.llm = LLM(
             model=model,
             tensor_parallel_size=tensor_parallel_size,
@@ -76,6 +86,7 @@ class VLLMChat(ChatModel):
             mm_processor_kwargs=mm_processor_kwargs,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
+            **whole_prompts,
         )
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
