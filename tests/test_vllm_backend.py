@@ -123,6 +123,7 @@ def test_vllm_chat_honours_the_json_schema(chat_engine):
     sampling = Sampling(n=3, temperature=1.0, seed=3, max_tokens=40)
     for reply in chat_engine.generate(chats, sampling, schema=schema):
         assert [json.loads(text)["verdict"] in (1, 2) for text in reply.texts] == [True] * 3
+        assert not any(c.isspace() for text in reply.texts for c in text)  # compact: no runaway whitespace
     free = [text for reply in chat_engine.generate(chats, sampling) for text in reply.texts]
     assert not any(text.lstrip().startswith("{") for text in free)
 

@@ -51,7 +51,9 @@ class VLLMChat(ChatModel):
 
     On vLLM's CPU build each prompt is prefilled whole (chunked prefill off): there, a seeded
     request whose prompt was split across engine steps kills the engine ("CPU Generator does not
-    use offset"), and every request here is seeded.
+    use offset"), and every request here is seeded. Structured output is compact JSON (no
+    whitespace between tokens): with whitespace allowed, an unsure model can write newlines until
+    its token budget ends and the reply never parses.
     """
 
     operational = ("tensor_parallel_size", "max_model_len", "max_images", "gpu_memory_utilization")
@@ -86,6 +88,7 @@ class VLLMChat(ChatModel):
             mm_processor_kwargs=mm_processor_kwargs,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
             **whole_prompts,
         )
 
