@@ -57,6 +57,8 @@ def test_unparseable_scores_are_recorded_excluded_and_counted(curated):
     n_distinct = len(evaluations.latest())  # equal critiques of equal pairs are scored once
     assert n_distinct > 50
     unscored = evaluations.failures()["unparseable"]
+    failed = [r for r in evaluations.latest() if "error" in r]  # what the evaluator wrote is kept
+    assert failed and all(r["replies"][0].startswith("Relevance") and "Score" not in r["replies"][0] for r in failed)
     assert 0 < unscored < n_distinct // 5
     assert all(0 <= r["score"] <= 100 for r in evaluations.ok())
     summary = critiques.groups(curated, out=str(Path(curated) / "groups-check"))

@@ -145,8 +145,8 @@ def reply_record(base: dict, reply: Reply, fields: Callable[[list[str]], dict]) 
         return {**base, "error": reply.error}
     try:
         return {**base, **fields(reply.texts)}
-    except ValueError as error:
-        return {**base, "error": f"unparseable: {error}"}
+    except ValueError as error:  # what the model wrote stays beside the reason (cut to 2,000 characters)
+        return {**base, "error": f"unparseable: {error}", "replies": [text[:2000] for text in reply.texts]}
 
 
 # -- items -----------------------------------------------------------------------------------------
