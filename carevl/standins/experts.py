@@ -1,4 +1,5 @@
-"""Tiny random replicas of the paper's five expert reward models, built offline in seconds.
+"""Tiny random replicas of the paper's five expert reward models and of its critique evaluator
+(Llama-3.3-70B-Instruct), built offline in seconds.
 
 Each replica keeps its real model's class, weight names and head shapes, its tokenizer's special
 tokens and turn layout (Llama 3.1's header tokens, Gemma 2's turns with ``model`` for the assistant
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import processors
-from transformers import Gemma2Config, Gemma2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import (
+    Gemma2Config,
+    Gemma2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
 
 from carevl.backends.reward_heads import INFORMRewardModel, QRMRewardModel
 from carevl.standins.tiny import CHATML_TOKENS, train_tokenizer
@@ -126,6 +133,23 @@ def build_expert(name: str, out_dir: str | Path, hidden: int = 64, layers: int =
         else:
             model = LlamaForSequenceClassification(config)
     _scale_head(model, ("score", "regression_layer", "gating"), 50.0)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+EVALUATOR = "meta-llama/Llama-3.3-70B-Instruct"
+
+
+def build_evaluator(out_dir: str | Path, hidden: int = 128, layers: int = 2, seed: int = 0) -> Path:
+    """Write the tiny replica of the critique evaluator: a LlamaForCausalLM with Llama 3's chat
+    template, whose generation stops at <|eot_id|> (the end of a turn), as the real one does."""
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(LLAMA3_TOKENS, "<|begin_of_text|>", "<|eot_id|>", LLAMA3_TEMPLATE)
+    body = {k: v for k, v in _body(tokenizer, hidden, layers).items() if k != "num_labels"}
+    model = LlamaForCausalLM(LlamaConfig(**body))
+    model.generation_config.eos_token_id = body["eos_token_id"]
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

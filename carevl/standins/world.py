@@ -96,6 +96,61 @@ def write_benchmarks(
     return {VLREWARDBENCH: n, MLLM_JUDGE: n}
 
 
+# An id prefix of VL-RewardBench's for each category (carevl.benchmarks.vlrb_category reads it back).
+RELEASE_PREFIXES = {"general": "wildvision", "hallucination": "hallucination_pair", "reasoning": "mathverse"}
+
+
+def write_release_benchmarks(
+    out_dir: str | Path, n: int = 24, seed: int = 7, attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES
+) -> dict[str, int]:
+    """Fresh shapes-world items as the two benchmarks are published, the input of
+    tools/convert_benchmark.py: `vl-rewardbench/test-00000-of-00001.parquet` (the Hugging Face
+    release's columns, images embedded, meta as a JSON string) and `mllm-judge/pair.jsonl` with its
+    images beside it (MLLM-as-a-Judge's pair records, human verdict A or B)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    (out / "vl-rewardbench").mkdir(parents=True, exist_ok=True)
+    (out / "mllm-judge").mkdir(parents=True, exist_ok=True)
+    rows, pairs = [], []
+    for index, item in enumerate(shapes.judge_items(n, seed, prefix="release", attributes=attributes)):
+        category = BENCHMARK_CATEGORIES[item.attribute]
+        rows.append(
+            {
+                "id": f"{RELEASE_PREFIXES[category]}-{item.id}",
+                "query": item.question,
+                "response": list(item.responses),
+                "human_ranking": [0, 1] if item.label == 1 else [1, 0],
+                "models": ["shapes-a", "shapes-b"],
+                "judge": "human",
+                "rationale": None,
+                "query_source": "shapes-world",
+                "meta": json.dumps({"attribute": item.attribute}),
+                "human_error_analysis": [],
+                "image": {"bytes": item.image, "path": None},
+            }
+        )
+        (out / "mllm-judge" / f"{index}.png").write_bytes(item.image)
+        pairs.append(
+            {
+                "id": index,
+                "pair_id": index,
+                "image_path": f"{index}.png",
+                "original_dataset": "coco",
+                "instruction": item.question,
+                "answer1": {"name": "shapes-a", "answer": item.responses[0]},
+                "answer2": {"name": "shapes-b", "answer": item.responses[1]},
+                "human": "A" if item.label == 1 else "B",
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows), out / "vl-rewardbench" / "test-00000-of-00001.parquet")
+    (out / "mllm-judge" / "pair.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    return {"vl-rewardbench": n, "mllm-judge": n}
+
+
 def write_preference_groups(
     out_dir: str,
     n: int = 400,
