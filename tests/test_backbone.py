@@ -227,3 +227,27 @@ def test_frozen_vision_tower_stays_out_of_the_graph_under_checkpointing(tiny_qwe
     assert needs_grad == {"blocks": False, "projector": lora is None}
     if lora is None:
         assert all(p.grad is not None for p in visual.merger.parameters())
+
+
+def test_a_llava_onevision_judge_is_exported_in_the_hubs_weight_layout(tmp_path):
+    """vLLM (0.32) reads LLaVA-OneVision's SigLIP tower only under vision_tower.vision_model., the
+    hub's layout; transformers 5 saves a model it built itself one level flatter. A judge loaded from
+    a hub-layout checkpoint is exported in that layout (the critiques stage samples it on vLLM), and
+    transformers reads it back whole."""
+    from safetensors import safe_open
+
+    from carevl.standins.tiny import build_tiny_model
+
+    backbone = Backbone(str(build_tiny_model(tmp_path / "tiny", family="llava_onevision", hidden=64, layers=2)))
+    backbone.build()
+    with torch.no_grad():
+        next(p for n, p in backbone.hf.model.named_parameters() if "vision_tower" in n).add_(0.5)
+    backbone.export(tmp_path / "export")
+    keys = [k for path in (tmp_path / "export").glob("*.safetensors") for k in safe_open(path, "pt").keys()]
+    tower = [k for k in keys if k.startswith("vision_tower.")]
+    assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").state_dict()
+    original = backbone.hf.state_dict()
+    assert reloaded.keys() == original.keys()
+    for name, weight in original.items():
+        torch.testing.assert_close(reloaded[name], weight, msg=name)
