@@ -91,7 +91,9 @@ def parse_pair_verdict(text: object) -> int | str | None:
     """1, 2 or "tie" for an output holding [[A]], [[B]] or [[C]]; None when unparseable. Never raises.
 
     A JSON object's "Judgement" (any case) is read first; otherwise the last bracketed letter of the
-    text wins, as the decision comes after the analysis.
+    text wins, as the decision comes after the analysis. Without a bracketed letter, carevl's own
+    verdict line ("Overall Judgment: Answer 1 is better.", `parse_verdict`) is read: a judge trained
+    on it answers in it whatever format the prompt asks for, and it names a choice as plainly.
     """
     if not isinstance(text, str):
         return None
@@ -101,7 +103,7 @@ def parse_pair_verdict(text: object) -> int | str | None:
             found = _PAIR_VERDICT.findall(candidate)
             if found:
                 return _PAIR_CHOICES[found[-1]]
-    return None
+    return parse_verdict(text)
 
 
 def _json_judgement(text: str) -> str | None:

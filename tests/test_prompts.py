@@ -77,6 +77,8 @@ def test_parse_verdict_on_realistic_outputs(text, expected):
         ("Answer A is better.", None),
         ("[[D]]", None),
         ("{broken json [[A]]", 1),
+        ("A names the colour. Overall Judgment: Answer 2 is better.", 2),  # carevl's own verdict line
+        ("Overall Judgment: Answer 2 is better. [[A]]", 1),  # the benchmark's format first
         (None, None),
     ],
 )
