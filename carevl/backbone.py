@@ -403,16 +403,29 @@ class Backbone(nn.Module):
         return sequence_logprobs(logps, rows, inputs["labels"].shape[0])
 
     @torch.no_grad()
-    def generate(self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 256, **kwargs) -> list[str]:
-        """Decoded continuations of left-padded prompt inputs."""
+    def generate(
+        self,
+        inputs: dict[str, torch.Tensor],
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[str]:
+        """Decoded continuations of left-padded prompt inputs: greedy, or sampled at `temperature`
+        with nucleus `top_p`, and nothing else. transformers fills every setting not passed from the
+        checkpoint's generation_config.json; Qwen2-VL's holds top_k 1 (which makes sampling greedy)
+        and repetition_penalty 1.05, so both are set here."""
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "prompt_length")}
         tokenizer = self.processor.tokenizer
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
         out = self.hf.generate(
             **model_inputs,
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             use_cache=True,
-            **kwargs,
+            do_sample=do_sample,
+            repetition_penalty=1.0,
+            **sampling,
         )
         new_tokens = out[:, model_inputs["input_ids"].shape[1] :]
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

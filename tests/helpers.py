@@ -183,3 +183,18 @@ def python_module(module: str, *arguments: str, cwd: Path = ROOT, fails: bool = 
 def carevl(command: str, config: Path | str, *arguments: str, cwd: Path = ROOT, fails: bool = False, **env: str) -> str:
     """`carevl COMMAND --config CONFIG ARGUMENTS...` (see `python_module`)."""
     return python_module("carevl.cli", command, "--config", str(config), *arguments, cwd=cwd, fails=fails, **env)
+
+
+def with_qwen2_vl_decoding_defaults(checkpoint: str | Path, out: Path, repetition_penalty: float = 1.05) -> Path:
+    """A copy of a tiny checkpoint whose generation_config.json holds Qwen2-VL-7B-Instruct's decoding
+    defaults (top_k 1, top_p 0.001, temperature 0.01, repetition_penalty 1.05, or stronger to see it
+    on a tiny model's few tokens), which transformers merges into every generate call that does not
+    set them."""
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint, out)
+    config = json.loads((out / "generation_config.json").read_text())
+    config.update(do_sample=True, top_k=1, top_p=0.001, temperature=0.01, repetition_penalty=repetition_penalty)
+    (out / "generation_config.json").write_text(json.dumps(config))
+    return out

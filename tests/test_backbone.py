@@ -6,7 +6,7 @@ from carevl.backbone import Backbone, LoraSettings
 from carevl.encoding import Encoder, collate, prompt_only
 from carevl.prompts import judge_prompt, user_turn, verdict_line
 from carevl.standins import shapes
-from tests.helpers import compiled_graph, image_of
+from tests.helpers import compiled_graph, image_of, with_qwen2_vl_decoding_defaults
 
 
 def encoded_items(backbone, n=3, seed=5):
@@ -251,3 +251,23 @@ def test_a_llava_onevision_judge_is_exported_in_the_hubs_weight_layout(tmp_path)
     assert reloaded.keys() == original.keys()
     for name, weight in original.items():
         torch.testing.assert_close(reloaded[name], weight, msg=name)
+
+
+def test_generate_decodes_as_asked_whatever_the_checkpoints_generation_config(tiny_qwen, tmp_path):
+    """Qwen2-VL-7B-Instruct's generation_config.json holds top_k 1, top_p 0.001 and repetition_penalty
+    1.05: merged into "sampled" evaluation runs, they made every run the same greedy one."""
+    quirky = with_qwen2_vl_decoding_defaults(tiny_qwen, tmp_path / "quirky", repetition_penalty=5.0)
+
+    def texts(path, seed, **decoding):
+        backbone = Backbone(str(path))
+        backbone.build()
+        backbone.eval()
+        encoder, _, features = encoded_items(backbone, n=4)
+        batch = collate([prompt_only(f) for f in features], encoder.pad_token_id, padding_side="left")
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return backbone.generate(batch, max_new_tokens=12, **decoding)
+
+    sampled = [texts(quirky, seed, do_sample=True, temperature=1.0) for seed in (0, 1)]
+    assert sampled[0] != sampled[1]  # top_k 1 would make both the greedy text
+    assert texts(quirky, 0) == texts(tiny_qwen, 0)  # greedy: no repetition penalty, no sampling

@@ -6,6 +6,7 @@ import torch
 
 from carevl.backends.interface import Chat, Sampling
 from carevl.standins.shapes import judge_items
+from tests.helpers import with_qwen2_vl_decoding_defaults
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,18 @@ def test_generation_returns_n_samples_that_depend_only_on_their_own_chat(chat_mo
     assert len(set(together[0].texts)) > 1  # sampling, not three copies of one text
     greedy = chat_model.generate(chats[:1], Sampling(max_tokens=6))
     assert greedy[0].texts == chat_model.generate(chats[:1], Sampling(max_tokens=6, seed=9))[0].texts
+
+
+def test_decoding_ignores_the_checkpoints_generation_defaults(chat_model, tiny_qwen, tmp_path):
+    from carevl.backends.hf import HFChat
+
+    quirky = with_qwen2_vl_decoding_defaults(tiny_qwen, tmp_path / "quirky", repetition_penalty=5.0)
+    quirky = HFChat(str(quirky), name="quirky")
+    chats = [Chat.user(item.question, item.image) for item in judge_items(2, seed=4)]
+    for sampling in (Sampling(max_tokens=16), Sampling(n=2, temperature=1.0, max_tokens=16, seed=1)):
+        assert [r.texts for r in quirky.generate(chats, sampling)] == [
+            r.texts for r in chat_model.generate(chats, sampling)
+        ]
 
 
 def test_corrupt_image_fails_that_chat_only(chat_model):

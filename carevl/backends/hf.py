@@ -93,6 +93,7 @@ class HFChat(ChatModel):
                 temperature=sampling.temperature if sample else None,
                 top_p=sampling.top_p if sample else None,
                 top_k=0 if sample else None,
+                repetition_penalty=1.0,  # not the checkpoint's (Qwen2-VL's generation config holds 1.05)
                 num_return_sequences=sampling.n,
                 pad_token_id=self.encoder.pad_token_id,
             )
