@@ -130,7 +130,7 @@ def _mean_over_runs(values: list[dict[str, float]]) -> dict[str, float]:
     for key in values[0]:
         series = [v[key] for v in values if key in v]
         result[key] = statistics.fmean(series)
-        if len(series) > 1:
+        if len(series) > 1 and not key.startswith("seen"):  # every run sees the same views
             result[f"{key}_std"] = statistics.stdev(series)
     return result
 
@@ -155,6 +155,8 @@ def markdown_table(name: str, results: dict[str, float], judge: str) -> str:
         "|---" * (len(columns) + 1) + "|",
         f"| {judge} | " + " | ".join(cell(k) for k in columns) + " |",
     ]
+    if "seen" in results:
+        lines += ["", f"Views judged: {results['seen']:.0f}, in the accuracies: {results['scored']:.0f}."]
     subsets = [k.split("/", 1)[1] for k in results if k.startswith("w_tie/") and not k.endswith("_std")]
     if subsets:
         lines += ["", "| Subset | Pair w. Tie | Pair w.o. Tie |", "|---|---|---|"]
@@ -165,13 +167,25 @@ def markdown_table(name: str, results: dict[str, float], judge: str) -> str:
 
 
 def write_results(
-    out_dir: str | Path, results: dict[str, dict[str, float]], judge: str, settings: dict[str, Any]
+    out_dir: str | Path,
+    results: dict[str, dict[str, float]],
+    judge: str,
+    settings: dict[str, Any],
+    skipped: dict[str, int] | None = None,
 ) -> Path:
-    """results.json (metrics and the settings that produced them) and results.md (the tables)."""
+    """results.json (metrics, the settings that produced them, and, where known, the records the
+    loader skipped before any reached the judge, by reason) and results.md (the tables, the same
+    counts). `skipped` None: not known apart from other loaders' skips (validation during training)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"judge": judge, "settings": settings, "results": results}, indent=1))
+    skipped = None if skipped is None else dict(sorted(skipped.items()))
+    (out / "results.json").write_text(
+        json.dumps({"judge": judge, "settings": settings, "results": results, "skipped": skipped}, indent=1)
+    )
     tables = [markdown_table(name, values, judge) for name, values in results.items()]
+    if skipped is not None:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"
+        tables.append(f"\nRecords skipped before judging (left out of every figure above): {reasons}.\n")
     (out / "results.md").write_text("\n".join(tables))
     return out
 

@@ -260,6 +260,7 @@ class JudgeModule(LightningModule):
         out = Path(self.hparams.results_dir or self.trainer.log_dir or "runs/eval")
         step = f"{stage}-step{self.global_step}" if stage == "val" else stage
         write_predictions(out / f"predictions-{step}-rank{self.global_rank}.jsonl", self.benchmark_eval.predictions)
+        skipped = all_ranks_sum(self.skipped) if stage == "test" else None  # training's skips join them in fit
         if self.trainer.is_global_zero:
             settings = {
                 k: self.hparams[k]
@@ -274,10 +275,25 @@ class JudgeModule(LightningModule):
                 )
             }
             settings["order"] = self.benchmark_order
-            write_results(out / step, results, self.backbone.name, settings)
+            write_results(out / step, results, self.backbone.name, settings, skipped)
             for name, values in results.items():
                 print(markdown_table(name, values, self.backbone.name))
         self.benchmark_eval.reset()
+
+
+def all_ranks_sum(counts: dict[str, int]) -> dict[str, int]:
+    """Counts by reason summed over every process (each process's own when there is one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(counts)
+    gathered: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for reason, count in part.items():
+            total[reason] = total.get(reason, 0) + count
+    return total
 
 
 class JudgeEvaluator(JudgeModule):

@@ -86,6 +86,25 @@ def grouped_counts(
     return correct, counted, unparseable
 
 
+def seen_counts(groups: list[str], names: tuple[str, ...]) -> torch.Tensor:
+    """Views per group in one update, whatever became of their verdicts."""
+    seen = torch.zeros(len(names))
+    for group in groups:
+        seen[names.index(group)] += 1
+    return seen
+
+
+def record_counts(seen: torch.Tensor, scored: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """`seen` (views that reached the judge; a record shown in both orders counts twice) and
+    `scored` (views in the accuracy's denominators: all of them, unless unparseable ones are
+    excluded), in total and per group present."""
+    counts = {"seen": seen.sum(), "scored": scored.sum()}
+    for i, name in enumerate(names):
+        if seen[i] > 0:
+            counts[f"seen/{name}"], counts[f"scored/{name}"] = seen[i], scored[i]
+    return counts
+
+
 class VLRewardBenchAccuracy(Metric):
     """VL-RewardBench accuracy per category (general, hallucination, reasoning), overall (correct /
     all records) and macro (mean of the category accuracies), in percent.
@@ -105,7 +124,7 @@ class VLRewardBenchAccuracy(Metric):
         resolve(None, "", unparseable, (1, 2))  # validates the policy name
         self.policy = unparseable
         self.names = VLRB_CATEGORIES
-        for state in ("correct", "counted", "unparseable"):
+        for state in ("correct", "counted", "unparseable", "seen"):
             self.add_state(state, default=torch.zeros(len(self.names)), dist_reduce_fx="sum")
 
     def update(self, predictions: list, labels: list, categories: list[str], keys: list[str]) -> None:
@@ -115,6 +134,7 @@ class VLRewardBenchAccuracy(Metric):
         self.correct += correct
         self.counted += counted
         self.unparseable += unparseable
+        self.seen += seen_counts(categories, self.names)
 
     def compute(self) -> dict[str, torch.Tensor]:
         per_category = 100 * self.correct / self.counted.clamp_min(1)
@@ -123,6 +143,7 @@ class VLRewardBenchAccuracy(Metric):
         result["overall"] = 100 * self.correct.sum() / self.counted.sum().clamp_min(1)
         result["macro"] = per_category[present].mean() if present.any() else torch.tensor(0.0)
         result["unparseable"] = self.unparseable.sum()
+        result.update(record_counts(self.seen, self.counted, self.names))
         return result
 
 
@@ -145,7 +166,7 @@ class MLLMJudgePairAccuracy(Metric):
         resolve(None, "", unparseable, (1, 2))
         self.policy = unparseable
         self.names = MLLM_JUDGE_SUBSETS
-        for state in ("tie_correct", "tie_counted", "notie_correct", "notie_counted", "unparseable"):
+        for state in ("tie_correct", "tie_counted", "notie_correct", "notie_counted", "unparseable", "seen"):
             self.add_state(state, default=torch.zeros(len(self.names)), dist_reduce_fx="sum")
 
     def update(self, predictions: list, labels: list, subsets: list[str], keys: list[str]) -> None:
@@ -156,6 +177,7 @@ class MLLMJudgePairAccuracy(Metric):
         self.tie_correct += correct
         self.tie_counted += counted
         self.unparseable += unparseable
+        self.seen += seen_counts(subsets, self.names)
         decided = [i for i, label in enumerate(labels) if label != "tie"]
         correct, counted, _ = grouped_counts(
             *([xs[i] for i in decided] for xs in (predictions, labels, subsets, keys)), self.names, self.policy, choices
@@ -176,6 +198,7 @@ class MLLMJudgePairAccuracy(Metric):
                 if present[i]:
                     result[f"{prefix}/{name}"] = accuracy[i]
         result["unparseable"] = self.unparseable.sum()
+        result.update(record_counts(self.seen, self.tie_counted, self.names))
         return result
 
 

@@ -22,7 +22,7 @@ def bench(tmp_path_factory) -> Path:
     return out
 
 
-def evaluate(tmp_path, model, shards, order="odd_length", **module):
+def evaluate(tmp_path, model, shards, order="odd_length", data=None, **module):
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -44,7 +44,7 @@ def evaluate(tmp_path, model, shards, order="odd_length", **module):
         },
         "data": {
             "class_path": "datamodules.JudgeDataModule",
-            "init_args": {"test": str(shards), "order": order, "val_batch_size": 5, "num_workers": 1},
+            "init_args": {"test": str(shards), "order": order, "val_batch_size": 5, "num_workers": 1, **(data or {})},
         },
     }
     path = tmp_path / "eval.yaml"
@@ -111,6 +111,28 @@ def test_generate_mode_with_runs_and_both_orders(tiny_qwen, bench, tmp_path):
     coco = next(line for line in table.splitlines() if line.startswith("| coco |"))
     assert coco.count(" ± ") == (2 if "wo_tie/coco" in scores else 1)
     assert results["settings"]["order"] == "both" and results["settings"]["eval_runs"] == 2
+
+
+def test_every_record_is_judged_and_scored_or_reported_skipped(tiny_qwen, tmp_path):
+    """An over-length record never reaches the judge: results say so, by reason, beside the counts
+    of views judged and views in the accuracies."""
+    from carevl.schema import BenchmarkSample, ShardWriter
+    from carevl.standins.shapes import judge_items
+
+    with ShardWriter(tmp_path / "bench", prefix="benchmark", kind="benchmark") as writer:
+        for i, item in enumerate(judge_items(6, seed=8)):
+            fields = item.fields()
+            if i == 2:
+                fields["responses"] = [fields["responses"][0] + " and more" * 600, fields["responses"][1]]
+            writer.write(BenchmarkSample(**fields, benchmark=benchmarks.VLREWARDBENCH, category="general"))
+    results, table, predictions = evaluate(
+        tmp_path, tiny_qwen, tmp_path / "bench", data={"max_length": 768}, unparseable="exclude"
+    )
+    scores = results["results"][benchmarks.VLREWARDBENCH]
+    assert results["skipped"] == {"too_long": 1} and len(predictions) == 5
+    assert (scores["seen"], scores["seen/general"]) == (5, 5)
+    assert scores["scored"] == 5 - scores["unparseable"]  # excluded: unparseable views leave the denominators
+    assert "Views judged: 5, in the accuracies:" in table and "too_long 1" in table
 
 
 def test_test_without_benchmark_shards_is_a_clear_error(tiny_qwen, world, tmp_path):
