@@ -35,6 +35,16 @@ def test_strategies(strategy, expected):
     assert reason == "ok" and indices(group) == expected
 
 
+def test_random_incorrect_draws_one_incorrect_critique_fixed_by_the_pair():
+    draws = {}
+    for pair in (f"pair-{i}" for i in range(40)):
+        group, reason = form_group(TABLE, 1, "random_incorrect", seed=pair)
+        assert reason == "ok" and group.chosen.index == 2 and len(group.rejected) == 1
+        assert form_group(TABLE, 1, "random_incorrect", seed=pair) == (group, reason)  # a rerun draws the same
+        draws[pair] = group.rejected[0].index
+    assert set(draws.values()) == {1, 3, 5, 7}  # every incorrect one, none of the correct ones
+
+
 def test_relabeled_label_decides_correctness():
     group, _ = form_group(TABLE, label=2, strategy="best_to_worse")
     assert indices(group) == (1, [0, 2, 3, 4, 5, 7])  # now 1 is the best correct; 5, 7 correct but worse
@@ -48,7 +58,7 @@ def test_no_correct_critique_gives_no_group():
 def test_only_correct_critiques():
     table = [Critique(0, "a", 1, 50.0), Critique(1, "b", 1, 80.0), Critique(2, "c", 1, 80.0)]
     assert indices(form_group(table, 1, "best_to_worse")[0]) == (1, [0])
-    for strategy in ("lowest_incorrect", "highest_incorrect", "all_incorrect"):
+    for strategy in ("lowest_incorrect", "highest_incorrect", "all_incorrect", "random_incorrect"):
         assert form_group(table, 1, strategy) == (None, "nothing to reject")
 
 

@@ -265,11 +265,12 @@ def groups(
     """Preference groups of the low-confidence pairs' scored critiques -> DPO shards.
 
     One shard set per strategy (default: Best-to-Worse only; the paper's ablations are lowest_incorrect,
-    highest_incorrect and all_incorrect).
+    highest_incorrect and all_incorrect (Figure 3) and random_incorrect (Table 3)).
 
     Args:
         workdir: the curation work directory.
-        strategies: which of best_to_worse, lowest_incorrect, highest_incorrect, all_incorrect.
+        strategies: which of best_to_worse, lowest_incorrect, highest_incorrect, all_incorrect,
+            random_incorrect.
         evaluator: keep only this evaluator's scores (by default, those of the evaluator the last
             evaluate run was configured with).
         out: the directory holding one shard directory per strategy (default <workdir>/groups).
@@ -313,7 +314,7 @@ def groups(
                 counts["critiques without a score"] += (
                     sum(c.score is None for c in table) if strategy == strategies[0] else 0
                 )
-                group, reason = form_group(table, pair["label"], strategy)
+                group, reason = form_group(table, pair["label"], strategy, seed=pair["key"])
                 if group is None:
                     counts[f"{strategy}: {reason}"] += 1
                     continue

@@ -7,6 +7,8 @@ A sampled critique is *correct* when its parsed verdict equals the pair's (re)la
 - ``lowest_incorrect``: chosen as above; rejected = the lowest-scoring incorrect critique.
 - ``highest_incorrect``: chosen as above; rejected = the highest-scoring incorrect critique.
 - ``all_incorrect``: chosen as above; rejected = every incorrect critique.
+- ``random_incorrect``: chosen as above; rejected = one incorrect critique drawn at random, the
+  draw seeded by the pair (the paper's Table 3 ablation without Best-to-Worse).
 
 Ties break deterministically: among equal scores the earlier sample wins the chosen place (and,
 for one-rejected strategies, the earlier sample is rejected). A critique whose text equals the
@@ -15,9 +17,10 @@ chosen one is never rejected. Critiques without a score are left out before any 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
-STRATEGIES = ("best_to_worse", "lowest_incorrect", "highest_incorrect", "all_incorrect")
+STRATEGIES = ("best_to_worse", "lowest_incorrect", "highest_incorrect", "all_incorrect", "random_incorrect")
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,9 @@ class Group:
     rejected: tuple[Critique, ...]
 
 
-def form_group(critiques: list[Critique], label: int, strategy: str) -> tuple[Group | None, str]:
-    """(group, reason): the group of one pair, or None with why ("no correct critique", ...)."""
+def form_group(critiques: list[Critique], label: int, strategy: str, seed: str = "") -> tuple[Group | None, str]:
+    """(group, reason): the group of one pair, or None with why ("no correct critique", ...).
+    `seed` (the pair's key) fixes random_incorrect's draw."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     scored = [c for c in critiques if c.score is not None]
@@ -50,6 +54,8 @@ def form_group(critiques: list[Critique], label: int, strategy: str) -> tuple[Gr
         rejected = incorrect
     elif not incorrect:
         rejected = []
+    elif strategy == "random_incorrect":
+        rejected = [random.Random(seed).choice(sorted(incorrect, key=lambda c: c.index))]
     elif strategy == "lowest_incorrect":
         rejected = [min(incorrect, key=lambda c: (c.score, c.index))]
     else:
