@@ -86,22 +86,17 @@ def grouped_counts(
     return correct, counted, unparseable
 
 
-def seen_counts(groups: list[str], names: tuple[str, ...]) -> torch.Tensor:
-    """Views per group in one update, whatever became of their verdicts."""
-    seen = torch.zeros(len(names))
-    for group in groups:
-        seen[names.index(group)] += 1
-    return seen
-
-
-def record_counts(seen: torch.Tensor, scored: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def record_counts(
+    counted: torch.Tensor, unparseable: torch.Tensor, names: tuple[str, ...], policy: str
+) -> dict[str, torch.Tensor]:
     """`seen` (views that reached the judge; a record shown in both orders counts twice) and
-    `scored` (views in the accuracy's denominators: all of them, unless unparseable ones are
+    `scored` (views in the accuracy's denominators: all of them, unless the unparseable ones are
     excluded), in total and per group present."""
-    counts = {"seen": seen.sum(), "scored": scored.sum()}
+    seen = counted + unparseable if policy == "exclude" else counted
+    counts = {"seen": seen.sum(), "scored": counted.sum()}
     for i, name in enumerate(names):
         if seen[i] > 0:
-            counts[f"seen/{name}"], counts[f"scored/{name}"] = seen[i], scored[i]
+            counts[f"seen/{name}"], counts[f"scored/{name}"] = seen[i], counted[i]
     return counts
 
 
@@ -124,7 +119,7 @@ class VLRewardBenchAccuracy(Metric):
         resolve(None, "", unparseable, (1, 2))  # validates the policy name
         self.policy = unparseable
         self.names = VLRB_CATEGORIES
-        for state in ("correct", "counted", "unparseable", "seen"):
+        for state in ("correct", "counted", "unparseable"):
             self.add_state(state, default=torch.zeros(len(self.names)), dist_reduce_fx="sum")
 
     def update(self, predictions: list, labels: list, categories: list[str], keys: list[str]) -> None:
@@ -134,7 +129,6 @@ class VLRewardBenchAccuracy(Metric):
         self.correct += correct
         self.counted += counted
         self.unparseable += unparseable
-        self.seen += seen_counts(categories, self.names)
 
     def compute(self) -> dict[str, torch.Tensor]:
         per_category = 100 * self.correct / self.counted.clamp_min(1)
@@ -143,7 +137,7 @@ class VLRewardBenchAccuracy(Metric):
         result["overall"] = 100 * self.correct.sum() / self.counted.sum().clamp_min(1)
         result["macro"] = per_category[present].mean() if present.any() else torch.tensor(0.0)
         result["unparseable"] = self.unparseable.sum()
-        result.update(record_counts(self.seen, self.counted, self.names))
+        result.update(record_counts(self.counted, self.unparseable, self.names, self.policy))
         return result
 
 
@@ -166,7 +160,7 @@ class MLLMJudgePairAccuracy(Metric):
         resolve(None, "", unparseable, (1, 2))
         self.policy = unparseable
         self.names = MLLM_JUDGE_SUBSETS
-        for state in ("tie_correct", "tie_counted", "notie_correct", "notie_counted", "unparseable", "seen"):
+        for state in ("tie_correct", "tie_counted", "notie_correct", "notie_counted", "unparseable"):
             self.add_state(state, default=torch.zeros(len(self.names)), dist_reduce_fx="sum")
 
     def update(self, predictions: list, labels: list, subsets: list[str], keys: list[str]) -> None:
@@ -177,7 +171,6 @@ class MLLMJudgePairAccuracy(Metric):
         self.tie_correct += correct
         self.tie_counted += counted
         self.unparseable += unparseable
-        self.seen += seen_counts(subsets, self.names)
         decided = [i for i, label in enumerate(labels) if label != "tie"]
         correct, counted, _ = grouped_counts(
             *([xs[i] for i in decided] for xs in (predictions, labels, subsets, keys)), self.names, self.policy, choices
@@ -198,7 +191,7 @@ class MLLMJudgePairAccuracy(Metric):
                 if present[i]:
                     result[f"{prefix}/{name}"] = accuracy[i]
         result["unparseable"] = self.unparseable.sum()
-        result.update(record_counts(self.seen, self.tie_counted, self.names))
+        result.update(record_counts(self.tie_counted, self.unparseable, self.names, self.policy))
         return result
 
 
