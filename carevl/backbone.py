@@ -21,6 +21,7 @@ from torch import nn
 from carevl import group_logprobs
 from carevl.flops import ModelFlops
 from carevl.losses import response_token_logprobs, sequence_logprobs
+from carevl.prompts import write_trained_prompt
 from carevl.strategies import zero_stage
 from carevl.vision_attention import batch_vision_attention
 
@@ -490,6 +491,7 @@ class Backbone(nn.Module):
         else:
             model.save_pretrained(out, state_dict=self._in_configured_dtype(model.state_dict()))
         self.processor.save_pretrained(out)
+        write_trained_prompt(out)  # evaluation asks it in the prompt it learned
         model.train(was_training)
         log.info("exported %s to %s", self.name, out)
         return out

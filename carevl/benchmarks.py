@@ -57,6 +57,8 @@ _TIE_LETTERS = {"A": 1, "B": 2, "C": "tie"}
 
 # How the two responses are shown to the judge.
 ORDERS = ("odd_length", "random", "both", "as_stored")
+# Which request the judge gets (see `resolve_prompt`).
+PROMPTS = ("auto", "carevl", "benchmark")
 
 
 def vlrb_category(record_id: str) -> str:
@@ -149,25 +151,48 @@ def swapped(responses: list[str], label: int | str, swap: bool) -> tuple[list[st
     return [responses[1], responses[0]], {1: 2, 2: 1}.get(label, label)
 
 
-def judge_request(benchmark: str, question: str, responses: list[str]) -> str:
-    """The judge's user turn for a benchmark record (responses already in the order shown)."""
-    from carevl.prompts import judge_prompt, pair_prompt
+def resolve_prompt(prompt: str, checkpoint: str | None, training: bool) -> str:
+    """The prompt protocol evaluation uses. "auto": carevl's own prompt while a judge trains and for a
+    checkpoint carevl trained (it carries `prompts.TRAINED_PROMPT_FILE`), the benchmark's own prompt
+    for any other model (a base or foreign judge, compared like for like with published baselines)."""
+    from carevl.prompts import trained_prompt
 
-    return pair_prompt(question, responses) if benchmark == MLLM_JUDGE else judge_prompt(question, responses)
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+    if prompt != "auto":
+        return prompt
+    return "carevl" if training or trained_prompt(checkpoint) == "carevl" else "benchmark"
+
+
+def judge_request(benchmark: str, question: str, responses: list[str], prompt: str = "carevl") -> str:
+    """The judge's user turn for a benchmark record (responses already in the order shown).
+
+    prompt "carevl": the judge's training prompt (`prompts.JUDGE_TEMPLATE`) for both benchmarks;
+    "benchmark": VL-RewardBench's official prompt, or the MLLM-as-a-Judge pair format with ties.
+    """
+    from carevl.prompts import judge_prompt, pair_prompt, vlrb_official_prompt
+
+    if prompt == "carevl":
+        return judge_prompt(question, responses)
+    if prompt != "benchmark":
+        raise ValueError(f"prompt must be 'carevl' or 'benchmark' (resolve 'auto' first), got {prompt!r}")
+    return pair_prompt(question, responses) if benchmark == MLLM_JUDGE else vlrb_official_prompt(question, responses)
 
 
 def parse(benchmark: str, text: object) -> int | str | None:
-    """The verdict of a judge output under the benchmark's format (None when unparseable)."""
+    """The verdict of a judge output under the benchmark's parser (None when unparseable). Either
+    prompt's answers parse: MLLM-as-a-Judge's parser also reads carevl's verdict line."""
     from carevl.prompts import parse_pair_verdict, parse_verdict
 
     return parse_pair_verdict(text) if benchmark == MLLM_JUDGE else parse_verdict(text)
 
 
-def verdict_choices(benchmark: str) -> list[tuple[int | str, str]]:
-    """(verdict, the text that states it) for every verdict the benchmark's judge may give."""
+def verdict_choices(benchmark: str, prompt: str = "carevl") -> list[tuple[int | str, str]]:
+    """(verdict, the text that states it) for every verdict the prompt lets the judge give (a tie only
+    in MLLM-as-a-Judge's own format)."""
     from carevl.prompts import pair_verdict_line, verdict_line
 
-    if benchmark == MLLM_JUDGE:
+    if benchmark == MLLM_JUDGE and prompt == "benchmark":
         return [(v, pair_verdict_line(v)) for v in (1, 2, "tie")]
     return [(v, verdict_line(v)) for v in (1, 2)]
 

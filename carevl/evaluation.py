@@ -42,7 +42,7 @@ def score_verdicts(backbone: Any, batch: dict) -> tuple[list, torch.Tensor]:
         )
     k = batch["num_candidates"]
     logps = backbone.sequence_logprobs(batch["candidate_inputs"]).view(-1, k)
-    choices = [[v for v, _ in benchmarks.verdict_choices(b)] for b in batch["benchmarks"]]
+    choices = [[v for v, _ in benchmarks.verdict_choices(b, batch["prompt"])] for b in batch["benchmarks"]]
     best = logps.argmax(dim=1).tolist()
     return [options[i] for options, i in zip(choices, best)], logps
 
@@ -166,6 +166,29 @@ def markdown_table(name: str, results: dict[str, float], judge: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROMPT_NAMES = {
+    "carevl": "carevl's judge prompt",
+    "benchmark": "the benchmark's own prompt (VL-RewardBench's official one; MLLM-as-a-Judge's [[A]]/[[B]]/[[C]])",
+}
+
+
+def protocol_line(settings: dict[str, Any]) -> str:
+    """How the figures were produced, in words: prompt, answer order, verdict mode and decoding."""
+    parts = [f"Prompt: {PROMPT_NAMES.get(settings.get('prompt'), settings.get('prompt'))}"]
+    parts.append(f"answer order: {settings.get('order')}")
+    if settings.get("eval_mode") == "score":
+        parts.append("verdicts by the likelihood of each verdict line")
+    elif settings.get("eval_sample"):
+        parts.append(
+            f"{settings['eval_runs']} sampled run(s) at temperature {settings['eval_temperature']}, "
+            f"top-p {settings['eval_top_p']} (mean ± standard deviation over runs)"
+        )
+    else:
+        parts.append(f"greedy decoding, {settings.get('eval_runs')} run(s)")
+    parts.append(f"unparseable outputs: {settings.get('unparseable')}")
+    return "; ".join(parts) + ".\n"
+
+
 def write_results(
     out_dir: str | Path,
     results: dict[str, dict[str, float]],
@@ -182,7 +205,7 @@ def write_results(
     (out / "results.json").write_text(
         json.dumps({"judge": judge, "settings": settings, "results": results, "skipped": skipped}, indent=1)
     )
-    tables = [markdown_table(name, values, judge) for name, values in results.items()]
+    tables = [protocol_line(settings)] + [markdown_table(name, values, judge) for name, values in results.items()]
     if skipped is not None:
         reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "none"
         tables.append(f"\nRecords skipped before judging (left out of every figure above): {reasons}.\n")

@@ -219,7 +219,7 @@ class JudgeModule(LightningModule):
 
     def evaluate_benchmark(self, batch: dict) -> None:
         hp = self.hparams
-        self.benchmark_order = batch["order"]
+        self.benchmark_order, self.benchmark_prompt = batch["order"], batch["prompt"]
         if hp.eval_mode == "score":
             verdicts, logps = score_verdicts(self.backbone, batch)
             self.benchmark_eval.update(0, batch, verdicts, logps.tolist())
@@ -274,7 +274,7 @@ class JudgeModule(LightningModule):
                     "max_new_tokens",
                 )
             }
-            settings["order"] = self.benchmark_order
+            settings["order"], settings["prompt"] = self.benchmark_order, self.benchmark_prompt
             write_results(out / step, results, self.backbone.name, settings, skipped)
             for name, values in results.items():
                 print(markdown_table(name, values, self.backbone.name))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 JUDGE_TEMPLATE = (
     "Which answer to the question about the image is better?\n"
@@ -57,6 +58,62 @@ def parse_verdict(text: object) -> int | None:
         return None
     choice = int(match.group(1)) if match.group(1).isdigit() and len(match.group(1)) < 4 else None
     return choice if choice in (1, 2) else None
+
+
+# VL-RewardBench's own judge prompt, as its evaluation script sends it (leading space, blank lines
+# and all): the protocol of the paper's Table 1 baselines. The same verdict line and parser as
+# carevl's, with a different request around them.
+VLRB_OFFICIAL_TEMPLATE = (
+    " You are a highly capable multimodal AI assistant tasked with evaluating answers to visual questions. "
+    "Please analyze the following image and question, then determine which of the two provided answers is better.\n"
+    "\n"
+    "Question: {question}\n"
+    "\n"
+    "Answer 1: {answer1}\n"
+    "\n"
+    "Answer 2: {answer2}\n"
+    "\n"
+    "Please evaluate both answers based on the following criteria:\n"
+    "1. Accuracy: How well does the answer align with the visual information in the image?\n"
+    "2. Completeness: Does the answer fully address all aspects of the question?\n"
+    "3. Clarity: Is the answer easy to understand and well-articulated?\n"
+    "4. Relevance: Does the answer directly relate to the question and the image?\n"
+    "\n"
+    "After your evaluation, please:\n"
+    "1. Explain your reasoning for each criterion.\n"
+    "2. Provide an overall judgment on which answer is better (Answer 1 or Answer 2). "
+    "For example: Overall Judgment: Answer X is better.\n"
+    "\n"
+    "Your response should be structured and detailed, demonstrating your understanding of both the visual "
+    "and textual elements of the task."
+)
+
+
+def vlrb_official_prompt(question: str, responses: list[str] | tuple[str, str]) -> str:
+    """VL-RewardBench's own request (fields inserted as they are, as its script does)."""
+    if len(responses) != 2:
+        raise ValueError(f"a judge prompt needs exactly two responses, got {len(responses)}")
+    return VLRB_OFFICIAL_TEMPLATE.format(question=question, answer1=responses[0], answer2=responses[1])
+
+
+# A checkpoint carevl trained holds this file: evaluation then asks it in the prompt it learned.
+TRAINED_PROMPT_FILE = "carevl_prompt.json"
+
+
+def write_trained_prompt(checkpoint_dir: str | Path) -> None:
+    """Mark an exported checkpoint as a carevl judge (trained on `JUDGE_TEMPLATE`'s verdict line)."""
+    card = {"prompt": "carevl", "template": JUDGE_TEMPLATE}
+    (Path(checkpoint_dir) / TRAINED_PROMPT_FILE).write_text(json.dumps(card, indent=1) + "\n")
+
+
+def trained_prompt(checkpoint: str | Path | None) -> str | None:
+    """The prompt a checkpoint was trained on ("carevl"), or None (a base or foreign model, a hub name)."""
+    if checkpoint is None:
+        return None
+    card = Path(checkpoint) / TRAINED_PROMPT_FILE
+    if not card.is_file():
+        return None
+    return json.loads(card.read_text()).get("prompt")
 
 
 PAIR_TEMPLATE = (

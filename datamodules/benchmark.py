@@ -11,13 +11,20 @@ from carevl.prompts import user_turn
 
 
 def build_views(
-    encoder: Encoder, order: str, seed: int, candidates: bool, sample: schema.BenchmarkSample, image: Any
+    encoder: Encoder,
+    order: str,
+    seed: int,
+    candidates: bool,
+    prompt: str,
+    sample: schema.BenchmarkSample,
+    image: Any,
 ) -> list[dict[str, Any]]:
-    """The views of one record under the answer-order rule (two for order "both")."""
+    """The views of one record under the answer-order rule (two for order "both"), asked in `prompt`
+    ("carevl" or "benchmark", `benchmarks.judge_request`)."""
     items = []
     for swap in benchmarks.views(sample.id, sample.responses, order, seed):
         responses, label = benchmarks.swapped(sample.responses, sample.label, swap)
-        messages = user_turn(benchmarks.judge_request(sample.benchmark, sample.question, responses))
+        messages = user_turn(benchmarks.judge_request(sample.benchmark, sample.question, responses, prompt))
         item = {
             "id": sample.id,
             "benchmark": sample.benchmark,
@@ -27,7 +34,7 @@ def build_views(
             "features": encoder.encode(image, messages),
         }
         if candidates:
-            lines = [line for _, line in benchmarks.verdict_choices(sample.benchmark)]
+            lines = [line for _, line in benchmarks.verdict_choices(sample.benchmark, prompt)]
             item["candidates"] = [
                 {k: v for k, v in c.items() if k != "prompt_length"}
                 for c in encoder.encode_many(image, messages, lines)
@@ -40,13 +47,14 @@ _LISTS = {"id": "ids", "benchmark": "benchmarks", "category": "categories", "lab
 
 
 def collate_views(
-    items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, order: str
+    items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, order: str, prompt: str
 ) -> dict[str, Any]:
-    """A benchmark batch: left-padded prompts, record fields as lists, the answer-order rule the
-    views follow, candidate inputs if built."""
+    """A benchmark batch: left-padded prompts, record fields as lists, the answer-order rule and the
+    prompt the views follow, candidate inputs if built."""
     batch = {
         "prompt_inputs": collate([item["features"] for item in items], pad_token_id, padding_side="left"),
         "order": order,
+        "prompt": prompt,
         "skipped": skipped,
         **{plural: [item[key] for item in items] for key, plural in _LISTS.items()},
     }

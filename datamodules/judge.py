@@ -67,6 +67,10 @@ class JudgeDataModule(LightningDataModule):
             length of both is odd, as VLMEvalKit and lmms-eval), "random" (a coin fixed by id and
             `seed`), "both" (each record in both orders: position consistency is reported), or
             "as_stored" (VL-RewardBench then lists the preferred answer first 1,245 times in 1,250).
+        prompt: how benchmark records are asked: "carevl" (the judge's training prompt), "benchmark"
+            (VL-RewardBench's official prompt; MLLM-as-a-Judge's [[A]]/[[B]]/[[C]] format, ties
+            allowed) or "auto": carevl's while training and for checkpoints carevl exported (they
+            hold `carevl_prompt.json`), the benchmark's for any other model. Results state which.
         batch_size: samples per device per step (the micro batch).
         val_batch_size: samples per validation batch; defaults to `batch_size`.
         num_workers: loader worker processes per rank.
@@ -91,6 +95,7 @@ class JudgeDataModule(LightningDataModule):
         test: str | None = None,
         kind: str = "sft",
         order: str = "odd_length",
+        prompt: str = "auto",
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -116,6 +121,8 @@ class JudgeDataModule(LightningDataModule):
                 f"num_workers and shuffle_buffer cannot be negative, got {num_workers} and {shuffle_buffer}"
             )
         benchmarks.views("", ["", ""], order)  # validates the order name
+        benchmarks.resolve_prompt(prompt, None, training=False)  # and the prompt's
+        self.prompt = prompt
         self.processor_name = processor
         self.train_dir, self.val_dir, self.test_dir, self.kind, self.order = train, val, test, kind, order
         self.batch_size = batch_size
@@ -140,6 +147,7 @@ class JudgeDataModule(LightningDataModule):
             reference = schema.read_reference(directory)
             if reference is not None:  # computed for this model over these groups, or refused
                 schema.check_reference(reference, directory, self.processor_name)
+        self.resolved_prompt = benchmarks.resolve_prompt(self.prompt, self.processor_name, training=stage == "fit")
         if self.encoder is not None:
             return
         from transformers import AutoProcessor
@@ -176,8 +184,9 @@ class JudgeDataModule(LightningDataModule):
             build = partial(encode_group, self.encoder, schema.read_reference(directory))
             return SamplePreparer(kind, build), partial(collate_groups, pad_token_id=pad)
         if kind == "benchmark" and evaluation:
-            build = partial(build_views, self.encoder, self.order, self.seed, self.verdict_candidates)
-            return SamplePreparer(kind, build), partial(collate_views, pad_token_id=pad, order=self.order)
+            order, prompt = self.order, self.resolved_prompt
+            build = partial(build_views, self.encoder, order, self.seed, self.verdict_candidates, prompt)
+            return SamplePreparer(kind, build), partial(collate_views, pad_token_id=pad, order=order, prompt=prompt)
         raise ValueError(
             f"{directory} holds {kind!r} samples, which {'evaluation' if evaluation else 'training'} does not read"
         )

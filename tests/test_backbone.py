@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from carevl import benchmarks
 from carevl.backbone import Backbone, LoraSettings
 from carevl.encoding import Encoder, collate, prompt_only
 from carevl.prompts import judge_prompt, user_turn, verdict_line
@@ -107,6 +108,8 @@ def test_export_round_trip_keeps_verdict_logprobs(tiny_qwen, tmp_path):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     assert torch.isfinite(logits).all()
+    # the export says it is a carevl judge, so evaluation asks it in the prompt it learned
+    assert benchmarks.resolve_prompt("auto", str(tmp_path / "export"), training=False) == "carevl"
 
 
 def test_lora_adapters_only_on_language_model_and_merge(tiny_qwen, tmp_path):

@@ -152,3 +152,35 @@ def test_metric_rejects_unknown_categories():
     with pytest.raises(ValueError, match="unknown group"):
         VLRewardBenchAccuracy().update([1], [1], ["vision"], ["k"])
     assert torch.equal(VLRewardBenchAccuracy().compute()["overall"], torch.tensor(0.0))
+
+
+@needs_vlrb
+def test_each_prompt_protocol_asks_for_a_verdict_its_parser_reads(vlrb_records):
+    record = vlrb_records[0]
+    official = benchmarks.judge_request(benchmarks.VLREWARDBENCH, record["question"], record["responses"], "benchmark")
+    ours = benchmarks.judge_request(benchmarks.VLREWARDBENCH, record["question"], record["responses"], "carevl")
+    assert official.startswith(" You are a highly capable multimodal AI assistant") and official != ours
+    assert f"\n\nAnswer 1: {record['responses'][0]}\n\nAnswer 2: {record['responses'][1]}\n\n" in official
+    assert "Overall Judgment: Answer X is better." in official and ours.endswith("where X is 1 or 2.")
+    # MLLM-as-a-Judge: its own format allows a tie; carevl's prompt asks for the verdict line, which its parser reads
+    pair = benchmarks.judge_request(benchmarks.MLLM_JUDGE, "q", ["a", "b"], "benchmark")
+    assert "[[C]]" in pair and "[[C]]" not in benchmarks.judge_request(benchmarks.MLLM_JUDGE, "q", ["a", "b"], "carevl")
+    assert [v for v, _ in benchmarks.verdict_choices(benchmarks.MLLM_JUDGE, "benchmark")] == [1, 2, "tie"]
+    assert [v for v, _ in benchmarks.verdict_choices(benchmarks.MLLM_JUDGE, "carevl")] == [1, 2]
+    for name in benchmarks.BENCHMARKS:
+        for prompt in ("carevl", "benchmark"):
+            for verdict, line in benchmarks.verdict_choices(name, prompt):
+                assert benchmarks.parse(name, f"Both answers are short.\n{line}") == verdict
+
+
+def test_auto_prompt_is_carevls_for_carevl_judges_and_the_benchmarks_otherwise(tmp_path):
+    from carevl.prompts import write_trained_prompt
+
+    assert benchmarks.resolve_prompt("auto", "Qwen/Qwen2-VL-7B-Instruct", training=False) == "benchmark"
+    assert benchmarks.resolve_prompt("auto", str(tmp_path), training=False) == "benchmark"
+    assert benchmarks.resolve_prompt("auto", str(tmp_path), training=True) == "carevl"  # validation while training
+    write_trained_prompt(tmp_path)
+    assert benchmarks.resolve_prompt("auto", str(tmp_path), training=False) == "carevl"
+    assert benchmarks.resolve_prompt("benchmark", str(tmp_path), training=False) == "benchmark"
+    with pytest.raises(ValueError, match="prompt must be one of"):
+        benchmarks.resolve_prompt("official", str(tmp_path), training=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from carevl import benchmarks
+from carevl import benchmarks, evaluation
 from carevl.cli import run
 from carevl.metrics import MLLMJudgePairAccuracy, VLRewardBenchAccuracy
 from tests.helpers import fit, metrics
@@ -47,6 +47,7 @@ def evaluate(tmp_path, model, shards, order="odd_length", data=None, **module):
             "init_args": {"test": str(shards), "order": order, "val_batch_size": 5, "num_workers": 1, **(data or {})},
         },
     }
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(config))
     run(["test", "--config", str(path)])
@@ -133,6 +134,44 @@ def test_every_record_is_judged_and_scored_or_reported_skipped(tiny_qwen, tmp_pa
     assert (scores["seen"], scores["seen/general"]) == (5, 5)
     assert scores["scored"] == 5 - scores["unparseable"]  # excluded: unparseable views leave the denominators
     assert "Views judged: 5, in the accuracies:" in table and "too_long 1" in table
+
+
+@pytest.mark.parametrize("prompt", ["carevl", "benchmark"])
+def test_one_judge_under_both_prompts_greedy_and_sampled(tiny_qwen, bench, tmp_path, prompt):
+    """The prompt is stated in the results; greedy runs repeat, sampled runs differ (the checkpoint's
+    generation config does not make sampling greedy); every record is counted in every run."""
+    outputs = {}
+    for mode, sample in (("greedy", False), ("sampled", True)):
+        results, table, predictions = evaluate(
+            tmp_path / mode,
+            tiny_qwen,
+            bench / benchmarks.VLREWARDBENCH,
+            data={"prompt": prompt},
+            eval_runs=2,
+            eval_sample=sample,
+            eval_temperature=1.0,
+            max_new_tokens=12,
+        )
+        scores = results["results"][benchmarks.VLREWARDBENCH]
+        assert results["settings"]["prompt"] == prompt and results["skipped"] == {}
+        assert scores["seen"] == 24 and len(predictions) == 24 * 2  # records x runs, none dropped
+        assert table.startswith(f"Prompt: {evaluation.PROMPT_NAMES[prompt]}")
+        assert ("sampled run(s)" in table) == sample and ("greedy decoding" in table) == (not sample)
+        runs = [[p["output"] for p in sorted(predictions, key=lambda p: p["id"]) if p["run"] == run] for run in (0, 1)]
+        assert (runs[0] == runs[1]) == (not sample)
+        outputs[mode] = runs[0]
+    assert outputs["greedy"] != outputs["sampled"]
+
+
+def test_the_two_prompts_give_the_judge_different_requests(tiny_qwen, bench, tmp_path):
+    greedy = {}
+    for prompt in ("carevl", "benchmark"):
+        _, _, predictions = evaluate(
+            tmp_path / prompt, tiny_qwen, bench / benchmarks.VLREWARDBENCH, data={"prompt": prompt}
+        )
+        greedy[prompt] = {p["id"]: p["output"] for p in predictions}
+    assert greedy["carevl"].keys() == greedy["benchmark"].keys()
+    assert greedy["carevl"] != greedy["benchmark"]  # the same greedy judge, asked differently
 
 
 def test_test_without_benchmark_shards_is_a_clear_error(tiny_qwen, world, tmp_path):
