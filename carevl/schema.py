@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,6 +322,15 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict[str, Any]:
         for shard, url in zip(manifest["shards"], manifest["urls"]):
             check_shard(url, shard)
     return manifest
+
+
+def read_shard_samples(directory: str | Path, kind: str) -> Iterator[Sample]:
+    """Every sample of a shard set, in shard order, checked against its manifest first."""
+    import webdataset as wds
+
+    for url in read_manifest(directory)["urls"]:
+        for raw in wds.WebDataset(url, shardshuffle=False):
+            yield decode(raw, kind)
 
 
 def check_shard(url: str, shard: dict[str, Any]) -> None:

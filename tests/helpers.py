@@ -198,3 +198,37 @@ def with_qwen2_vl_decoding_defaults(checkpoint: str | Path, out: Path, repetitio
     config.update(do_sample=True, top_k=1, top_p=0.001, temperature=0.01, repetition_penalty=repetition_penalty)
     (out / "generation_config.json").write_text(json.dumps(config))
     return out
+
+
+def photo_like(seed: int, size: tuple[int, int] = (320, 240), fmt: str = "PNG") -> bytes:
+    """A textured picture (smooth colour field, discs, grain) whose perceptual hash behaves like a
+    photograph's: pictures of different seeds are 16 or more of 64 bits apart."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    picture = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(picture)
+    for _ in range(6):
+        x, y, r = rng.integers(0, size[0]), rng.integers(0, size[1]), rng.integers(10, 60)
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    grain = rng.normal(0, 8, (size[1], size[0], 3))
+    pixels = np.clip(np.asarray(picture, dtype=float) + grain, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt)
+    return out.getvalue()
+
+
+def reencoded(image: bytes, scale: float = 1.0, quality: int = 85) -> bytes:
+    """The picture resized by `scale` and saved again as JPEG."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(image)).convert("RGB")
+    picture = picture.resize((round(picture.width * scale), round(picture.height * scale)))
+    out = io.BytesIO()
+    picture.save(out, "JPEG", quality=quality)
+    return out.getvalue()

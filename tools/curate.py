@@ -1,6 +1,6 @@
 """Curation stages of CAREVL (paper §3.1-3.5), one subcommand each, configured by YAML.
 
-Curation I: ingest, candidates, captions, pairs, judge, votes, split, sft_shards, report.
+Curation I: ingest, decontaminate, candidates, captions, pairs, judge, votes, split, sft_shards, report.
 Curation II (after SFT): critiques (sampled from the SFT judge), evaluate (scores), groups (DPO shards).
 
 Run a stage:    python tools/curate.py --config configs/curation/shapes.yaml candidates
@@ -20,6 +20,7 @@ from jsonargparse import CLI
 
 from carevl.backends.interface import EndpointRefused
 from carevl.curation.critiques import critiques, evaluate, groups
+from carevl.curation.decontaminate import StaleDecontamination, decontaminate
 from carevl.curation.records import FolderBusy
 from carevl.curation.report import Truth, write_report
 from carevl.curation.stages import StageFailed, candidates, captions, ingest, judge, pairs, sft_shards, split, votes
@@ -41,10 +42,24 @@ def report(workdir: str, out: str | None = None, truth: Truth | None = None) -> 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    stages = [ingest, candidates, captions, pairs, judge, votes, split, sft_shards, report, critiques, evaluate, groups]
+    stages = [
+        ingest,
+        decontaminate,
+        candidates,
+        captions,
+        pairs,
+        judge,
+        votes,
+        split,
+        sft_shards,
+        report,
+        critiques,
+        evaluate,
+        groups,
+    ]
     try:
         CLI(stages, as_positional=False, args=argv)
-    except (StageFailed, FolderBusy) as error:
+    except (StageFailed, FolderBusy, StaleDecontamination) as error:
         sys.exit(f"stage failed: {error}")
     except EndpointRefused as error:
         sys.exit(

@@ -99,6 +99,9 @@ def rehearsal_config(real: dict, replicas: dict[str, str], base_url: str) -> dic
         decoding["max_tokens"] = 24
     config["captions"]["sampling"] = {"max_tokens": 32}
     config["sft_shards"]["heldout"] = 0.25
+    # The shapes world asks from a handful of question templates and draws a few flat shapes on one
+    # colour: every question and many pictures would match its benchmarks'. Exact copies only here.
+    config["decontaminate"].update(max_hash_distance=0, min_question_words=1000)
     config["critiques"].update(max_pairs=16, sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 48})
     config["evaluate"].update(structured=True, sampling={"max_tokens": 128})  # ~70 tokens of the replica's
 

@@ -152,13 +152,17 @@ def reply_record(base: dict, reply: Reply, fields: Callable[[list[str]], dict]) 
 # -- items -----------------------------------------------------------------------------------------
 
 
-def items_by_id(workdir: str | Path) -> dict[str, dict]:
+def items_by_id(workdir: str | Path, decontaminated: bool = True) -> dict[str, dict]:
     """The items of the questions file the last ingest read (an item changed since, or no longer
-    in the file, is left out)."""
+    in the file, is left out), without those the decontaminate stage removed (`decontaminated`)."""
+    from carevl.curation.decontaminate import removed_keys
+
     found = records(workdir, "ingest").ok()
     selection = Path(workdir) / ITEMS_SELECTION
     if selection.exists():
         keys = set(json.loads(selection.read_text())["keys"])
+        if decontaminated:
+            keys -= removed_keys(workdir, sorted(keys))
         found = [r for r in found if r["key"] in keys]
     return {r["id"]: r for r in found}
 
