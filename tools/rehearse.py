@@ -99,6 +99,7 @@ def rehearsal_config(real: dict, replicas: dict[str, str], base_url: str) -> dic
         decoding["max_tokens"] = 24
     config["captions"]["sampling"] = {"max_tokens": 32}
     config["sft_shards"]["heldout"] = 0.25
+    config["pairs"]["max_pairs_per_item"] = 10  # 12 items: the paper's one pair each would leave SFT a handful
     # The shapes world asks from a handful of question templates and draws a few flat shapes on one
     # colour: every question and many pictures would match its benchmarks'. Exact copies only here.
     config["decontaminate"].update(max_hash_distance=0, min_question_words=1000)
