@@ -27,9 +27,10 @@ def test_pipeline_on_the_shapes_world(tmp_path, monkeypatch):
     table = {row["run"]: row for row in json.loads(Path("runs/demo/results.json").read_text())}
     assert table["base"]["accuracy"] == 0.0 and table["base"]["unparseable"] == 200, table["base"]
     assert all(row["accuracy"] is not None for row in table.values()), table
-    for run in ("sft-judge", "sft", "dpo", "dpo-lowest_incorrect", "dpo-highest_incorrect", "dpo-all_incorrect"):
+    dpo_runs = ("dpo", "dpo-lowest_incorrect", "dpo-highest_incorrect", "dpo-all_incorrect", "dpo-random_incorrect")
+    for run in ("sft-judge", "sft", *dpo_runs):
         assert table[run]["unparseable"] <= 10, table[run]
     assert table["sft"]["accuracy"] >= 0.90, table["sft"]
     assert table["sft"]["accuracy"] - table["sft-judge"]["accuracy"] >= 0.10, (table["sft"], table["sft-judge"])
-    for run in ("dpo", "dpo-lowest_incorrect", "dpo-highest_incorrect", "dpo-all_incorrect"):
+    for run in dpo_runs:
         assert table[run]["accuracy"] >= table["sft"]["accuracy"] - 0.03, (table[run], table["sft"])
