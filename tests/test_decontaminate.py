@@ -3,6 +3,7 @@ reworded) are removed, planted near-misses stay, later stages see only what is l
 VL-RewardBench questions are found in a training set built to overlap some of them."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -118,16 +119,31 @@ def test_normalised_questions_ignore_case_punctuation_and_image_tags():
 
 @pytest.mark.skipif(not (SHARED_BENCHMARKS / "vl_rewardbench.jsonl").exists(), reason="../shared/benchmarks absent")
 def test_real_vlrewardbench_questions_planted_in_training_data_are_found(tmp_path, capsys):
-    """A training set of 60 questions: 20 VL-RewardBench queries copied, 20 reworded (a phrase put in
-    front), 20 unrelated. Every planted one is found, none of the unrelated ones."""
+    """A training set of 62 questions: 20 VL-RewardBench queries copied, 20 reworded (a phrase put in
+    front), 20 unrelated, and two instructions the benchmark asks of many pictures (a MathVerse
+    template reworded; a question asked of 13 pictures, copied). Every planted copy and rewording is
+    found; the unrelated questions and the instructions, which say nothing of a picture's content
+    without it, stay."""
     records = [benchmarks.vlrb_fields(r) for r in benchmarks.read_jsonl(SHARED_BENCHMARKS / "vl_rewardbench.jsonl")]
     long = [r for r in records if 15 <= len(normalise(r["question"]).split()) <= 60]
-    copied, reworded = long[::7][:20], long[3::7][:20]
+    asked = Counter(normalise(r["question"]) for r in records)
+    content = [
+        r
+        for r in long
+        if not r["id"].lower().startswith(("mathverse", "jailbreak")) and asked[normalise(r["question"])] < 5
+    ]
+    copied, reworded = content[0::5][:20], content[2::5][:20]
+    template = next(r for r in long if r["id"].lower().startswith("mathverse"))
+    repeated = "Detail the image's components with particular focus on each entity."  # asked of 13 pictures
     planted = [(f"copy-{r['id']}", lambda i=i: photo_like(i), r["question"], True) for i, r in enumerate(copied)]
     planted += [
         (f"reword-{r['id']}", lambda i=i: photo_like(100 + i), "Looking at the image carefully: " + r["question"], True)
         for i, r in enumerate(reworded)
     ]
+    planted.append(
+        ("template", lambda: photo_like(300), "Looking at the image carefully: " + template["question"], False)
+    )
+    planted.append(("repeated", lambda: photo_like(301), repeated, False))
     planted += [
         (
             f"clean-{i}",
@@ -145,6 +161,6 @@ def test_real_vlrewardbench_questions_planted_in_training_data_are_found(tmp_pat
     report = json.loads((tmp_path / "cur" / REPORT).read_text())
     assert set(report["matches"]) == {item_id for item_id, _, _, dirty in planted if dirty}
     assert report["benchmarks"] == {benchmarks.VLREWARDBENCH: 1250}
-    assert summary["removed"] == 40 and summary["kept"] == 20
+    assert summary["removed"] == 40 and summary["kept"] == 22
     with capsys.disabled():
-        print(f"\nVL-RewardBench (1,250 records) vs 60 training questions: {json.dumps(report['by_reason'])}")
+        print(f"\nVL-RewardBench (1,250 records) vs 62 training questions: {json.dumps(report['by_reason'])}")

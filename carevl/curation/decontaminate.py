@@ -5,9 +5,13 @@ An item is removed when it matches a benchmark record by any of:
     image_exact       the same image bytes (sha256)
     image_perceptual  the same picture resized, re-encoded or lightly edited: 64-bit DCT hashes (pHash)
                       at most `max_hash_distance` bits apart
-    question_exact    the same question once normalised (case, punctuation, whitespace, an <image> tag)
+    question_exact    the same question once normalised (case, punctuation, whitespace, an <image> tag),
+                      unless the benchmark asks it of `template_questions` or more pictures
     question_ngram    a reworded question: at least `min_ngram_overlap` of the shorter question's word
-                      n-grams appear in the other
+                      n-grams, and at least `min_shared_ngrams` of them, appear in the other, not
+                      counting template phrases (n-grams found in `template_questions` or more
+                      distinct benchmark questions: "the bottom of the image shows", MathVerse's
+                      fixed instruction), which say nothing about the content
 
 Questions shorter than `min_question_words` words ("Describe the image.") are generic instructions that
 many datasets share with the benchmarks over different images: they match only through the image.
@@ -110,6 +114,8 @@ class Thresholds:
     ngram: int = 5
     min_ngram_overlap: float = 0.6
     min_question_words: int = 6
+    template_questions: int = 5
+    min_shared_ngrams: int = 3
 
 
 class BenchmarkIndex:
@@ -132,6 +138,10 @@ class BenchmarkIndex:
             self.grams_of[index] = ngrams(words, limits.ngram)
             for gram in self.grams_of[index]:
                 self.by_gram[gram].add(index)
+        texts_of = {gram: {normalise(records[i].question) for i in found} for gram, found in self.by_gram.items()}
+        self.templates = {gram for gram, texts in texts_of.items() if len(texts) >= limits.template_questions}
+        # a question asked of `template_questions` or more benchmark pictures is an instruction, not content
+        self.by_text = {text: found for text, found in self.by_text.items() if len(found) < limits.template_questions}
 
     def matches(self, item: Entry) -> list[dict]:
         """Every benchmark record `item` overlaps: {reason, benchmark, record, distance or overlap}."""
@@ -154,11 +164,12 @@ class BenchmarkIndex:
         for record in self.by_text.get(text, []):
             add("question_exact", record)
         grams = ngrams(words, self.limits.ngram)
-        shared = Counter(index for gram in grams for index in self.by_gram.get(gram, ()))
+        shared = Counter(index for gram in grams - self.templates for index in self.by_gram.get(gram, ()))
         for index, count in shared.items():
             overlap = count / max(1, min(len(grams), len(self.grams_of[index])))
             record = self.records[index]
-            if overlap >= self.limits.min_ngram_overlap and normalise(record.question) != text:
+            enough = count >= self.limits.min_shared_ngrams and overlap >= self.limits.min_ngram_overlap
+            if enough and normalise(record.question) != text:
                 add("question_ngram", record, overlap=round(overlap, 3))
         return found
 
@@ -178,6 +189,8 @@ def decontaminate(
     ngram: int = 5,
     min_ngram_overlap: float = 0.6,
     min_question_words: int = 6,
+    template_questions: int = 5,
+    min_shared_ngrams: int = 3,
     examples: int = 5,
 ) -> dict:
     """Take the items that overlap the evaluation benchmarks out of curation (run after ingest,
@@ -195,12 +208,18 @@ def decontaminate(
         min_ngram_overlap: the share of the shorter question's n-grams found in the other that makes
             a reworded duplicate.
         min_question_words: shorter questions are generic instructions and match only through the image.
+        template_questions: an n-gram found in this many distinct benchmark questions is a template
+            phrase and does not count towards a reworded match.
+        min_shared_ngrams: a reworded match shares at least this many n-grams (two short questions
+            differing in their last word share two 5-grams: "what is the title of this book / design").
         examples: matches quoted in the report per reason.
     """
     from carevl.curation.records import ImageStore
     from carevl.curation.stages import ITEMS_SELECTION, items_by_id, summarize
 
-    limits = Thresholds(max_hash_distance, ngram, min_ngram_overlap, min_question_words)
+    limits = Thresholds(
+        max_hash_distance, ngram, min_ngram_overlap, min_question_words, template_questions, min_shared_ngrams
+    )
     records = [entry for source in benchmarks for entry in benchmark_entries(source)]
     if not records:
         raise ValueError(f"no benchmark records in {benchmarks}")
