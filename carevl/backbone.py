@@ -471,16 +471,22 @@ class Backbone(nn.Module):
         return copy_
 
     def export(
-        self, out_dir: str | Path, merge_lora: bool = True, weights: dict[str, torch.Tensor] | None = None
+        self,
+        out_dir: str | Path,
+        merge_lora: bool = True,
+        weights: dict[str, torch.Tensor] | None = None,
+        judge: bool = False,
     ) -> Path:
         """Write model and processor as a Hugging Face checkpoint.
 
         With LoRA, `merge_lora` folds the adapters into a copy of the weights (the training model is
         left untouched); otherwise only the adapters are written, next to the processor. `weights`:
-        the whole weights when this process holds shards of them (see `unsharded`).
+        the whole weights when this process holds shards of them (see `unsharded`). `judge`: the
+        model was trained as a carevl judge; the checkpoint says so (`prompts.TRAINED_PROMPT_FILE`),
+        and evaluation then asks it in the prompt it learned.
         """
         if weights is not None:
-            return self.unsharded(weights).export(out_dir, merge_lora=merge_lora)
+            return self.unsharded(weights).export(out_dir, merge_lora=merge_lora, judge=judge)
         out = Path(out_dir)
         model = self.model
         if self.lora is not None and merge_lora:
@@ -491,7 +497,8 @@ class Backbone(nn.Module):
         else:
             model.save_pretrained(out, state_dict=self._in_configured_dtype(model.state_dict()))
         self.processor.save_pretrained(out)
-        write_trained_prompt(out)  # evaluation asks it in the prompt it learned
+        if judge:
+            write_trained_prompt(out)
         model.train(was_training)
         log.info("exported %s to %s", self.name, out)
         return out

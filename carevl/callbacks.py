@@ -45,8 +45,15 @@ class ExportHF(Callback):
             return
         weights = whole_weights(trainer.strategy, pl_module.backbone.model)  # every rank takes part in gathering shards
         if trainer.is_global_zero:
-            pl_module.backbone.export(self.dirpath, merge_lora=self.merge_lora, weights=weights)
+            judge = trains_a_judge(trainer.datamodule)
+            pl_module.backbone.export(self.dirpath, merge_lora=self.merge_lora, weights=weights, judge=judge)
         trainer.strategy.barrier("carevl-export")
+
+
+def trains_a_judge(datamodule: object) -> bool:
+    """Whether training on this datamodule makes a carevl judge: judge samples and preference groups
+    do, instruction pretraining ("instruct") does not."""
+    return getattr(datamodule, "kind", None) in ("sft", "preference_group")
 
 
 class Checkpoints(ModelCheckpoint):

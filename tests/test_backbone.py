@@ -96,7 +96,7 @@ def test_export_round_trip_keeps_verdict_logprobs(tiny_qwen, tmp_path):
     batch = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in feats], encoder.pad_token_id)
     with torch.no_grad():
         before = backbone.sequence_logprobs(batch)
-    backbone.export(tmp_path / "export")
+    backbone.export(tmp_path / "export", judge=True)
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "export")
     assert processor.apply_chat_template(user_turn("x"), add_generation_prompt=True, tokenize=False)
@@ -108,8 +108,10 @@ def test_export_round_trip_keeps_verdict_logprobs(tiny_qwen, tmp_path):
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     assert torch.isfinite(logits).all()
-    # the export says it is a carevl judge, so evaluation asks it in the prompt it learned
+    # the export says it is a carevl judge, so evaluation asks it in the prompt it learned; a plain export does not
     assert benchmarks.resolve_prompt("auto", str(tmp_path / "export"), training=False) == "carevl"
+    backbone.export(tmp_path / "plain")
+    assert benchmarks.resolve_prompt("auto", str(tmp_path / "plain"), training=False) == "benchmark"
 
 
 def test_lora_adapters_only_on_language_model_and_merge(tiny_qwen, tmp_path):

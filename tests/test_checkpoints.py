@@ -10,7 +10,9 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoModelForImageTextToText
 
+from carevl.callbacks import trains_a_judge
 from carevl.cli import run
+from carevl.prompts import TRAINED_PROMPT_FILE
 from tests.helpers import fit, load_tool, metrics, write_bad_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,7 @@ def test_resume_continues_from_the_saved_step_and_export_matches(tiny_qwen, worl
     out = load_tool("export_checkpoint").export(str(config), str(checkpoints / "last.ckpt"), str(tmp_path / "hf"))
     exported = AutoModelForImageTextToText.from_pretrained(out).state_dict()
     assert all(torch.equal(exported[k], saved[k]) for k in saved if k in exported) and len(exported) > 10
+    assert (out / TRAINED_PROMPT_FILE).exists()  # an SFT judge's export says so
 
     # resume to step 4: two more optimizer steps, logged at steps 2 and 3
     resumed = run(
@@ -183,3 +186,11 @@ def test_time_limit_checkpoints_at_a_step_boundary_requeues_and_the_job_resumes(
     # max_steps stopped it (not after Lightning closes the epoch), and last.ckpt moves to it
     assert (checkpoints / "last.ckpt").resolve() == checkpoints / "epoch=0-step=5.ckpt"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]
+
+
+def test_only_judge_training_marks_its_export_as_a_carevl_judge():
+    from types import SimpleNamespace
+
+    assert trains_a_judge(SimpleNamespace(kind="sft")) and trains_a_judge(SimpleNamespace(kind="preference_group"))
+    assert not trains_a_judge(SimpleNamespace(kind="instruct"))  # the demo's pretraining of a base model
+    assert not trains_a_judge(None)

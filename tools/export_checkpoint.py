@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from carevl.callbacks import trains_a_judge
 from carevl.cli import run
 
 
@@ -61,7 +62,7 @@ def export(config: str, checkpoint: str, out: str, merge_lora: bool = True) -> P
     trained = [k for k in missing if k.startswith("backbone.")]
     if trained or unexpected:
         raise RuntimeError(f"checkpoint does not match the config: missing {trained[:5]}, unexpected {unexpected[:5]}")
-    return module.backbone.export(out, merge_lora=merge_lora)
+    return module.backbone.export(out, merge_lora=merge_lora, judge=trains_a_judge(cli.datamodule))
 
 
 def main() -> None:
