@@ -119,9 +119,9 @@ def test_normalised_questions_ignore_case_punctuation_and_image_tags():
 
 @pytest.mark.skipif(not (SHARED_BENCHMARKS / "vl_rewardbench.jsonl").exists(), reason="../shared/benchmarks absent")
 def test_real_vlrewardbench_questions_planted_in_training_data_are_found(tmp_path, capsys):
-    """A training set of 62 questions: 20 VL-RewardBench queries copied, 20 reworded (a phrase put in
-    front), 20 unrelated, and two instructions the benchmark asks of many pictures (a MathVerse
-    template reworded; a question asked of 13 pictures, copied). Every planted copy and rewording is
+    """A training set of 63 questions: 20 VL-RewardBench queries copied, 20 reworded (a phrase put in
+    front), 20 unrelated, and instructions the benchmark asks of many pictures (a MathVerse template
+    reworded; a question asked of 13 pictures, copied and reworded). Every planted copy and rewording is
     found; the unrelated questions and the instructions, which say nothing of a picture's content
     without it, stay."""
     records = [benchmarks.vlrb_fields(r) for r in benchmarks.read_jsonl(SHARED_BENCHMARKS / "vl_rewardbench.jsonl")]
@@ -144,6 +144,7 @@ def test_real_vlrewardbench_questions_planted_in_training_data_are_found(tmp_pat
         ("template", lambda: photo_like(300), "Looking at the image carefully: " + template["question"], False)
     )
     planted.append(("repeated", lambda: photo_like(301), repeated, False))
+    planted.append(("repeated_reworded", lambda: photo_like(302), "Please, " + repeated.lower(), False))
     planted += [
         (
             f"clean-{i}",
@@ -161,6 +162,6 @@ def test_real_vlrewardbench_questions_planted_in_training_data_are_found(tmp_pat
     report = json.loads((tmp_path / "cur" / REPORT).read_text())
     assert set(report["matches"]) == {item_id for item_id, _, _, dirty in planted if dirty}
     assert report["benchmarks"] == {benchmarks.VLREWARDBENCH: 1250}
-    assert summary["removed"] == 40 and summary["kept"] == 22
+    assert summary["removed"] == 40 and summary["kept"] == 23
     with capsys.disabled():
-        print(f"\nVL-RewardBench (1,250 records) vs 62 training questions: {json.dumps(report['by_reason'])}")
+        print(f"\nVL-RewardBench (1,250 records) vs 63 training questions: {json.dumps(report['by_reason'])}")

@@ -9,9 +9,9 @@ An item is removed when it matches a benchmark record by any of:
                       unless the benchmark asks it of `template_questions` or more pictures
     question_ngram    a reworded question: at least `min_ngram_overlap` of the shorter question's word
                       n-grams, and at least `min_shared_ngrams` of them, appear in the other, not
-                      counting template phrases (n-grams found in `template_questions` or more
-                      distinct benchmark questions: "the bottom of the image shows", MathVerse's
-                      fixed instruction), which say nothing about the content
+                      counting template phrases (n-grams found in the questions of
+                      `template_questions` or more benchmark records: "the bottom of the image
+                      shows", MathVerse's fixed instruction), which say nothing about the content
 
 Questions shorter than `min_question_words` words ("Describe the image.") are generic instructions that
 many datasets share with the benchmarks over different images: they match only through the image.
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from carevl import benchmarks as bench
 from carevl.curation.records import holds_work_folder
@@ -138,9 +139,8 @@ class BenchmarkIndex:
             self.grams_of[index] = ngrams(words, limits.ngram)
             for gram in self.grams_of[index]:
                 self.by_gram[gram].add(index)
-        texts_of = {gram: {normalise(records[i].question) for i in found} for gram, found in self.by_gram.items()}
-        self.templates = {gram for gram, texts in texts_of.items() if len(texts) >= limits.template_questions}
-        # a question asked of `template_questions` or more benchmark pictures is an instruction, not content
+        # a question or phrase asked of `template_questions` or more benchmark pictures is an instruction, not content
+        self.templates = {gram for gram, found in self.by_gram.items() if len(found) >= limits.template_questions}
         self.by_text = {text: found for text, found in self.by_text.items() if len(found) < limits.template_questions}
 
     def matches(self, item: Entry) -> list[dict]:
@@ -208,8 +208,9 @@ def decontaminate(
         min_ngram_overlap: the share of the shorter question's n-grams found in the other that makes
             a reworded duplicate.
         min_question_words: shorter questions are generic instructions and match only through the image.
-        template_questions: an n-gram found in this many distinct benchmark questions is a template
-            phrase and does not count towards a reworded match.
+        template_questions: a question asked of this many benchmark records matches only through
+            the image, and an n-gram found in as many records' questions is a template phrase that
+            does not count towards a reworded match.
         min_shared_ngrams: a reworded match shares at least this many n-grams (two short questions
             differing in their last word share two 5-grams: "what is the title of this book / design").
         examples: matches quoted in the report per reason.
@@ -227,7 +228,7 @@ def decontaminate(
     items = items_by_id(workdir, decontaminated=False)
     entries = [
         image_entry(item_id, item["question"], store.get(item["image"], item["image_ext"]))
-        for item_id, item in items.items()
+        for item_id, item in tqdm(items.items(), desc="decontaminate: hashing items", unit="item", disable=None)
     ]
     found = find_overlaps(entries, records, limits)
     questions = {r.id: r.question for r in records}
