@@ -120,7 +120,7 @@ def test_m3it_jsonl_with_base64_images(tmp_path):
     assert gif_item["sha"] != sha(gif(2))
 
 
-@pytest.mark.parametrize("preset", ["vlfeedback", "rlaif_v", "rlhf_v"])
+@pytest.mark.parametrize("preset", ["vlfeedback", "rlaif_v", "rlhf_v", "llava"])
 def test_hugging_face_parquet_with_embedded_images(tmp_path, preset):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -137,9 +137,12 @@ def test_hugging_face_parquet_with_embedded_images(tmp_path, preset):
             "chosen": ["c"] * 4,
             "rejected": ["r"] * 4,
         }
-    else:
+    elif preset == "rlhf_v":
         texts = [json.dumps({"question": q, "chosen": "c", "rejected": "r"}) for q in questions]
         columns = {"idx": list(range(4)), "text": texts}
+    else:
+        turns = [[{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "a"}] for q in questions]
+        columns = {"id": [f"svit-{i}" for i in range(4)], "conversations": turns}
     folder = tmp_path / preset
     folder.mkdir()
     table = pa.table({**columns, "image": image})

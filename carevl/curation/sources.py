@@ -11,8 +11,10 @@ Formats:
     m3it_jsonl   M3IT's jsonl: {"instruction", "inputs", "outputs", "image_base64_str": [...]}; the
                  question is the instruction and the inputs, the image the first of the list.
     parquet      Hugging Face parquet files with the image embedded ({"bytes", "path"}); `id` and
-                 `question` name columns, "column.key" reads a key of a JSON string column. Presets:
-                 vlfeedback (id, prompt), rlaif_v (idx, question), rlhf_v (idx, text.question).
+                 `question` name columns, "column.key" reads a key of a JSON string column, and a
+                 column of LLaVA-style turns gives its first human turn. Presets: vlfeedback (id,
+                 prompt), rlaif_v (idx, question), rlhf_v (idx, text.question), llava (id,
+                 conversations: the LLaVA-format parquet releases, e.g. of SVIT).
 
 Every record either becomes an item or is counted as skipped with its reason (no question, missing
 or unreadable image); each item keeps its provenance in `meta` (source, original_id, file).
@@ -40,6 +42,7 @@ PARQUET_PRESETS = {
     "vlfeedback": {"id": "id", "question": "prompt"},
     "rlaif_v": {"id": "idx", "question": "question"},
     "rlhf_v": {"id": "idx", "question": "text.question"},
+    "llava": {"id": "id", "question": "conversations"},
 }
 
 
@@ -152,7 +155,12 @@ def _parquet_index(source: Source) -> Iterator[tuple[Path, int, str, str | None]
                     value = json.loads(value).get(key) if isinstance(value, str) else None
                 except (ValueError, AttributeError):
                     value = None
-            yield file, row, str(record_id), clean_question(value)
+            yield (
+                file,
+                row,
+                str(record_id),
+                first_human_turn(value) if isinstance(value, list) else clean_question(value),
+            )
 
 
 def parquet_images(source: Source, wanted: dict[Path, set[int]]) -> dict[tuple[Path, int], bytes | None]:
