@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -34,13 +33,12 @@ import numpy as np
 from tqdm import tqdm
 
 from carevl import benchmarks as bench
-from carevl.curation.records import holds_work_folder
+from carevl.curation.records import holds_work_folder, replace_file
 from carevl.images import load_image
 
 log = logging.getLogger(__name__)
 
 REPORT = "decontamination.json"
-REASONS = ("image_exact", "image_perceptual", "question_exact", "question_ngram")
 
 
 class StaleDecontamination(RuntimeError):
@@ -130,12 +128,13 @@ class BenchmarkIndex:
                 self.by_sha[record.sha256].append(record)
         self.hashed = [r for r in records if r.phash is not None]
         self.hashes = np.array([r.phash for r in self.hashed], dtype=np.uint64)
+        self.texts = [normalise(record.question) for record in records]
         self.by_text, self.by_gram, self.grams_of = defaultdict(list), defaultdict(set), {}
         for index, record in enumerate(records):
-            words = normalise(record.question).split()
+            words = self.texts[index].split()
             if len(words) < limits.min_question_words:
                 continue
-            self.by_text[" ".join(words)].append(record)
+            self.by_text[self.texts[index]].append(record)
             self.grams_of[index] = ngrams(words, limits.ngram)
             for gram in self.grams_of[index]:
                 self.by_gram[gram].add(index)
@@ -167,10 +166,9 @@ class BenchmarkIndex:
         shared = Counter(index for gram in grams - self.templates for index in self.by_gram.get(gram, ()))
         for index, count in shared.items():
             overlap = count / max(1, min(len(grams), len(self.grams_of[index])))
-            record = self.records[index]
             enough = count >= self.limits.min_shared_ngrams and overlap >= self.limits.min_ngram_overlap
-            if enough and normalise(record.question) != text:
-                add("question_ngram", record, overlap=round(overlap, 3))
+            if enough and self.texts[index] != text:
+                add("question_ngram", self.records[index], overlap=round(overlap, 3))
         return found
 
 
@@ -216,7 +214,7 @@ def decontaminate(
         examples: matches quoted in the report per reason.
     """
     from carevl.curation.records import ImageStore
-    from carevl.curation.stages import ITEMS_SELECTION, items_by_id, summarize
+    from carevl.curation.stages import items_by_id, summarize
 
     limits = Thresholds(
         max_hash_distance, ngram, min_ngram_overlap, min_question_words, template_questions, min_shared_ngrams
@@ -237,14 +235,11 @@ def decontaminate(
         {
             "benchmarks": {str(s): n for s, n in Counter(r.benchmark for r in records).items()},
             "sources": [str(s) for s in benchmarks],
-            "checked": sorted(json.loads((Path(workdir) / ITEMS_SELECTION).read_text())["keys"]),
+            "checked": sorted(item["key"] for item in items.values()),
             "removed_keys": sorted(items[i]["key"] for i in found),
         }
     )
-    path = Path(workdir) / REPORT
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(report, indent=1))
-    os.replace(temporary, path)
+    replace_file(Path(workdir) / REPORT, json.dumps(report, indent=1))
     counts = Counter({"kept": len(items) - len(found), "removed": len(found)})
     counts.update({f"by {reason}": n for reason, n in report["by_reason"].items()})
     return summarize("decontaminate", counts)

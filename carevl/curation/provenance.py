@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from carevl.backends.interface import BatchChatModel, ChatModel, RewardModel
-from carevl.curation.records import Records
+from carevl.curation.records import Records, replace_file
 from carevl.schema import checkpoint_fingerprint
 
 
@@ -54,9 +53,7 @@ def select(records: Records, keys: list[str], **about: Any) -> None:
     """Write the keys of the records the stage's current config asks for (and what it was run with)."""
     path = selection_path(records.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({**about, "keys": keys}))
-    os.replace(temporary, path)
+    replace_file(path, json.dumps({**about, "keys": keys}))
 
 
 def selection(records: Records) -> dict[str, Any] | None:

@@ -93,6 +93,13 @@ def holds_work_folder(stage: Callable) -> Callable:
     return run
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, then an atomic rename."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 class Records:
     """One stage's JSONL file. `latest()` holds the last record of each key, a success never being
     replaced by a later failure."""
@@ -149,9 +156,7 @@ class Records:
 
     def rewrite(self, records: list[dict]) -> None:
         """Replace the file (for stages that are pure functions of earlier records)."""
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-        os.replace(temporary, self.path)
+        replace_file(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         self._latest = {}
         for record in records:
             self._remember(record)

@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from carevl import prompts
 from carevl.backends.interface import BatchChatModel, Chat, ChatModel, Reply, RewardModel, Sampling, chunks
 from carevl.curation import cost
 from carevl.curation.provenance import producer, select, selected, selection
-from carevl.curation.records import ImageStore, Records, content_key, holds_work_folder
+from carevl.curation.records import ImageStore, Records, content_key, holds_work_folder, replace_file
 from carevl.curation.split import HIGH, count_votes, decide
 from carevl.images import load_image, png_bytes
 from carevl.schema import IMAGE_EXTENSIONS
@@ -243,10 +242,7 @@ def ingest(workdir: str, source: str, images_outside: bool = False, max_failed: 
             item = {"image": store.put(image, ext), "image_ext": ext, "question": question.strip()}
             new.append({"key": key, "id": record_id, **item, "meta": row.get("meta") or {}})
     out.append(new)
-    selection = Path(workdir) / ITEMS_SELECTION
-    temporary = selection.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"source": str(source), "keys": current}))
-    os.replace(temporary, selection)
+    replace_file(Path(workdir) / ITEMS_SELECTION, json.dumps({"source": str(source), "keys": current}))
     for record in new:
         counts["failed: " + record["error"].split(":")[0] if "error" in record else "done"] += 1
     return summarize("ingest", counts, max_failed)
