@@ -26,7 +26,7 @@ from carevl.evaluation import (
     write_predictions,
     write_results,
 )
-from carevl.metrics import VerdictAccuracy
+from carevl.metrics import CategoryVerdictAccuracy, VerdictAccuracy
 from carevl.prompts import parse_verdict
 from carevl.strategies import deepspeed_config, float32_weights, is_fsdp, offloads_optimizer, sharded_strategy
 
@@ -53,6 +53,9 @@ class JudgeModule(LightningModule):
         min_lr_ratio: final learning rate as a fraction of `lr`.
         val_generate: generate critiques on validation batches of judge samples and log verdict accuracy.
         max_new_tokens: generation budget of a critique.
+        val_categories: categories of held-out judge samples (their `meta.category`, e.g. the shapes
+            world's "coarse" and "fine" questions) whose verdict accuracy is also logged apart, as
+            `val/verdict_accuracy/<category>`; a sample of another category is an error.
         eval_mode: how benchmark batches (validation or `carevl test`) get verdicts: "generate"
             (the critique is written, then parsed: the reference) or "score" (the verdict line most
             likely right after the prompt: a fast proxy).
@@ -74,6 +77,7 @@ class JudgeModule(LightningModule):
         min_lr_ratio: float = 0.0,
         val_generate: bool = True,
         max_new_tokens: int = 256,
+        val_categories: list[str] | None = None,
         eval_mode: str = "generate",
         eval_runs: int = 1,
         eval_sample: bool = False,
@@ -89,6 +93,7 @@ class JudgeModule(LightningModule):
         self.backbone = backbone
         self.val_loss = MeanMetric()
         self.val_accuracy = VerdictAccuracy()
+        self.val_by_category = CategoryVerdictAccuracy(val_categories) if val_categories else None
         self.benchmark_eval = BenchmarkEvaluation(eval_runs, unparseable)
         self.skipped: dict[str, int] = {}
         self.benchmark_order: str | None = None  # how benchmark answers were shown (read from the batches)
@@ -215,7 +220,10 @@ class JudgeModule(LightningModule):
         texts = self.backbone.generate(
             batch["prompt_inputs"], max_new_tokens=self.hparams.max_new_tokens, do_sample=False
         )
-        self.val_accuracy.update([parse_verdict(t) for t in texts], batch["verdict_labels"])
+        verdicts = [parse_verdict(t) for t in texts]
+        self.val_accuracy.update(verdicts, batch["verdict_labels"])
+        if self.val_by_category is not None:
+            self.val_by_category.update(verdicts, batch["verdict_labels"], batch["verdict_categories"])
 
     def evaluate_benchmark(self, batch: dict) -> None:
         hp = self.hparams
@@ -243,6 +251,10 @@ class JudgeModule(LightningModule):
             self.log("val/verdict_accuracy", self.val_accuracy.compute(), prog_bar=True)
             self.log("val/unparseable", self.val_accuracy.unparseable.float())
             self.val_accuracy.reset()
+        if self.val_by_category is not None and self.val_by_category.update_called:
+            for name, value in self.val_by_category.compute().items():
+                self.log(f"val/verdict_accuracy/{name}", value)
+            self.val_by_category.reset()
         self.report_benchmarks("val")
 
     def on_test_epoch_end(self) -> None:

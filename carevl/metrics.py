@@ -40,6 +40,41 @@ class VerdictAccuracy(Metric):
         return self.correct.float() / self.total.clamp_min(1)
 
 
+class CategoryVerdictAccuracy(Metric):
+    """Verdict accuracy per named category of held-out samples (e.g. the shapes world's coarse and
+    fine questions); an unparseable output counts as wrong. A sample without a category (None) counts
+    in none; one outside `names` is an error, so a typo in a config cannot hide a category."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, names: list[str] | tuple[str, ...], **kwargs):
+        super().__init__(**kwargs)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"categories must be distinct and at least one, got {names}")
+        self.names = tuple(names)
+        for state in ("correct", "counted"):
+            self.add_state(state, default=torch.zeros(len(self.names)), dist_reduce_fx="sum")
+
+    def update(self, predictions: list[int | None], labels: list[int], categories: list[str | None]) -> None:
+        named = [i for i, category in enumerate(categories) if category is not None]
+        correct, counted, _ = grouped_counts(
+            [predictions[i] for i in named],
+            [labels[i] for i in named],
+            [categories[i] for i in named],
+            [""] * len(named),
+            self.names,
+            "wrong",
+            (1, 2),
+        )
+        self.correct += correct
+        self.counted += counted
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Accuracy of each category that had samples (a fraction, like `VerdictAccuracy`)."""
+        return {name: self.correct[i] / self.counted[i] for i, name in enumerate(self.names) if self.counted[i] > 0}
+
+
 # -- benchmark scoring ----------------------------------------------------------------------------
 
 UNPARSEABLE_POLICIES = ("wrong", "exclude", "random")

@@ -19,6 +19,7 @@ def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSampl
         messages, label = user_turn(judge_prompt(sample.question, sample.responses)), sample.label
     else:
         messages, label = user_turn(sample.prompt), None
+    category = sample.meta.get("category")
     features = encoder.encode(image, messages, sample.target)
     return [
         {
@@ -26,6 +27,7 @@ def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSampl
             "id": sample.id,
             "weight": float(sample.weight),
             "verdict_label": label,
+            "category": None if category is None else str(category),
             "length": features["input_ids"].shape[1],
         }
     ]
@@ -34,9 +36,9 @@ def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSampl
 def collate_items(
     items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, with_prompts: bool
 ) -> dict[str, Any]:
-    """A batch: padded model inputs, ids, weights, verdict labels, skip counts since the last batch,
-    the work it asks of the model (`carevl.flops`), and (validation) left-padded prompt-only inputs
-    for generation."""
+    """A batch: padded model inputs, ids, weights, verdict labels and categories (`meta.category`),
+    skip counts since the last batch, the work it asks of the model (`carevl.flops`), and
+    (validation) left-padded prompt-only inputs for generation."""
     features = [item["features"] for item in items]
     inputs = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], pad_token_id)
     batch = {
@@ -52,4 +54,5 @@ def collate_items(
     if with_prompts and all(label is not None for label in labels):
         batch["prompt_inputs"] = collate([prompt_only(f) for f in features], pad_token_id, padding_side="left")
         batch["verdict_labels"] = labels
+        batch["verdict_categories"] = [item["category"] for item in items]
     return batch

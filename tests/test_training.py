@@ -15,7 +15,15 @@ from tests.helpers import fit, metrics, write_bad_shards
 
 def test_fit_keeps_vision_frozen_and_moves_trainable_weights(tiny_qwen, world, tmp_path):
     before = dict(AutoModelForImageTextToText.from_pretrained(tiny_qwen).named_parameters())
-    cli = fit(tmp_path, tiny_qwen, world / "train", world / "heldout", trainer={"limit_train_batches": 3})
+    cli = fit(
+        tmp_path,
+        tiny_qwen,
+        world / "train",
+        world / "heldout",
+        trainer={"limit_train_batches": 3},
+        module_args={"val_categories": ["coarse", "fine"]},
+        limit_val_batches=1.0,  # all 16 held-out samples: both kinds
+    )
     backbone = cli.model.backbone
     vision = backbone.vision_parameters()
     assert vision
@@ -27,6 +35,8 @@ def test_fit_keeps_vision_frozen_and_moves_trainable_weights(tiny_qwen, world, t
     assert not unchanged, f"trainable weights that did not change: {unchanged}"
     rows = metrics(tmp_path)
     assert any(r.get("val/verdict_accuracy") for r in rows)
+    logged = [r for r in rows if r.get("val/verdict_accuracy") not in (None, "")]
+    assert all(r.get(f"val/verdict_accuracy/{kind}") not in (None, "") for r in logged for kind in ("coarse", "fine"))
 
 
 def test_bf16_weights_train_at_a_small_learning_rate_and_export_in_bf16(tiny_qwen, world, tmp_path):

@@ -1,0 +1,26 @@
+"""Verdict metrics against hand counts."""
+
+import pytest
+import torch
+
+from carevl.metrics import CategoryVerdictAccuracy, VerdictAccuracy
+
+
+def test_category_accuracy_counts_each_category_apart_and_refuses_unknown_ones():
+    overall, by_category = VerdictAccuracy(), CategoryVerdictAccuracy(["coarse", "fine"])
+    batches = [
+        ([1, 2, None, 1], [1, 1, 2, 1], ["coarse", "fine", "fine", None]),  # None: no category, overall only
+        ([2, 1], [2, 2], ["fine", "coarse"]),
+    ]
+    for predictions, labels, categories in batches:
+        overall.update(predictions, labels)
+        by_category.update(predictions, labels, categories)
+    assert overall.compute().item() == pytest.approx(3 / 6)
+    assert {k: v.item() for k, v in by_category.compute().items()} == pytest.approx({"coarse": 1 / 2, "fine": 1 / 3})
+    empty = CategoryVerdictAccuracy(["coarse", "fine"])
+    empty.update([1], [1], ["fine"])
+    assert empty.compute() == {"fine": torch.tensor(1.0)}  # a category without samples is left out, not 0
+    with pytest.raises(ValueError, match="unknown group 'medium'"):
+        by_category.update([1], [1], ["medium"])
+    with pytest.raises(ValueError, match="distinct"):
+        CategoryVerdictAccuracy(["fine", "fine"])
