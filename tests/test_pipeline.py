@@ -139,17 +139,52 @@ def test_results_table_reads_the_newest_run_and_shows_missing_ones(tmp_path, cap
         run = tmp_path / "sft" / f"version_{version}"
         run.mkdir(parents=True)
         (run / "metrics.csv").write_text(
-            "epoch,step,train/loss,val/unparseable,val/verdict_accuracy\n0,9,0.5,,\n"
-            f"0,9,,3.0,{accuracy / 2}\n1,19,0.2,,\n1,19,,1.0,{accuracy}\n"
+            "epoch,step,train/loss,val/unparseable,val/verdict_accuracy,val/verdict_accuracy/fine\n0,9,0.5,,,\n"
+            f"0,9,,3.0,{accuracy / 2},0.25\n1,19,0.2,,,\n1,19,,1.0,{accuracy},0.75\n"
         )
-    table.main(["--logs", str(tmp_path), "--out", str(tmp_path / "out"), "--rows", "sft=SFT judge", "dpo=+ DPO"])
+    argv = ["--logs", str(tmp_path), "--out", str(tmp_path / "out"), "--rows", "sft=SFT judge", "dpo=+ DPO"]
+    table.main([*argv, "--categories", "coarse", "fine", "--plot"])
     out = capsys.readouterr().out
-    assert "| SFT judge | 90.0% | 1 |" in out and "| + DPO | missing | |" in out
+    assert "| SFT judge | 90.0% |  | 75.0% | 1 |" in out and "| + DPO | missing | | | |" in out
+    assert "- SFT judge: 45.0% (10), 90.0% (20)" in out  # the curve, at the steps counted from 1
     assert (tmp_path / "out" / "results.md").read_text() in out
+    assert (tmp_path / "out" / "results.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved[0] == {"run": "sft", "model": "SFT judge", "accuracy": 0.9, "unparseable": 1.0}
+    assert saved[0] == {
+        "run": "sft",
+        "model": "SFT judge",
+        "accuracy": 0.9,
+        "unparseable": 1.0,
+        "coarse": None,
+        "fine": 0.75,
+        "curve": [[9, 0.45], [19, 0.9]],
+    }
     with pytest.raises(SystemExit):
         table.main(["--logs", str(tmp_path), "--rows", "no-label"])
+
+    other = [{**saved[0], "accuracy": 0.8, "fine": 0.5}, saved[1]]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    table.main(["--combine", str(tmp_path / "out" / "results.json"), str(tmp_path / "other.json")])
+    combined = capsys.readouterr().out
+    assert "| SFT judge | 85.0% (80.0-90.0) | missing | 62.5% (50.0-75.0) |" in combined
+    assert "| + DPO | missing | missing | missing |" in combined
+
+
+def test_vars_fill_the_commands_and_a_new_value_redoes_the_steps_that_use_it(in_tmp):
+    config = write_pipeline(in_tmp, [step("a"), {"name": "b", "run": step("b")["run"] + " --seed $seed"}, step("c")])
+    spec = yaml.safe_load(Path(config).read_text())
+    Path(config).write_text(yaml.safe_dump({**spec, "vars": {"seed": 0}}))
+    pipeline.main(["--config", config])
+    pipeline.main(["--config", config, "--var", "seed=0"])  # the same value: nothing to do
+    assert [r[0] for r in ran(in_tmp)] == ["a", "b", "c"]
+    pipeline.main(["--config", config, "--var", "seed=1"])
+    assert [r[0] for r in ran(in_tmp)] == ["a", "b", "c", "b", "c"]
+    assert pipeline.load(config, {"seed": "7"})["steps"][1][0]["run"].endswith("--seed 7")
+    with pytest.raises(SystemExit):  # a var the pipeline does not have
+        pipeline.main(["--config", config, "--var", "sed=1"])
+    Path(config).write_text(yaml.safe_dump(spec))  # no vars: $seed is undefined
+    with pytest.raises(ValueError, match="does not define"):
+        pipeline.load(config)
 
 
 @pytest.mark.parametrize("config", ["shapes.yaml", "real.yaml"])

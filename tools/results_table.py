@@ -1,11 +1,18 @@
-"""Write (and print) the held-out verdict accuracy of several runs as results.md and results.json,
-read from their CSV logs: the demo pipeline's last step, whose table the README quotes.
+"""Write (and print) the held-out verdict accuracy of several runs as results.md, results.json and
+a plot, read from their CSV logs: the demo pipeline's last step, whose table the README quotes.
 
-    python tools/results_table.py --logs runs/demo/logs --out runs/demo --rows base="base model" sft="SFT"
+    python tools/results_table.py --logs runs/demo/logs --out runs/demo --rows base="base model" sft="SFT" \
+        --categories coarse fine --plot
+
+Several runs' results.json (e.g. the demo with three seeds) combine into one table of means and
+ranges: python tools/results_table.py --combine seed0/results.json seed1/results.json ...
 
 Each row names a CSV logger run (`<logs>/<name>/version_*/metrics.csv`, the newest version) and the
-label it gets in the table. A run's accuracy is the last `val/verdict_accuracy` it logged; a missing
-run is shown as missing, not skipped.
+label it gets in the table. A run's accuracy is the last `val/verdict_accuracy` it logged, and per
+category the last `val/verdict_accuracy/<category>` (`val_categories` of the judge module); a
+missing run is shown as missing, not skipped. Runs validated more than once also get their curve
+(accuracy at each validated step) in results.md and the plot, so a reader sees whether a training
+ended on a plateau or mid-climb.
 """
 
 import argparse
@@ -13,13 +20,19 @@ import csv
 import json
 from pathlib import Path
 
+ACCURACY = "val/verdict_accuracy"
+BASE_FIELDS = ("run", "model", "accuracy", "unparseable")
 
-def last_logged(metrics_csv: Path, column: str) -> float | None:
-    value = None
+
+def logged(metrics_csv: Path, column: str) -> list[tuple[int, float]]:
+    """(step, value) of every row that logged `column`."""
     with open(metrics_csv) as f:
-        for row in csv.DictReader(f):
-            value = row.get(column) or value
-    return None if value is None else float(value)
+        return [(int(row["step"]), float(row[column])) for row in csv.DictReader(f) if row.get(column)]
+
+
+def last(metrics_csv: Path, column: str) -> float | None:
+    values = logged(metrics_csv, column)
+    return values[-1][1] if values else None
 
 
 def newest_metrics(logs: Path, name: str) -> Path | None:
@@ -27,52 +40,146 @@ def newest_metrics(logs: Path, name: str) -> Path | None:
     return runs[-1] if runs else None
 
 
-def table(logs: Path, rows: list[tuple[str, str]]) -> list[dict]:
+def table(logs: Path, rows: list[tuple[str, str]], categories: list[str] = ()) -> list[dict]:
     results = []
     for name, label in rows:
         metrics = newest_metrics(logs, name)
         row = {"run": name, "model": label, "accuracy": None, "unparseable": None}
+        row.update({category: None for category in categories})
+        row["curve"] = []
         if metrics is not None:
-            row["accuracy"] = last_logged(metrics, "val/verdict_accuracy")
-            row["unparseable"] = last_logged(metrics, "val/unparseable")
+            row["accuracy"] = last(metrics, ACCURACY)
+            row["unparseable"] = last(metrics, "val/unparseable")
+            row.update({category: last(metrics, f"{ACCURACY}/{category}") for category in categories})
+            row["curve"] = logged(metrics, ACCURACY)
         results.append(row)
     return results
 
 
-def markdown(results: list[dict]) -> str:
-    lines = ["| model | held-out verdict accuracy | unparseable |", "|---|---|---|"]
+def percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def markdown(results: list[dict], categories: list[str] = ()) -> str:
+    lines = [
+        "| model | held-out verdict accuracy | " + "".join(f"{c} | " for c in categories) + "unparseable |",
+        "|---|---|" + "---|" * len(categories) + "---|",
+    ]
     for row in results:
         if row["accuracy"] is None:
-            lines.append(f"| {row['model']} | missing | |")
+            lines.append(f"| {row['model']} | missing | " + "| " * len(categories) + "|")
         else:
-            lines.append(f"| {row['model']} | {100 * row['accuracy']:.1f}% | {row['unparseable']:.0f} |")
+            cells = "".join(f"{percent(row[c])} | " for c in categories)
+            lines.append(f"| {row['model']} | {percent(row['accuracy'])} | {cells}{row['unparseable']:.0f} |")
+    curves = [row for row in results if len(row["curve"]) > 1]
+    if curves:
+        lines += ["", "Held-out verdict accuracy at each validated step:", ""]
+        for row in curves:
+            points = ", ".join(f"{percent(value)} ({step + 1})" for step, value in row["curve"])
+            lines.append(f"- {row['model']}: {points}")
     return "\n".join(lines)
+
+
+def combine(tables: list[list[dict]], categories: list[str]) -> str:
+    """One markdown table of several runs of the same rows: each cell the mean, with the lowest and
+    highest value, over the tables."""
+    columns = ["accuracy", *categories]
+    lines = [
+        f"| model ({len(tables)} runs: mean, range) | held-out verdict accuracy | "
+        + "".join(f"{c} | " for c in categories),
+        "|---|---|" + "---|" * len(categories),
+    ]
+    for rows in zip(*tables):
+        if len({row["run"] for row in rows}) != 1:
+            raise ValueError(f"the tables list different runs in the same place: {[row['run'] for row in rows]}")
+        cells = []
+        for column in columns:
+            values = [100 * row[column] for row in rows if row.get(column) is not None]
+            cells.append(
+                f"{sum(values) / len(values):.1f}% ({min(values):.1f}-{max(values):.1f})"
+                if len(values) == len(rows)
+                else "missing"
+            )
+        lines.append(f"| {rows[0]['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], categories: list[str], path: Path) -> None:
+    """Bars of each run's accuracy (overall and per category), and the curves of runs validated
+    more than once, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [row for row in results if row["accuracy"] is not None]
+    curves = [row for row in results if len(row["curve"]) > 1]
+    figure, axes = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 8, 4.5), squeeze=False)
+    bars = axes[0][0]
+    columns = ["accuracy", *categories]
+    width = 0.8 / len(columns)
+    for k, column in enumerate(columns):
+        values = [100 * (row[column] or 0) for row in shown]
+        bars.bar([i + k * width for i in range(len(shown))], values, width, label="overall" if k == 0 else column)
+    bars.set_xticks([i + width * (len(columns) - 1) / 2 for i in range(len(shown))])
+    bars.set_xticklabels([row["run"] for row in shown], rotation=30, ha="right", fontsize=8)
+    bars.set_ylabel("held-out verdict accuracy (%)")
+    bars.set_ylim(0, 100)
+    bars.legend(fontsize=8)
+    if curves:
+        lines = axes[0][1]
+        for row in curves:
+            lines.plot(
+                [s + 1 for s, _ in row["curve"]], [100 * v for _, v in row["curve"]], marker="o", label=row["run"]
+            )
+        lines.set_xlabel("training step")
+        lines.set_ylabel("held-out verdict accuracy (%)")
+        lines.set_ylim(0, 100)
+        lines.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--logs", required=True, help="the CSV loggers' save_dir")
+    parser.add_argument("--logs", help="the CSV loggers' save_dir")
+    parser.add_argument("--combine", nargs="+", metavar="RESULTS_JSON", help="print the mean table of these instead")
     parser.add_argument(
         "--rows",
         nargs="+",
-        required=True,
         metavar="RUN=LABEL",
         help="logger run names and their labels, in table order",
     )
-    parser.add_argument("--out", help="directory of results.md and results.json (default: --logs)")
+    parser.add_argument(
+        "--categories", nargs="*", default=[], help="held-out categories to give columns (the runs' val_categories)"
+    )
+    parser.add_argument("--plot", action="store_true", help="also draw results.png (needs matplotlib)")
+    parser.add_argument("--out", help="directory of results.md, results.json and results.png (default: --logs)")
     args = parser.parse_args(argv)
+    if args.combine:
+        tables = [json.loads(Path(path).read_text()) for path in args.combine]
+        categories = args.categories or [k for k in tables[0][0] if k not in (*BASE_FIELDS, "curve")]
+        print(combine(tables, categories))
+        return
+    if not args.logs or not args.rows:
+        parser.error("--logs and --rows are required (or --combine)")
     rows = []
     for spec in args.rows:
         name, sep, label = spec.partition("=")
         if not sep or not name:
             parser.error(f"a row is RUN=LABEL, got {spec!r}")
         rows.append((name, label))
-    results = table(Path(args.logs), rows)
+    results = table(Path(args.logs), rows, args.categories)
     out = Path(args.out or args.logs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results) + "\n")
-    print("\n" + markdown(results) + f"\n\n(written to {out / 'results.md'} and results.json)")
+    (out / "results.md").write_text(markdown(results, args.categories) + "\n")
+    written = "results.md and results.json"
+    if args.plot:
+        plot(results, args.categories, out / "results.png")
+        written = "results.md, results.json and results.png"
+    print("\n" + markdown(results, args.categories) + f"\n\n(written to {out}: {written})")
 
 
 if __name__ == "__main__":
