@@ -19,7 +19,7 @@ from carevl.curation.records import FolderBusy, Records
 from carevl.curation.report import write_report
 from carevl.schema import read_manifest
 from carevl.standins.loopback import LoopbackEndpoint
-from carevl.standins.shapes import true_label
+from carevl.standins.shapes import KINDS, true_label
 from carevl.standins.simulated import SimulatedAnswerer, SimulatedCaptioner, SimulatedExpert, SimulatedJudge
 from carevl.standins.world import write_questions
 from tests.helpers import ingest_world, load_tool
@@ -668,3 +668,62 @@ def test_a_changed_or_removed_model_is_never_served_from_old_records(tmp_path, m
         assert {stages.normalized(text) for text in pair["responses"]} <= kept, (
             "a pair holds an answer of the removed model"
         )
+
+
+def test_the_demo_world_errs_where_real_curation_models_do(tmp_path):
+    """With the shipped simulations (configs/curation/shapes.yaml), captions leave counts out, so the
+    experts are unsure on fine-detail questions and the low-confidence split is enriched for them,
+    while the judge, which sees the image, stays better than the experts there. Measured, not
+    scripted: the split only sees votes and verdicts."""
+    import importlib
+
+    workdir = str(tmp_path / "cur")
+    config = yaml.safe_load((ROOT / "configs" / "curation" / "shapes.yaml").read_text())
+
+    def build(spec):
+        module, _, name = spec["class_path"].rpartition(".")
+        args = spec["init_args"]
+        return getattr(importlib.import_module(module), name)(
+            **{**args, **({"world": workdir} if "world" in args else {})}
+        )
+
+    ingest_world(workdir, 300, 5)
+    models = {name: (lambda spec=spec: build(spec)) for name, spec in config["candidates"]["models"].items()}
+    decodings = {name: Sampling(**spec) for name, spec in config["candidates"]["decodings"].items()}
+    stages.candidates(workdir, models, decodings)
+    stages.captions(workdir, lambda: build(config["captions"]["captioner"]))
+    stages.pairs(workdir, max_pairs_per_item=config["pairs"]["max_pairs_per_item"])
+    stages.judge(workdir, model=lambda: build(config["judge"]["model"]))
+    stages.votes(workdir, {name: (lambda spec=spec: build(spec)) for name, spec in config["votes"]["experts"].items()})
+    stages.split(workdir, tau=config["split"]["tau"])
+
+    items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
+    counts = {
+        kind: {"pairs": 0, "low": 0, "judge": [0, 0], "experts": [0, 0], "high": [0, 0]} for kind in ("coarse", "fine")
+    }
+    for row in Records(Path(workdir) / "split.jsonl").ok():
+        item = items[row["item"]]
+        kind = KINDS[item["meta"]["truth"]["attribute"]]
+        tally = counts[kind]
+        tally["pairs"] += 1
+        tally["low"] += row["confidence"] == "low"
+        truth = true_label(item, row["responses"])
+        if truth is None:
+            continue
+        majority = 1 if row["votes"][0] > row["votes"][1] else 2 if row["votes"][1] > row["votes"][0] else None
+        for name, verdict in (("judge", row["judge"]), ("experts", majority)):
+            if verdict is not None:
+                tally[name][0] += verdict == truth
+                tally[name][1] += 1
+        if row["confidence"] == "high":
+            tally["high"][0] += row["label"] == truth
+            tally["high"][1] += 1
+    coarse, fine = counts["coarse"], counts["fine"]
+    share = {kind: counts[kind]["low"] / counts[kind]["pairs"] for kind in counts}
+    assert share["fine"] > share["coarse"] + 0.15, share
+    fine_share_all = fine["pairs"] / (fine["pairs"] + coarse["pairs"])
+    fine_share_high = fine["high"][1] / (fine["high"][1] + coarse["high"][1])
+    assert fine_share_high < fine_share_all / 2, (fine_share_high, fine_share_all)  # SFT is thin on fine detail
+    precision = {k: {n: counts[k][n][0] / counts[k][n][1] for n in ("judge", "experts", "high")} for k in counts}
+    assert precision["fine"]["judge"] > precision["fine"]["experts"] + 0.05, precision
+    assert precision["coarse"]["high"] > 0.95 and precision["fine"]["high"] > 0.9, precision

@@ -39,6 +39,11 @@ REGIONS = {
     "bottom": (0.0, 0.5, 1.0, 1.0),
 }
 ATTRIBUTES = ("colour", "shape", "count", "position")
+# How much detail each question asks for. Captions state coarse content (which shape, which colour)
+# reliably and often leave out or blur fine detail (how many, where), as real captioners do; the
+# simulated curation models err accordingly (`carevl.standins.simulated`), and held-out accuracy is
+# reported per kind (the samples' `meta.category`).
+KINDS = {"colour": "coarse", "shape": "coarse", "count": "fine", "position": "fine"}
 
 BACKGROUND = (60, 60, 60)
 IMAGE_SIZE = 56  # a multiple of 28: Qwen2-VL sees a 4 x 4 patch grid, merged into 4 image tokens
@@ -59,7 +64,10 @@ class Scene:
             "position": self.position,
         }[attribute]
 
-    def caption(self) -> str:
+    def caption(self, count: bool = True) -> str:
+        """The scene in words; without `count`, "some" stands for the number (a blurred caption)."""
+        if not count:
+            return f"some {self.colour} {self.shape}s at the {self.position}"
         noun = self.shape if self.count == 1 else self.shape + "s"
         return f"{COUNT_WORDS[self.count]} {self.colour} {noun} at the {self.position}"
 
@@ -159,27 +167,30 @@ class JudgeItem:
             "responses": list(self.responses),
             "label": self.label,
             "image": self.image,
-            "meta": {"attribute": self.attribute, "scene": self.scene.__dict__},
+            "meta": {"attribute": self.attribute, "category": KINDS[self.attribute], "scene": self.scene.__dict__},
         }
 
     def critique(self) -> str:
-        """Say what the image shows, quote each answer's value, name the answer whose value the image
-        has, then give the verdict. The decisive step is a recall, not a comparison: after "The image
-        has purple, as Answer" the judge names the answer that says purple."""
-        truth = self.scene.value(self.attribute)
-        return " ".join(
-            [
-                f"The image shows {self.scene.caption()}.",
-                recall_critique(self.values, truth, "image"),
-                verdict_line(self.label),
-            ]
-        )
+        """Quote each answer's value, say which value the image has and name the answer that says it,
+        then give the verdict: the base model's quoting task (`quote_task`) with the image as the
+        reference. The decisive step is a recall, not a comparison: after "The image has purple, as
+        Answer" the judge names the answer that says purple (docs/shapes-world.md)."""
+        return critique(self.values, self.scene.value(self.attribute), self.label, self.label)
+
+
+def quotes(values: tuple[str, ...] | list[str]) -> str:
+    return " ".join(f"Answer {number} says {value}." for number, value in enumerate(values, start=1))
 
 
 def recall_critique(values: tuple[str, ...] | list[str], truth: str, source: str) -> str:
     """Quote each answer's value, then name the (first) answer whose value `source` has."""
-    quotes = " ".join(f"Answer {number} says {value}." for number, value in enumerate(values, start=1))
-    return f"{quotes} The {source} has {truth}, as Answer {list(values).index(truth) + 1} says."
+    return f"{quotes(values)} The {source} has {truth}, as Answer {list(values).index(truth) + 1} says."
+
+
+def critique(quoted: tuple[str, ...] | list[str], had: str, named: int, verdict: int) -> str:
+    """A judge critique: the quoted values, the value it says the image has and the answer it
+    names for it, then the verdict line."""
+    return f"{quotes(quoted)} The image has {had}, as Answer {named} says. {verdict_line(verdict)}"
 
 
 def judge_items(n: int, seed: int, prefix: str = "shapes", attributes: tuple[str, ...] = ATTRIBUTES) -> list[JudgeItem]:
@@ -212,8 +223,8 @@ def judge_items(n: int, seed: int, prefix: str = "shapes", attributes: tuple[str
 CAPTION_PROMPT = "Describe the image."
 
 
-def caption_target(scene: Scene) -> str:
-    return f"The image shows {scene.caption()}."
+def caption_target(scene: Scene, count: bool = True) -> str:
+    return f"The image shows {scene.caption(count)}."
 
 
 def quote_task(rng: random.Random) -> tuple[str, str]:
@@ -239,44 +250,31 @@ JUDGE_ATTRIBUTES = ("colour", "shape", "count")
 
 def worse_critiques(item: JudgeItem) -> list[str]:
     """Simulated worse critiques of a judge item, each with a known flaw: the recall names the other
-    answer; the scene is misread; the quotes are swapped; the analysis is right but the verdict is
+    answer; the image is misread; the quotes are swapped; the analysis is right but the verdict is
     not. They stand in for sampled critiques that an evaluator scored lower (Best-to-Worse)."""
-    truth = item.scene.value(item.attribute)
-    other = 3 - item.label
-    caption = f"The image shows {item.scene.caption()}."
-    wrong_value = item.values[other - 1]
-    misread = with_value(item.scene, item.attribute, wrong_value)
-    recall = recall_critique(item.values, truth, "image")
+    truth, other, values = item.scene.value(item.attribute), 3 - item.label, item.values
     return [
-        " ".join(
-            [caption, recall.replace(f"as Answer {item.label} says", f"as Answer {other} says"), verdict_line(other)]
-        ),
-        " ".join(
-            [
-                f"The image shows {misread.caption()}.",
-                recall_critique(item.values, wrong_value, "image"),
-                verdict_line(other),
-            ]
-        ),
-        " ".join([caption, recall_critique(item.values[::-1], truth, "image"), verdict_line(other)]),
-        " ".join([caption, recall, verdict_line(other)]),
+        critique(values, truth, other, other),
+        critique(values, values[other - 1], other, other),
+        critique(values[::-1], truth, other, other),
+        critique(values, truth, item.label, other),
     ]
 
 
 def distinct_worse_critiques(item: JudgeItem, n: int) -> list[str]:
-    """n distinct worse critiques of an item, in this order: `worse_critiques`, the scene misread as
-    each other value of the asked attribute (under either verdict), then shortened analyses under
-    the wrong verdict (for attributes with few values). Raises ValueError when there are fewer."""
-    truth = item.scene.value(item.attribute)
-    caption, recall = f"The image shows {item.scene.caption()}.", recall_critique(item.values, truth, "image")
+    """n distinct worse critiques of an item, in this order: `worse_critiques`, the image misread as
+    each other value of the asked attribute (naming either answer, under either verdict), then
+    shortened analyses under the wrong verdict. Raises ValueError when there are fewer."""
+    truth, other = item.scene.value(item.attribute), 3 - item.label
     misread = (
-        f"The image shows {with_value(item.scene, item.attribute, value).caption()}. {recall} {verdict_line(label)}"
+        critique(item.values, value, named, verdict)
         for value in attribute_values(item.attribute)
         if value != truth
-        for label in (1, 2)
+        for named in (1, 2)
+        for verdict in (1, 2)
     )
-    shortened = (f"{text} {verdict_line(3 - item.label)}" for text in (recall, caption))
-    candidates = [*worse_critiques(item), *misread, *shortened]
+    shortened = (f"{text} {verdict_line(other)}" for text in (quotes(item.values), f"The image has {truth}.", ""))
+    candidates = [*worse_critiques(item), *misread, *(text.strip() for text in shortened)]
     critiques = list(dict.fromkeys(c for c in candidates if c != item.critique()))[:n]
     if len(critiques) < n:
         raise ValueError(f"{item.id}: only {len(critiques)} distinct worse critiques, {n} asked for")

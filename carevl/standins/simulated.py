@@ -45,8 +45,9 @@ class WorldTruth:
 
 class SimulatedAnswerer(ChatModel):
     """A simulated candidate model: states the true value of the asked attribute, or with probability
-    `error_rate` (doubled when sampling at temperature > 0) a wrong one, in one of
-    `shapes.ANSWER_STYLES`, or in a style drawn per answer (`style: mixed`).
+    `error_rate` (`fine_error_rate` on fine-detail questions, `shapes.KINDS`; doubled when sampling at
+    temperature > 0) a wrong one, in one of `shapes.ANSWER_STYLES`, or in a style drawn per answer
+    (`style: mixed`).
 
     The shapes pipeline has every model answer in sentences: were better models also the longer
     ones, a judge trained on their pairs could get most labels right from length alone, and on pairs
@@ -54,16 +55,19 @@ class SimulatedAnswerer(ChatModel):
 
     operational = ("world", "latency")
 
-    def __init__(self, name: str, world: str, error_rate: float = 0.3, style: str = "sentence", latency: float = 0.0):
+    def __init__(
+        self,
+        name: str,
+        world: str,
+        error_rate: float = 0.3,
+        fine_error_rate: float | None = None,
+        style: str = "sentence",
+        latency: float = 0.0,
+    ):
         if style not in (*shapes.ANSWER_STYLES, "mixed"):
             raise ValueError(f"style must be one of {sorted(shapes.ANSWER_STYLES)} or 'mixed'")
-        self.name, self.truth, self.error_rate, self.style, self.latency = (
-            name,
-            WorldTruth(world),
-            error_rate,
-            style,
-            latency,
-        )
+        self.name, self.truth, self.style, self.latency = name, WorldTruth(world), style, latency
+        self.error_rates = {"coarse": error_rate, "fine": error_rate if fine_error_rate is None else fine_error_rate}
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
         replies = []
@@ -75,7 +79,7 @@ class SimulatedAnswerer(ChatModel):
                 replies.append(Reply(error="simulation: not a shapes-world request"))
                 continue
             truth = scene.value(attribute)
-            error = min(1.0, self.error_rate * (2 if sampling.temperature > 0 else 1))
+            error = min(1.0, self.error_rates[shapes.KINDS[attribute]] * (2 if sampling.temperature > 0 else 1))
             texts = []
             for index in range(sampling.n):
                 rng = seeded(self.name, chat.text(), chat.images[0], sampling.seed, sampling.temperature, index)
@@ -91,12 +95,20 @@ class SimulatedAnswerer(ChatModel):
 
 
 class SimulatedCaptioner(ChatModel):
-    """A simulated captioner: states the scene, misreading one attribute with probability `error_rate`."""
+    """A simulated captioner. It states coarse content reliably, misreading the colour or the shape
+    with probability `error_rate`; fine detail it often leaves out ("some" for the number, with
+    probability `fine_miss_rate`) or gets wrong (a wrong number, `fine_error_rate`), as real
+    captioners miss counts and small objects."""
 
     operational = ("world", "latency")
 
-    def __init__(self, name: str, world: str, error_rate: float = 0.05):
+    def __init__(
+        self, name: str, world: str, error_rate: float = 0.05, fine_miss_rate: float = 0.0, fine_error_rate: float = 0.0
+    ):
+        if fine_miss_rate + fine_error_rate > 1:
+            raise ValueError("fine_miss_rate + fine_error_rate must be at most 1")
         self.name, self.truth, self.error_rate = name, WorldTruth(world), error_rate
+        self.fine_miss_rate, self.fine_error_rate = fine_miss_rate, fine_error_rate
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
         replies = []
@@ -107,11 +119,25 @@ class SimulatedCaptioner(ChatModel):
                 continue
             rng = seeded(self.name, chat.images[0], sampling.seed)
             if rng.random() < self.error_rate:
-                attribute = rng.choice(shapes.JUDGE_ATTRIBUTES)
-                wrong = rng.choice([v for v in shapes.attribute_values(attribute) if v != scene.value(attribute)])
-                scene = shapes.with_value(scene, attribute, wrong)
-            replies.append(Reply([shapes.caption_target(scene)] * sampling.n))
+                scene = misread(
+                    scene, rng.choice([a for a in shapes.JUDGE_ATTRIBUTES if shapes.KINDS[a] == "coarse"]), rng
+                )
+            fine = rng.random()
+            if fine < self.fine_error_rate:
+                scene = misread(scene, "count", rng)
+            replies.append(
+                Reply(
+                    [shapes.caption_target(scene, count=fine >= self.fine_error_rate + self.fine_miss_rate)]
+                    * sampling.n
+                )
+            )
         return replies
+
+
+def misread(scene: shapes.Scene, attribute: str, rng: random.Random) -> shapes.Scene:
+    """The scene with `attribute` set to a wrong value drawn by `rng`."""
+    wrong = rng.choice([v for v in shapes.attribute_values(attribute) if v != scene.value(attribute)])
+    return shapes.with_value(scene, attribute, wrong)
 
 
 _ANSWER_LINE = re.compile(r"^Answer ([12]): (.*)$", re.MULTILINE)
@@ -119,15 +145,19 @@ _ANSWER_LINE = re.compile(r"^Answer ([12]): (.*)$", re.MULTILINE)
 
 class SimulatedJudge(ChatModel):
     """A simulated strong LVLM judge (GPT-4o's role): where exactly one answer is right it picks that
-        one with probability `accuracy`; otherwise it picks the longer answer (a verbosity bias), ties at
-        random. Its explanation reads like the shapes world's critiques and supports its verdict, right
-        or wrong. With a schema it answers as JSON {"explanation", "verdict"}, like structured output;
-    without one, in free text ending with the verdict line. At temperature > 0 the n samples differ."""
+    one with probability `accuracy` (`fine_accuracy` on fine-detail questions); otherwise it picks
+    the longer answer (a verbosity bias), ties at random. Its explanation reads like the shapes
+    world's critiques and supports its verdict, right or wrong. With a schema it answers as JSON
+    {"explanation", "verdict"}, like structured output; without one, in free text ending with the
+    verdict line. At temperature > 0 the n samples differ."""
 
     operational = ("world", "latency")
 
-    def __init__(self, name: str, world: str, accuracy: float = 0.8, latency: float = 0.0):
-        self.name, self.truth, self.accuracy, self.latency = name, WorldTruth(world), accuracy, latency
+    def __init__(
+        self, name: str, world: str, accuracy: float = 0.8, fine_accuracy: float | None = None, latency: float = 0.0
+    ):
+        self.name, self.truth, self.latency = name, WorldTruth(world), latency
+        self.accuracies = {"coarse": accuracy, "fine": accuracy if fine_accuracy is None else fine_accuracy}
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
         replies = []
@@ -170,17 +200,13 @@ class SimulatedJudge(ChatModel):
         right = [v == truth for v in values]
         if right[0] != right[1]:
             best = 1 if right[0] else 2
-            verdict = best if rng.random() < self.accuracy else 3 - best
+            verdict = best if rng.random() < self.accuracies[shapes.KINDS[attribute]] else 3 - best
         else:
             lengths = [len(answers["1"]), len(answers["2"])]
             verdict = 1 + (lengths[1] > lengths[0]) if lengths[0] != lengths[1] else rng.choice((1, 2))
         seen = truth if values[verdict - 1] == truth or values[verdict - 1] is None else values[verdict - 1]
-        quotes = " ".join(f"Answer {n} says {v or 'nothing clear'}." for n, v in enumerate(values, start=1))
-        return (
-            f"The image shows {shapes.with_value(scene, attribute, seen).caption()}. {quotes} The image has {seen}, "
-            f"as Answer {verdict} says.",
-            verdict,
-        )
+        text = shapes.critique([v or "nothing clear" for v in values], seen, verdict, verdict)
+        return text.rsplit(" Overall Judgment:", 1)[0], verdict
 
 
 _DESCRIPTION = re.compile(r"Image description: (.*)", re.IGNORECASE)
@@ -189,7 +215,8 @@ _DESCRIPTION = re.compile(r"Image description: (.*)", re.IGNORECASE)
 class SimulatedExpert(RewardModel):
     """A simulated text-only reward model: it sees the question, the caption and one answer, scores 2
     when the answer's value matches the caption's (0 otherwise), flips that with probability
-    `error_rate`, and adds 0 or 1 at random, so two equally right answers tie half the time."""
+    `error_rate`, and adds 0 or 1 at random, so two equally right answers tie half the time. Where
+    the caption does not state the asked value it cannot tell, and its scores are that noise alone."""
 
     operational = ("world", "latency")
 
@@ -218,11 +245,17 @@ _FIELD = re.compile(r"^(Image description|Question|Answer 1|Answer 2|Reference d
 
 
 class SimulatedEvaluator(ChatModel):
-    """A simulated critique evaluator (Llama-3.3-70B's role): 85 points for a critique whose verdict
-    is the reference decision, 35 otherwise; 20 fewer when the scene it describes contradicts the
-    image description on the asked attribute; +-10 at random. With probability `unparseable_rate`
-    it forgets the final "Score:" line. With a schema (structured output) it replies with the four
-    aspects' points as JSON, summing to the same score, and never forgets."""
+    """A simulated critique evaluator (Llama-3.3-70B's role). It grades what a reader of the request
+    can check, on the paper's four aspects of 25 points:
+
+    - relevance: each answer's value quoted as that answer states it (12 and 13 points);
+    - accuracy: the verdict is the reference decision (15), and the value the critique says the
+      image has agrees with the image description (10; 5 where the description does not state it);
+    - reasoning: the answer it names does say that value (15), and the verdict follows it (10);
+    - clarity: 25 for a critique in the world's form, 5 for anything else;
+
+    then +-2 at random. With probability `unparseable_rate` it forgets the final "Score:" line. With
+    a schema (structured output) it replies with the four aspects as JSON and never forgets."""
 
     operational = ("world", "latency")
 
@@ -230,31 +263,54 @@ class SimulatedEvaluator(ChatModel):
         self.name, self.unparseable_rate = name, unparseable_rate
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
-        from carevl.prompts import parse_verdict
-
         replies = []
         for chat in chats:
             text = chat.text()
             fields = dict(_FIELD.findall(text))
             attribute = shapes.attribute_of(fields.get("Question", ""))
-            critique = text.split("Critique to grade:", 1)[-1].split("Grade the critique", 1)[0]
+            critique = text.split("Critique to grade:", 1)[-1].split("Grade the critique", 1)[0].strip()
             if attribute is None or "Reference decision" not in fields:
                 replies.append(Reply(error="simulation: not a shapes-world evaluation request"))
                 continue
             rng = seeded(self.name, text, sampling.seed)
-            reference = parse_verdict(f"Overall Judgment: {fields['Reference decision']}")
-            points = 85 if parse_verdict(critique) == reference else 35
-            described = re.search(r"The image shows (.*?)\.", critique)
-            if described and shapes.mentioned_value(described.group(1), attribute) != shapes.mentioned_value(
-                fields.get("Image description", ""), attribute
-            ):
-                points -= 20
-            points = max(0, min(100, points + rng.randint(-10, 10)))
+            aspects = grade(critique, fields, attribute)
+            aspects["clarity"] = max(0, min(25, aspects["clarity"] + rng.randint(-2, 2)))  # SCORE_ASPECTS[-1]
+            points = sum(aspects.values())
             if schema is not None:
-                share, rest = divmod(points, len(SCORE_ASPECTS))
-                aspects = {aspect: share + (i < rest) for i, aspect in enumerate(SCORE_ASPECTS)}
                 replies.append(Reply([json.dumps(aspects)] * sampling.n))
                 continue
             ending = "" if rng.random() < self.unparseable_rate else f"\nScore: {points}"
             replies.append(Reply([f"Relevance, accuracy, reasoning and clarity weighed.{ending}"] * sampling.n))
         return replies
+
+
+_QUOTE = re.compile(r"Answer ([12]) says (\w+)\.")
+_RECALL = re.compile(r"The image has (\w+), as Answer ([12]) says\.")
+_FORM = re.compile(
+    r"Answer 1 says \w+\. Answer 2 says \w+\. The image has \w+, as Answer [12] says\. "
+    r"Overall Judgment: Answer [12] is better\."
+)
+
+
+def grade(critique: str, fields: dict[str, str], attribute: str) -> dict[str, int]:
+    """The four aspects' points of a shapes-world critique (`SimulatedEvaluator`)."""
+    from carevl.prompts import parse_verdict
+
+    def value(text: str | None) -> str | None:
+        return None if text is None else shapes.mentioned_value(text, attribute)
+
+    answers = {k: value(fields.get(f"Answer {k}")) for k in ("1", "2")}
+    quoted = {k: value(v) for k, v in _QUOTE.findall(critique)}
+    recall = _RECALL.search(critique)
+    had, named = (value(recall.group(1)), recall.group(2)) if recall else (None, None)
+    verdict = parse_verdict(critique)
+    reference = parse_verdict(f"Overall Judgment: {fields['Reference decision']}")
+    stated = value(fields.get("Image description", ""))
+    agreement = 0 if had is None else 5 if stated is None else 10 * (had == stated)
+    points = (
+        12 * (quoted.get("1") == answers["1"]) + 13 * (quoted.get("2") == answers["2"]),
+        15 * (verdict == reference) + agreement,
+        15 * (had is not None and quoted.get(named) == had) + 10 * (verdict is not None and str(verdict) == named),
+        25 if _FORM.fullmatch(critique) else 5,
+    )
+    return dict(zip(SCORE_ASPECTS, points))

@@ -26,11 +26,13 @@ def write_world(
     shard_size: int = 500,
     seed: int = 0,
     attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES,
+    quotes: int | None = None,
 ) -> dict[str, int]:
     """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, and ``pretrain``
     instruct samples for the tiny base model: ``captions`` captions, as many questions about the
     image answered in one sentence (what the candidate models do, and what lets SFT find the asked
-    attribute's value fast: docs/shapes-world.md), and as many quoting tasks.
+    attribute's value fast: docs/shapes-world.md), and ``quotes`` quoting tasks (default: as many
+    as captions), in a seeded random order.
 
     Seeds differ per split, so held-out images never appear in training.
     """
@@ -40,12 +42,14 @@ def write_world(
             for item in shapes.judge_items(n, split_seed, prefix=f"shapes-{split}", attributes=attributes):
                 writer.write(SFTSample(**item.fields(), target=item.critique(), source="shapes-world"))
     rng = random.Random(seed + 2)
+    tasks = ["caption"] * captions + ["question"] * captions + ["quote"] * (captions if quotes is None else quotes)
+    rng.shuffle(tasks)
     with ShardWriter(out / "pretrain", prefix="pretrain", max_count=shard_size, kind="instruct") as writer:
-        for index in range(3 * captions):
+        for index, task in enumerate(tasks):
             scene = shapes.random_scene(rng)
-            if index % 3 == 0:
+            if task == "caption":
                 prompt, target = shapes.CAPTION_PROMPT, shapes.caption_target(scene)
-            elif index % 3 == 1:
+            elif task == "question":
                 attribute = rng.choice(attributes)
                 prompt, target = shapes.QUESTIONS[attribute], shapes.answer(attribute, scene.value(attribute))
             else:
@@ -60,7 +64,7 @@ def write_world(
                     meta={"scene": scene.__dict__},
                 )
             )
-    return {"train": train, "heldout": heldout, "pretrain": 3 * captions}
+    return {"train": train, "heldout": heldout, "pretrain": len(tasks)}
 
 
 # The shapes world in the benchmarks' formats, so `carevl test` runs on the demo judge. The
@@ -198,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         default=2000,
         help="caption samples (and as many answered questions and quoting tasks) for base-model pretraining",
     )
+    parser.add_argument(
+        "--quotes", type=int, help="quoting tasks for base-model pretraining (default: as many as captions)"
+    )
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     parser.add_argument(
         "--benchmark", type=int, default=120, help="records of the world in each benchmark format (bench/)"
@@ -213,7 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    counts = write_world(args.out, args.train, args.heldout, args.captions, args.shard_size, args.seed)
+    counts = write_world(
+        args.out, args.train, args.heldout, args.captions, args.shard_size, args.seed, quotes=args.quotes
+    )
     counts.update(write_benchmarks(f"{args.out}/bench", args.benchmark, seed=args.seed + 7))
     counts["groups"] = write_preference_groups(f"{args.out}/groups", args.groups, seed=args.seed + 11)
     counts["groups-heldout"] = write_preference_groups(
