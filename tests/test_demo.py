@@ -1,4 +1,4 @@
-"""The README's main job: the whole pipeline on the shapes world (slow: ~14 minutes on 2 cores)."""
+"""The README's main job: the whole pipeline on the shapes world (slow: ~9 minutes on 2 cores)."""
 
 import json
 from pathlib import Path
@@ -9,11 +9,13 @@ from tests.helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Measured with `bash tools/demo.sh` on 2 CPU cores (README; two fresh runs, identical tables): SFT
-# on every judge label 63.5%, on the high-confidence pairs 94.0%, after DPO 92.5-93.5%. The test
-# holds the pipeline to the paper's SFT ordering with room for a few held-out items (one is 0.5
-# points), to every DPO row within 3 points of the SFT judge, to parseable critiques from every
-# judge, and to none from the base model.
+# Measured with `bash tools/demo.sh` (seed 0) on 2 CPU cores (docs/results.md): the SFT judge on the
+# high-confidence pairs 92.5% of 400 held-out items, 14.8 points above SFT on every judge label, its
+# last two validations equal; every DPO run within 4 points of it. The test holds the default seed
+# to those with room for a few items: SFT at 90% or more and 10 points above the no-experts
+# ablation, a flat end to its curve (the last two validations within 2 points), no DPO run more
+# than 5 points below it, parseable critiques from every judge and none from the base model. Other
+# seeds do not yet reach these figures (seed 1: 71.2%; docs/results.md).
 
 
 @pytest.mark.slow
@@ -25,12 +27,16 @@ def test_pipeline_on_the_shapes_world(tmp_path, monkeypatch):
     pipeline.main(["--config", "configs/pipeline/shapes.yaml"])
 
     table = {row["run"]: row for row in json.loads(Path("runs/demo/results.json").read_text())}
-    assert table["base"]["accuracy"] == 0.0 and table["base"]["unparseable"] == 200, table["base"]
+    held_out = table["base"]["unparseable"]
+    assert table["base"]["accuracy"] == 0.0 and held_out == 400, table["base"]
     assert all(row["accuracy"] is not None for row in table.values()), table
     dpo_runs = ("dpo", "dpo-lowest_incorrect", "dpo-highest_incorrect", "dpo-all_incorrect", "dpo-random_incorrect")
     for run in ("sft-judge", "sft", *dpo_runs):
         assert table[run]["unparseable"] <= 10, table[run]
-    assert table["sft"]["accuracy"] >= 0.90, table["sft"]
-    assert table["sft"]["accuracy"] - table["sft-judge"]["accuracy"] >= 0.10, (table["sft"], table["sft-judge"])
+    sft = table["sft"]
+    assert sft["accuracy"] >= 0.90, sft
+    assert sft["accuracy"] - table["sft-judge"]["accuracy"] >= 0.10, (sft, table["sft-judge"])
+    (_, before), (_, last) = sft["curve"][-2:]
+    assert abs(last - before) <= 0.02, sft["curve"]  # a plateau, not mid-climb
     for run in dpo_runs:
-        assert table[run]["accuracy"] >= table["sft"]["accuracy"] - 0.03, (table[run], table["sft"])
+        assert table[run]["accuracy"] >= sft["accuracy"] - 0.05, (table[run], sft)
