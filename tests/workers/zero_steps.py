@@ -115,6 +115,9 @@ def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
     for name, module_class, directory, kind, arguments in runs:
         full = name in ("dpo_full", "dpo_copy")
         lora = None if full else LoraSettings(dropout=0.0)
+        # adapters start at zero and need a large step to move the loss in three; the whole model
+        # overshoots at that rate on the shapes world's close chosen/rejected critiques
+        lr = 2e-3 if full else 1e-2
         backbone = Backbone(
             checkpoint, lora=lora, freeze_projector=full, dtype="bfloat16", gradient_checkpointing=True, logit_chunk=7
         )
@@ -134,7 +137,7 @@ def main(checkpoint: str, groups: str, sft: str, stage: str) -> None:
         before = gathered(params)
         trainable = [p for p in module.parameters() if p.requires_grad]
         engine, *_ = deepspeed.initialize(
-            model=module, model_parameters=trainable, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=config
+            model=module, model_parameters=trainable, optimizer=torch.optim.AdamW(trainable, lr=lr), config=config
         )
         losses = []
         for _ in range(3):
