@@ -85,8 +85,8 @@ def combine(tables: list[list[dict]], categories: list[str]) -> str:
     highest value, over the tables."""
     columns = ["accuracy", *categories]
     lines = [
-        f"| model ({len(tables)} runs: mean, range) | held-out verdict accuracy | "
-        + "".join(f"{c} | " for c in categories),
+        f"| model ({len(tables)} runs: mean, range) | held-out verdict accuracy |"
+        + "".join(f" {c} |" for c in categories),
         "|---|---|" + "---|" * len(categories),
     ]
     for rows in zip(*tables):
