@@ -164,10 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     overrides = {}
-    for spec in args.var:
-        name, sep, value = spec.partition("=")
+    for assignment in args.var:
+        name, sep, value = assignment.partition("=")
         if not sep or not name:
-            parser.error(f"--var takes NAME=VALUE, got {spec!r}")
+            parser.error(f"--var takes NAME=VALUE, got {assignment!r}")
         overrides[name] = value
     try:
         spec = load(args.config, overrides)

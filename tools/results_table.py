@@ -24,14 +24,13 @@ ACCURACY = "val/verdict_accuracy"
 BASE_FIELDS = ("run", "model", "accuracy", "unparseable")
 
 
-def logged(metrics_csv: Path, column: str) -> list[tuple[int, float]]:
-    """(step, value) of every row that logged `column`."""
-    with open(metrics_csv) as f:
-        return [(int(row["step"]), float(row[column])) for row in csv.DictReader(f) if row.get(column)]
+def logged(rows: list[dict], column: str) -> list[tuple[int, float]]:
+    """(step, value) of every CSV row that logged `column`."""
+    return [(int(row["step"]), float(row[column])) for row in rows if row.get(column)]
 
 
-def last(metrics_csv: Path, column: str) -> float | None:
-    values = logged(metrics_csv, column)
+def last(rows: list[dict], column: str) -> float | None:
+    values = logged(rows, column)
     return values[-1][1] if values else None
 
 
@@ -48,10 +47,12 @@ def table(logs: Path, rows: list[tuple[str, str]], categories: list[str] = ()) -
         row.update({category: None for category in categories})
         row["curve"] = []
         if metrics is not None:
-            row["accuracy"] = last(metrics, ACCURACY)
-            row["unparseable"] = last(metrics, "val/unparseable")
-            row.update({category: last(metrics, f"{ACCURACY}/{category}") for category in categories})
-            row["curve"] = logged(metrics, ACCURACY)
+            with open(metrics) as f:
+                logged_rows = list(csv.DictReader(f))
+            row["accuracy"] = last(logged_rows, ACCURACY)
+            row["unparseable"] = last(logged_rows, "val/unparseable")
+            row.update({category: last(logged_rows, f"{ACCURACY}/{category}") for category in categories})
+            row["curve"] = logged(logged_rows, ACCURACY)
         results.append(row)
     return results
 

@@ -182,15 +182,20 @@ def quotes(values: tuple[str, ...] | list[str]) -> str:
     return " ".join(f"Answer {number} says {value}." for number, value in enumerate(values, start=1))
 
 
+def recall(quoted: tuple[str, ...] | list[str], source: str, had: str, named: int) -> str:
+    """The quotes, then the value `source` has and the answer named for it."""
+    return f"{quotes(quoted)} The {source} has {had}, as Answer {named} says."
+
+
 def recall_critique(values: tuple[str, ...] | list[str], truth: str, source: str) -> str:
     """Quote each answer's value, then name the (first) answer whose value `source` has."""
-    return f"{quotes(values)} The {source} has {truth}, as Answer {list(values).index(truth) + 1} says."
+    return recall(values, source, truth, list(values).index(truth) + 1)
 
 
 def critique(quoted: tuple[str, ...] | list[str], had: str, named: int, verdict: int) -> str:
     """A judge critique: the quoted values, the value it says the image has and the answer it
     names for it, then the verdict line."""
-    return f"{quotes(quoted)} The image has {had}, as Answer {named} says. {verdict_line(verdict)}"
+    return f"{recall(quoted, 'image', had, named)} {verdict_line(verdict)}"
 
 
 def judge_items(n: int, seed: int, prefix: str = "shapes", attributes: tuple[str, ...] = ATTRIBUTES) -> list[JudgeItem]:
