@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from carevl import group_logprobs
+from carevl import group_logprobs, packing
 from carevl.flops import ModelFlops
 from carevl.losses import response_token_logprobs, sequence_logprobs
 from carevl.prompts import write_trained_prompt
@@ -367,10 +367,19 @@ class Backbone(nn.Module):
         model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "prompt_length")}
         return self.hf.model(**model_inputs, use_cache=False).last_hidden_state
 
-    def response_logprobs(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs of response tokens (labels != -100) and the batch row of each."""
-        hidden = self.hidden_states(inputs)
-        return response_token_logprobs(hidden, inputs["labels"], self.hf.lm_head, self.head_chunk)
+    def response_logprobs(
+        self, inputs: dict[str, torch.Tensor], packed: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of response tokens (labels != -100) and the batch row of each.
+
+        With `packed`, the batch's samples run end to end in one row without padding
+        (`carevl.packing`); the values are the same."""
+        if not packed:
+            hidden = self.hidden_states(inputs)
+            return response_token_logprobs(hidden, inputs["labels"], self.hf.lm_head, self.head_chunk)
+        row, owner = packing.pack_batch(self.hf, inputs)
+        logps, _ = response_token_logprobs(self.hidden_states(row), row["labels"], self.hf.lm_head, self.head_chunk)
+        return logps, packing.packed_response_rows(row["labels"], owner)
 
     @property
     def pad_token_id(self) -> int:
