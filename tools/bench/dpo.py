@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tools.bench.epoch import peak_memory_mb, read_samples, timed_epoch
 
 MODES = ("trl", "pairs", "groups", "groups-unpacked", "pairs-precomputed", "groups-precomputed")
 
@@ -58,29 +59,18 @@ def write_data(out: Path, groups: int, rejected: int, seed: int = 0) -> None:
                 paired.write(PreferenceGroupSample(id=f"{item.id}-{j}", rejected=[text], **common))
 
 
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_trl(model_dir: str, data: Path, pairs_per_step: int) -> float:
     import torch
-    import webdataset as wds
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
-    from carevl import schema
     from carevl.standins.baselines import trl_pair
 
-    rows = []
-    for url in schema.read_manifest(data / "pairs")["urls"]:
-        for raw in wds.WebDataset(url, shardshuffle=False):
-            sample = schema.decode(raw, "preference_group")
-            rows.append(trl_pair(sample.image, sample.question, sample.responses, sample.chosen, sample.rejected[0]))
+    rows = [
+        trl_pair(sample.image, sample.question, sample.responses, sample.chosen, sample.rejected[0])
+        for sample in read_samples(data / "pairs", "preference_group")
+    ]
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     for name, param in model.named_parameters():  # the same frozen vision encoder as carevl's
         if name.startswith("model.visual.") and not name.startswith("model.visual.merger."):
@@ -115,22 +105,10 @@ def run_trl(model_dir: str, data: Path, pairs_per_step: int) -> float:
 
 
 def run_carevl(model_dir: str, shards: Path, groups_per_step: int, pack: bool = True, reference: str = "copy") -> float:
-    import torch
-    from lightning import Callback, Trainer
-
     from carevl.backbone import Backbone
     from carevl.dpo import DPOJudge
     from datamodules import JudgeDataModule
 
-    class EpochTimer(Callback):
-        def on_train_start(self, trainer, module) -> None:
-            self.start = time.perf_counter()
-
-        def on_train_end(self, trainer, module) -> None:
-            self.seconds = time.perf_counter() - self.start
-
-    timer = EpochTimer()
-    gpu = torch.cuda.is_available()
     module = DPOJudge(
         Backbone(model=model_dir), reference=reference, beta=0.1, lr=1e-5, warmup_ratio=0.0, pack_prompts=pack
     )
@@ -142,20 +120,7 @@ def run_carevl(model_dir: str, shards: Path, groups_per_step: int, pack: bool = 
         num_workers=1,
         shuffle_buffer=1,
     )
-    trainer = Trainer(
-        accelerator="gpu" if gpu else "cpu",
-        devices=1,
-        max_epochs=1,
-        precision="bf16-mixed" if gpu else "32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
-    )
-    trainer.fit(module, data)
-    return timer.seconds
+    return timed_epoch(module, data)
 
 
 def profile_carevl(model_dir: str, data: Path, rejected: int, pairs_per_step: int, steps: int = 5) -> None:
