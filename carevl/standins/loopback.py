@@ -24,6 +24,13 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    # Read when the socket starts listening, inside the constructor: a backlog of the default 5
+    # refuses connections when hundreds of clients open at once, which a real endpoint does not.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def schema_example(schema: dict) -> object:
     """A value that satisfies a (simple) JSON schema: first enum value, else a typed placeholder."""
     if "enum" in schema:
@@ -91,9 +98,7 @@ class LoopbackEndpoint:
         self.batches: dict[str, dict] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
-        self.server.request_queue_size = 512
+        self.server = _Server(("127.0.0.1", 0), _handler(self))
 
     @property
     def base_url(self) -> str:
