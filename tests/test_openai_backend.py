@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from carevl.backends.interface import Chat, Sampling
+from carevl.backends.interface import Chat, EndpointRefused, Sampling
 from carevl.backends.openai_api import OpenAIBatch, OpenAIChat, batch_bounds, retry_after
 from carevl.prompts import JUDGMENT_SCHEMA
 from carevl.standins.loopback import LoopbackEndpoint
@@ -143,3 +143,29 @@ def test_replies_stream_to_the_caller_as_they_arrive():
     assert sorted((i, ok) for i, ok, _ in seen) == [(0, True), (1, True), (2, True), (3, True)]
     last_request = max(r["time"] for r in endpoint.requests)
     assert min(t for _, _, t in seen) < last_request  # the first reply was handed over before the last request went out
+
+
+def echo(body: dict) -> str:
+    return json.dumps(body["messages"])
+
+
+def test_request_processes_answer_every_chat_and_count_their_retries():
+    """Requests spread over two event-loop processes and several small connection pools: each
+    reply comes back to its own chat, and the retries the processes made are counted here."""
+    faults = ["500", "429"]  # the first two requests to arrive, from whichever process
+    with LoopbackEndpoint(responder=echo, faults=faults, retry_after="0.05") as endpoint:
+        model = OpenAIChat(
+            "gpt-4o", base_url=endpoint.base_url, concurrency=4, processes=2, pool_size=1, max_backoff=0.05
+        )
+        replies = model.generate(chats(12), Sampling())
+    assert all(r.ok for r in replies)
+    assert all(f"question {i}" in r.texts[0] for i, r in enumerate(replies))
+    assert model.retries == {"http_500": 1, "rate_limited": 1}
+    assert len(endpoint.requests) == 14
+
+
+def test_a_refusal_in_a_request_process_stops_the_caller():
+    with LoopbackEndpoint(api_key="sk-the-right-one") as endpoint:
+        model = OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=4, processes=2)
+        with pytest.raises(EndpointRefused, match="http_401"):
+            model.generate(chats(6), Sampling())

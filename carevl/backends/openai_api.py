@@ -16,6 +16,7 @@ it is never an argument, so it never reaches a config, a record or a log.
 from __future__ import annotations
 
 import asyncio
+import copy
 import email.utils
 import json
 import logging
@@ -142,9 +143,17 @@ class OpenAIChat(ChatModel):
         timeout: seconds per request.
         max_backoff: the longest wait between tries, Retry-After included.
         image_detail: "low", "high" or "auto" (GPT-4o's image token budget).
+        processes: event loops, each in a process of its own, that share the requests in flight
+            (1: this process's). One loop spends ~1-1.5 ms of CPU per request in the SDK, so one
+            core sends at most ~700-1000 requests/s, and fewer when replies arrive in bursts; more
+            processes spread that over more cores (docs/performance.md).
+        pool_size: requests in flight per HTTP client; concurrency / pool_size clients share them.
+            The SDK's connection pool scans all of its connections for every request it sends, so
+            one client holding hundreds of them spends more CPU on that scan than on the request
+            (docs/performance.md).
     """
 
-    operational = ("api_key_env", "concurrency", "max_attempts", "timeout", "max_backoff")
+    operational = ("api_key_env", "concurrency", "max_attempts", "timeout", "max_backoff", "processes", "pool_size")
 
     def __init__(
         self,
@@ -157,6 +166,8 @@ class OpenAIChat(ChatModel):
         max_backoff: float = 60.0,
         image_detail: str = "auto",
         name: str | None = None,
+        processes: int = 1,
+        pool_size: int = 16,
     ):
         self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
         self.concurrency, self.max_attempts, self.timeout, self.max_backoff = (
@@ -165,31 +176,92 @@ class OpenAIChat(ChatModel):
             timeout,
             max_backoff,
         )
-        self.image_detail = image_detail
+        self.image_detail, self.processes, self.pool_size = image_detail, processes, pool_size
         self.name = name or model
         self.retries: Counter = Counter()  # retry reasons over this object's life
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
-        return asyncio.run(self._generate(chats, sampling, schema, None))
+        replies: list[Reply | None] = [None] * len(chats)
+        self.generate_each(chats, sampling, schema, replies.__setitem__)
+        return replies
 
     def generate_each(self, chats: list[Chat], sampling: Sampling, schema: dict | None, on_reply) -> None:
-        asyncio.run(self._generate(chats, sampling, schema, on_reply))
+        if self.processes <= 1 or len(chats) < 2:
+            asyncio.run(self._generate(chats, sampling, schema, on_reply))
+        else:
+            self._generate_in_processes(chats, sampling, schema, on_reply)
+
+    def _generate_in_processes(self, chats: list[Chat], sampling: Sampling, schema: dict | None, on_reply) -> None:
+        """`processes` event loops in processes of their own, each with its share of the requests
+        in flight; every reply comes back to `on_reply` in this process as it arrives."""
+        import multiprocessing
+        import queue
+
+        context = multiprocessing.get_context("spawn")  # a forked copy would share the parent's threads' locks
+        count = min(self.processes, len(chats))
+        worker = copy.copy(self)
+        worker.processes, worker.concurrency = 1, -(-self.concurrency // count)
+        worker.retries = Counter()
+        replies = context.Queue()
+        shares = [[(i, chats[i]) for i in range(k, len(chats), count)] for k in range(count)]
+        processes = [
+            context.Process(target=_serve_share, args=(worker, share, sampling, schema, replies), daemon=True)
+            for share in shares
+        ]
+        for process in processes:
+            process.start()
+        finished = 0
+        try:
+            while finished < count:
+                try:
+                    message = replies.get(timeout=5.0)
+                except queue.Empty:
+                    dead = [p.exitcode for p in processes if not p.is_alive() and p.exitcode != 0]
+                    if dead:
+                        raise RuntimeError(
+                            f"a request process died (exit code {dead[0]}) before its share was done"
+                        ) from None
+                    continue
+                kind, value = message
+                if kind == "reply":
+                    on_reply(*value)
+                elif kind == "done":
+                    self.retries.update(value)
+                    finished += 1
+                elif kind == "refused":
+                    raise EndpointRefused(value)
+                else:
+                    raise RuntimeError(f"a request process failed: {value}")
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+                process.join()
 
     async def _generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None, on_reply) -> list[Reply]:
+        import httpx2
         import openai
 
-        client = openai.AsyncOpenAI(
-            api_key=api_key(self.api_key_env, self.base_url),
-            base_url=self.base_url,
-            max_retries=0,
-            timeout=self.timeout,
-        )
+        key = api_key(self.api_key_env, self.base_url)
+        tls = httpx2.create_ssl_context()  # loading the CA bundle takes ~20 ms: once, not per client
+        clients = [
+            openai.AsyncOpenAI(
+                api_key=key,
+                base_url=self.base_url,
+                max_retries=0,
+                timeout=self.timeout,
+                http_client=openai.DefaultAsyncHttpxClient(verify=tls),
+            )
+            for _ in range(-(-self.concurrency // self.pool_size))
+        ]
         gate = asyncio.Semaphore(self.concurrency)
 
         async def one(index: int, chat: Chat) -> Reply:
             async with gate:
                 reply = await self._request(
-                    client, request_body(self.model, chat, sampling, schema, self.image_detail), schema
+                    clients[index % len(clients)],
+                    request_body(self.model, chat, sampling, schema, self.image_detail),
+                    schema,
                 )
             if on_reply is not None:
                 on_reply(index, reply)  # on the loop's thread, as the reply arrives
@@ -198,7 +270,8 @@ class OpenAIChat(ChatModel):
         try:
             return await asyncio.gather(*(one(i, chat) for i, chat in enumerate(chats)))
         finally:
-            await client.close()
+            for client in clients:
+                await client.close()
 
     async def _request(self, client, body: dict, schema: dict | None) -> Reply:
         import openai
@@ -238,6 +311,24 @@ class OpenAIChat(ChatModel):
         return Reply(error=f"{reason}: gave up after {self.max_attempts} attempts")
 
 
+def _serve_share(
+    model: OpenAIChat, share: list[tuple[int, Chat]], sampling: Sampling, schema: dict | None, out
+) -> None:
+    """A request process of `OpenAIChat` (processes > 1): its share of the chats, each reply sent
+    back with its index as it arrives, then the retry counts."""
+    try:
+        asyncio.run(
+            model._generate(
+                [chat for _, chat in share], sampling, schema, lambda j, reply: out.put(("reply", (share[j][0], reply)))
+            )
+        )
+        out.put(("done", model.retries))
+    except EndpointRefused as error:
+        out.put(("refused", str(error)))
+    except Exception as error:  # reported to the parent, which raises it
+        out.put(("error", f"{type(error).__name__}: {error}"))
+
+
 class OpenAIBatch(BatchChatModel):
     """The Batch API: requests go up as JSONL files (at most 50,000 requests and ~190 MB each), are
     polled until done, and come back joined by custom_id. Requests of an expired or cancelled batch
@@ -260,6 +351,8 @@ class OpenAIBatch(BatchChatModel):
         max_resubmits: int = 2,
         image_detail: str = "auto",
         name: str | None = None,
+        processes: int = 1,
+        pool_size: int = 16,
     ):
         self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
         self.poll_seconds, self.max_requests, self.max_bytes, self.max_resubmits = (
@@ -268,7 +361,7 @@ class OpenAIBatch(BatchChatModel):
             max_bytes,
             max_resubmits,
         )
-        self.image_detail = image_detail
+        self.image_detail, self.processes, self.pool_size = image_detail, processes, pool_size
         self.name = name or model
 
     def client(self):
