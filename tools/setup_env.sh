@@ -4,6 +4,9 @@
 # 0.29.1 install from local files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The README's two commands may be started together: one set-up at a time, the other then finds it done.
+exec 9>.setup-env.lock
+flock 9
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
