@@ -232,3 +232,34 @@ def reencoded(image: bytes, scale: float = 1.0, quality: int = 85) -> bytes:
     out = io.BytesIO()
     picture.save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+def train_tiny_judge(path: Path, steps: int = 150) -> Path:
+    """A tiny Qwen2-VL judge saved at `path` after `steps` plain AdamW steps on shapes-world critiques
+    (~10 s): it has learnt the critique template and the verdict line, so greedy decoding is decided
+    by clear margins, which engines that round differently still agree on. A random model is no
+    test of agreement: its near-equal logits let rounding pick different tokens."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from carevl.encoding import Encoder
+    from carevl.images import load_image
+    from carevl.prompts import judge_prompt, user_turn
+    from carevl.standins.shapes import judge_items
+    from carevl.standins.tiny import build_tiny_model
+
+    build_tiny_model(path, family="qwen2_vl", hidden=128, layers=2)
+    model, processor = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
+    encoder = Encoder(processor)
+    samples = [
+        encoder.encode(load_image(item.image), user_turn(judge_prompt(item.question, item.responses)), item.critique())
+        for item in judge_items(32, seed=0)
+    ]
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        model(**{k: v for k, v in samples[step % len(samples)].items() if k != "prompt_length"}).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -203,36 +203,15 @@ def test_a_killed_vllm_stage_resumes_without_duplicates(tmp_path):
 def test_vllm_writes_the_critiques_and_verdicts_transformers_writes_greedily(tmp_path):
     """Critique sampling and evaluation may generate through vLLM instead of transformers: on a
     judge that has learnt to write critiques, greedy decoding gives the same text, verdict line
-    included, for every prompt (`tools/bench/generation.py` times both). A random model is no test
-    here: its near-equal logits let rounding pick different tokens."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    included, for every prompt (`tools/bench/generation.py` times both)."""
     from carevl.backends.hf import HFChat
     from carevl.backends.interface import Chat, Sampling
     from carevl.backends.vllm import VLLMChat
-    from carevl.encoding import Encoder
-    from carevl.images import load_image
-    from carevl.prompts import judge_prompt, parse_verdict, user_turn
+    from carevl.prompts import judge_prompt, parse_verdict
     from carevl.standins.shapes import judge_items
-    from carevl.standins.tiny import build_tiny_model
+    from tests.helpers import train_tiny_judge
 
-    path = build_tiny_model(tmp_path / "judge", family="qwen2_vl", hidden=128, layers=2)
-    model, processor = AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path)
-    encoder = Encoder(processor)
-    samples = [
-        encoder.encode(load_image(item.image), user_turn(judge_prompt(item.question, item.responses)), item.critique())
-        for item in judge_items(32, seed=0)
-    ]
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(150):  # ~10 s: the critique template and verdict line are learnt
-        model(**{k: v for k, v in samples[step % len(samples)].items() if k != "prompt_length"}).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-
+    path = train_tiny_judge(tmp_path / "judge")
     items = judge_items(12, seed=3)
     chats = [Chat.user(judge_prompt(item.question, item.responses), item.image) for item in items]
     greedy = Sampling(temperature=0.0, max_tokens=120)
