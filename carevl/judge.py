@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 
 from carevl import benchmarks
 from carevl.backbone import Backbone
+from carevl.backends.interface import ChatModel, Sampling
 from carevl.evaluation import (
     MODES,
     BenchmarkEvaluation,
@@ -232,15 +233,20 @@ class JudgeModule(LightningModule):
             verdicts, logps = score_verdicts(self.backbone, batch)
             self.benchmark_eval.update(0, batch, verdicts, logps.tolist())
             return
+        for run in range(hp.eval_runs):
+            texts = self.write_critiques(batch, run)
+            verdicts = [benchmarks.parse(name, text) for name, text in zip(batch["benchmarks"], texts)]
+            self.benchmark_eval.update(run, batch, verdicts, texts)
+
+    def write_critiques(self, batch: dict, run: int) -> list[str]:
+        """The judge's critique of every view in a benchmark batch, in generation run `run`."""
+        hp = self.hparams
         sampling = (
             {"do_sample": True, "temperature": hp.eval_temperature, "top_p": hp.eval_top_p}
             if hp.eval_sample
             else {"do_sample": False}
         )
-        for run in range(hp.eval_runs):
-            texts = self.backbone.generate(batch["prompt_inputs"], max_new_tokens=hp.max_new_tokens, **sampling)
-            verdicts = [benchmarks.parse(name, text) for name, text in zip(batch["benchmarks"], texts)]
-            self.benchmark_eval.update(run, batch, verdicts, texts)
+        return self.backbone.generate(batch["prompt_inputs"], max_new_tokens=hp.max_new_tokens, **sampling)
 
     def on_validation_epoch_end(self) -> None:
         self.log_skips()
@@ -274,23 +280,19 @@ class JudgeModule(LightningModule):
         write_predictions(out / f"predictions-{step}-rank{self.global_rank}.jsonl", self.benchmark_eval.predictions)
         skipped = all_ranks_sum(self.skipped) if stage == "test" else None  # training's skips join them in fit
         if self.trainer.is_global_zero:
-            settings = {
-                k: self.hparams[k]
-                for k in (
-                    "eval_mode",
-                    "eval_runs",
-                    "eval_sample",
-                    "eval_temperature",
-                    "eval_top_p",
-                    "unparseable",
-                    "max_new_tokens",
-                )
-            }
-            settings["order"], settings["prompt"] = self.benchmark_order, self.benchmark_prompt
-            write_results(out / step, results, self.backbone.name, settings, skipped)
+            write_results(out / step, results, self.backbone.name, self.evaluation_settings(), skipped)
             for name, values in results.items():
                 print(markdown_table(name, values, self.backbone.name))
         self.benchmark_eval.reset()
+
+    def evaluation_settings(self) -> dict:
+        """How the benchmark verdicts were produced, written beside the results."""
+        keys = ("eval_mode", "eval_runs", "eval_sample", "eval_temperature", "eval_top_p", "unparseable")
+        return {
+            **{k: self.hparams[k] for k in (*keys, "max_new_tokens")},
+            "order": self.benchmark_order,
+            "prompt": self.benchmark_prompt,
+        }
 
 
 def all_ranks_sum(counts: dict[str, int]) -> dict[str, int]:
@@ -313,7 +315,57 @@ class JudgeEvaluator(JudgeModule):
 
     Takes the evaluation arguments of `JudgeModule` (eval_mode, eval_runs, eval_sample, ...); the
     optimisation arguments are unused.
+
+    Args:
+        engine: write the benchmark critiques with this chat backend instead of loading the
+            checkpoint here: `carevl.backends.openai_api.OpenAIChat` against `vllm serve` of the same
+            checkpoint (`configs/eval/vllm.yaml`). The backbone then only names the checkpoint and
+            its processor (the prompts are built by the same code either way); its weights are never
+            loaded. Greedy critiques match transformers' (`tests/test_engine_evaluation.py`); sampled
+            runs are seeded by run index. A view the engine fails on (after the backend's retries)
+            stops the evaluation, since a benchmark score over the views that happened to work is
+            not the benchmark's score.
     """
+
+    def __init__(self, backbone: Backbone, engine: ChatModel | None = None, **kwargs):
+        super().__init__(backbone, **kwargs)
+        self.save_hyperparameters(ignore=["backbone", "engine"])
+        mode = self.hparams.eval_mode
+        if engine is not None and mode != "generate":
+            raise ValueError(f"an engine writes critiques: eval_mode must be 'generate', not {mode!r}")
+        self.engine = engine
+
+    def configure_model(self) -> None:
+        if self.engine is None:
+            super().configure_model()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         raise RuntimeError("JudgeEvaluator does not train: use `carevl test` or `carevl validate`")
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.engine is not None and "benchmarks" not in batch:
+            raise ValueError("with an engine, JudgeEvaluator evaluates benchmark shards (kind 'benchmark') only")
+        super().validation_step(batch, batch_idx, dataloader_idx)
+
+    def write_critiques(self, batch: dict, run: int) -> list[str]:
+        if self.engine is None:
+            return super().write_critiques(batch, run)
+        hp = self.hparams
+        sampling = Sampling(
+            temperature=hp.eval_temperature if hp.eval_sample else 0.0,
+            top_p=hp.eval_top_p if hp.eval_sample else 1.0,
+            seed=run,
+            max_tokens=hp.max_new_tokens,
+        )
+        replies = self.engine.generate(batch["chats"], sampling)
+        failed = [(view, reply.error) for view, reply in zip(batch["ids"], replies) if not reply.ok]
+        if failed:
+            view, reason = failed[0]
+            raise RuntimeError(
+                f"{self.engine.name} failed on {len(failed)} of {len(replies)} views of a batch, e.g. {view}: {reason}"
+            )
+        return [reply.texts[0] for reply in replies]
+
+    def evaluation_settings(self) -> dict:
+        engine = "transformers" if self.engine is None else f"{type(self.engine).__name__}({self.engine.name})"
+        return {**super().evaluation_settings(), "engine": engine}

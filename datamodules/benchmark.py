@@ -1,11 +1,13 @@
 """Benchmark records as the judge sees them: one view per answer order, prompt-only inputs for
-generation and, for the `score` verdict mode, one input per candidate verdict line."""
+generation, the same prompt as a `Chat` (messages and the encoded image) for an inference engine
+to read, and, for the `score` verdict mode, one input per candidate verdict line."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from carevl import benchmarks, schema
+from carevl.backends.interface import Chat
 from carevl.encoding import Encoder, collate
 from carevl.prompts import user_turn
 
@@ -32,6 +34,7 @@ def build_views(
             "label": label,
             "swapped": swap,
             "features": encoder.encode(image, messages),
+            "chat": Chat(messages, [sample.image]),
         }
         if candidates:
             lines = [line for _, line in benchmarks.verdict_choices(sample.benchmark, prompt)]
@@ -43,7 +46,14 @@ def build_views(
     return items
 
 
-_LISTS = {"id": "ids", "benchmark": "benchmarks", "category": "categories", "label": "labels", "swapped": "swapped"}
+_LISTS = {
+    "id": "ids",
+    "benchmark": "benchmarks",
+    "category": "categories",
+    "label": "labels",
+    "swapped": "swapped",
+    "chat": "chats",
+}
 
 
 def collate_views(

@@ -9,7 +9,7 @@ from carevl.cli import main
 from tests.helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_CAREVL = {"curation", "strategies", "pipeline", "sources"}  # tool configs, parsed by their own tests
+NOT_CAREVL = {"curation", "strategies", "engines", "pipeline", "sources"}  # tool configs and blocks: tests of their own
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not NOT_CAREVL & set(p.parts))
 STRATEGIES = sorted((ROOT / "configs" / "strategies").glob("*.yaml"))
 CURATION = sorted((ROOT / "configs" / "curation").glob("*.yaml"))
@@ -70,6 +70,23 @@ def test_curation_config_parses_for_every_stage(path, capsys):
 
 def test_strategy_count():
     assert [p.stem for p in STRATEGIES] == ["fsdp", "zero2", "zero2_offload", "zero3", "zero3_offload"]
+
+
+@pytest.mark.parametrize("base", ["configs/eval/vlrewardbench.yaml", "configs/eval/mllm_judge.yaml"])
+def test_the_vllm_engine_block_stacks_on_the_eval_configs(base, capsys):
+    import yaml
+
+    block = ROOT / "configs" / "engines" / "vllm.yaml"
+    assert [p.name for p in block.parent.glob("*.yaml")] == ["vllm.yaml"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(ROOT / base), "--config", str(block), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    engine = config["model"]["init_args"]["engine"]
+    assert engine["class_path"] == "carevl.backends.openai_api.OpenAIChat"
+    assert engine["init_args"]["base_url"] == "http://127.0.0.1:8000/v1"
+    assert config["data"]["init_args"]["val_batch_size"] == 256
+    assert config["data"]["init_args"]["test"] == yaml.safe_load((ROOT / base).read_text())["data"]["init_args"]["test"]
 
 
 @pytest.mark.parametrize("base", ["configs/sft.yaml", "configs/dpo.yaml"])

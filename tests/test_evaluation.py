@@ -194,3 +194,83 @@ def test_sft_validation_logs_benchmark_metrics(tiny_qwen, world, bench, tmp_path
     assert logged, "no VL-RewardBench metrics in the validation logs"
     assert 0.0 <= float(logged[-1]["val/vlrewardbench/overall"]) <= 100.0
     assert list(Path(tmp_path).rglob("predictions-val-step*-rank0.jsonl"))
+
+
+def engine_spec(model: str, base_url: str) -> dict:
+    return {
+        "class_path": "carevl.backends.openai_api.OpenAIChat",
+        "init_args": {"model": model, "base_url": base_url, "max_attempts": 2, "max_backoff": 0.1},
+    }
+
+
+def test_an_engine_writes_the_critiques_in_place_of_the_loaded_weights(tiny_qwen, bench, tmp_path, monkeypatch):
+    """`engine`: every view goes to the endpoint as the prompt the judge would read (its text, the
+    record's image), greedy with the critique budget, and each reply is scored as that view's
+    critique: an endpoint that answers every view rightly scores 100% on both answer orders, which it
+    could not if replies were matched to the wrong views. The checkpoint's weights are never loaded."""
+    import base64
+
+    from carevl.backbone import Backbone
+    from carevl.prompts import verdict_line
+    from carevl.schema import read_shard_samples
+    from carevl.standins.loopback import LoopbackEndpoint
+
+    shards = bench / benchmarks.VLREWARDBENCH
+    records = list(read_shard_samples(shards, "benchmark"))
+    right = {}  # (image, prompt) -> the answer a right critique prefers
+    for record in records:
+        for swap in (False, True):
+            responses, label = benchmarks.swapped(record.responses, record.label, swap)
+            right[record.image, benchmarks.judge_request(record.benchmark, record.question, responses)] = label
+    assert len(right) == 2 * len(records)
+
+    def judge(body: dict) -> str:
+        (message,) = body["messages"]
+        image, text = message["content"]
+        assert body["temperature"] == 0 and body["max_tokens"] == 8
+        image = base64.b64decode(image["image_url"]["url"].split(",", 1)[1])
+        return "The first answer is wrong. " + verdict_line(right[image, text["text"]])
+
+    def never(self, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(Backbone, "build", never)
+    with LoopbackEndpoint(responder=judge) as endpoint:
+        results, table, predictions = evaluate(
+            tmp_path, tiny_qwen, shards, data={"prompt": "carevl"}, engine=engine_spec("judge", endpoint.base_url)
+        )
+        assert len(endpoint.requests) == len(records) == len(predictions)
+    scores = results["results"][benchmarks.VLREWARDBENCH]
+    assert scores["overall"] == 100.0 and scores["unparseable"] == 0
+    assert {p["swapped"] for p in predictions} == {False, True}
+    assert all(p["output"].startswith("The first answer is wrong.") for p in predictions)
+    assert results["settings"]["engine"] == "OpenAIChat(judge)"
+
+
+def test_an_engine_that_fails_a_view_stops_the_evaluation(tiny_qwen, bench, tmp_path):
+    from carevl.standins.loopback import LoopbackEndpoint
+
+    with LoopbackEndpoint(faults=["400"]) as endpoint, pytest.raises(RuntimeError, match="failed on 1 of 5 views"):
+        evaluate(tmp_path, tiny_qwen, bench / benchmarks.VLREWARDBENCH, engine=engine_spec("judge", endpoint.base_url))
+    with pytest.raises(ValueError, match="eval_mode must be 'generate'"):
+        evaluate(tmp_path, tiny_qwen, bench, eval_mode="score", engine=engine_spec("judge", "http://127.0.0.1:9/v1"))
+
+
+@pytest.mark.vllm_serve
+def test_carevl_test_through_vllm_serve_writes_what_transformers_writes(bench, tmp_path):
+    """The same `carevl test` on a trained tiny judge, once generating with transformers and once
+    through `vllm serve` of the same checkpoint: the same critique, verdict line included, for every
+    view, so the same table."""
+    from carevl.backends.vllm import served
+    from tests.helpers import ROOT, train_tiny_judge
+
+    judge = str(train_tiny_judge(tmp_path / "judge"))
+    shards = bench / benchmarks.VLREWARDBENCH
+    settings = {"data": {"prompt": "carevl"}, "max_new_tokens": 120}
+    here, *_, expected = evaluate(tmp_path / "transformers", judge, shards, **settings)
+    python = str(ROOT / ".venv-vllm" / "bin" / "python")
+    with served(judge, python=python, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.1) as url:
+        there, *_, written = evaluate(tmp_path / "vllm", judge, shards, engine=engine_spec(judge, url), **settings)
+    assert sum(p["verdict"] in (1, 2) for p in expected) >= len(expected) // 2, "the judge writes verdicts"
+    assert [p["output"] for p in written] == [p["output"] for p in expected]
+    assert there["results"] == here["results"]

