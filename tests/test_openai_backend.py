@@ -24,8 +24,10 @@ def chats(n):
     return [Chat.user(f"question {i}") for i in range(n)]
 
 
-def test_faults_end_completed_or_failed_with_their_reason():
-    # concurrency 1: requests arrive in order, so each item meets known faults
+@pytest.mark.parametrize("transport", ["httpx", "aiohttp"])
+def test_faults_end_completed_or_failed_with_their_reason(transport):
+    # concurrency 1: requests arrive in order, so each item meets known faults; both transports map
+    # their errors (timeouts, refused bodies) to the same reasons
     faults = ["429", "500", "timeout"]  # item 0: three failures -> failed, last reason timeout
     faults += [None]  # item 1: ok
     faults += ["malformed", "bad_output", "malformed"]  # item 2: failed, malformed
@@ -33,7 +35,13 @@ def test_faults_end_completed_or_failed_with_their_reason():
     faults += ["400"]  # item 4: not retried
     with LoopbackEndpoint(faults=faults, retry_after="0.05", timeout_delay=1.0) as endpoint:
         model = OpenAIChat(
-            "gpt-4o", base_url=endpoint.base_url, concurrency=1, max_attempts=3, timeout=0.3, max_backoff=0.05
+            "gpt-4o",
+            base_url=endpoint.base_url,
+            concurrency=1,
+            max_attempts=3,
+            timeout=0.3,
+            max_backoff=0.05,
+            transport=transport,
         )
         replies = model.generate(chats(6), Sampling(n=2), JUDGMENT_SCHEMA)
     assert [r.error for r in replies] == [
@@ -48,6 +56,11 @@ def test_faults_end_completed_or_failed_with_their_reason():
     assert model.retries == {"rate_limited": 2, "http_500": 2, "timeout": 1, "malformed_response": 3}
     assert len([r for r in endpoint.requests if r["path"].endswith("/chat/completions")]) == 12
     assert all(r["authorization"] == f"Bearer {KEY}" for r in endpoint.requests)
+
+
+def test_an_unknown_transport_is_refused():
+    with pytest.raises(ValueError, match="transport must be one of"):
+        OpenAIChat("gpt-4o", transport="requests")
 
 
 def test_retry_after_is_honoured():

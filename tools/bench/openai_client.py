@@ -38,11 +38,24 @@ def cpu_seconds(pid: int) -> float:
 
 
 def rate(
-    base_url: str, chats: list[Chat], concurrency: int, pool_size: int, server: int, processes: int = 1
+    base_url: str,
+    chats: list[Chat],
+    concurrency: int,
+    pool_size: int,
+    server: int,
+    processes: int = 1,
+    transport: str = "httpx",
 ) -> tuple[float, ...]:
     """Requests per second of one `generate` call over `chats`, and the CPU milliseconds per
     request of this process and of the endpoint's (process id `server`)."""
-    model = OpenAIChat("gpt-4o", base_url=base_url, concurrency=concurrency, pool_size=pool_size, processes=processes)
+    model = OpenAIChat(
+        "gpt-4o",
+        base_url=base_url,
+        concurrency=concurrency,
+        pool_size=pool_size,
+        processes=processes,
+        transport=transport,
+    )
     model.generate(chats[:1], Sampling(), JUDGMENT_SCHEMA)  # imports the SDK, outside the timing
     start, cpu, served = time.perf_counter(), time.process_time(), cpu_seconds(server)
     replies = model.generate(chats, Sampling(), JUDGMENT_SCHEMA)
@@ -57,6 +70,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--pool-size", type=int, default=16, help="requests in flight per client")
     parser.add_argument("--processes", type=int, default=2, help="event-loop processes of the third way")
+    parser.add_argument("--transport", default="httpx", help="the SDK's HTTP transport: httpx or aiohttp")
     parser.add_argument(
         "--seconds", type=float, default=10.0, help="each measurement sends what the ceiling takes this long to send"
     )
@@ -79,9 +93,10 @@ def main() -> None:
             for concurrency in args.concurrency:
                 chats = [chat] * (concurrency * max(1, round(args.seconds / latency)))
                 ceiling = concurrency / latency
-                one, *_ = rate(base_url, chats, concurrency, concurrency, server.pid)
-                pools, client, endpoint = rate(base_url, chats, concurrency, args.pool_size, server.pid)
-                spread, *_ = rate(base_url, chats, concurrency, args.pool_size, server.pid, args.processes)
+                way = {"server": server.pid, "transport": args.transport}
+                one, *_ = rate(base_url, chats, concurrency, concurrency, **way)
+                pools, client, endpoint = rate(base_url, chats, concurrency, args.pool_size, **way)
+                spread, *_ = rate(base_url, chats, concurrency, args.pool_size, processes=args.processes, **way)
                 cells = [f"{r:7.1f}/s ({r / ceiling:.3f})" for r in (one, pools, spread)]
                 print(
                     f"{latency:>7} {concurrency:>11} {len(chats):>8} {ceiling:>8.1f} {cells[0]:>17} {cells[1]:>17}"
