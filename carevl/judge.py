@@ -31,6 +31,17 @@ from carevl.metrics import CategoryVerdictAccuracy, VerdictAccuracy
 from carevl.prompts import parse_verdict
 from carevl.strategies import deepspeed_config, float32_weights, is_fsdp, offloads_optimizer, sharded_strategy
 
+# The module arguments that decide benchmark verdicts, recorded in results.json.
+RESULT_SETTINGS = (
+    "eval_mode",
+    "eval_runs",
+    "eval_sample",
+    "eval_temperature",
+    "eval_top_p",
+    "unparseable",
+    "max_new_tokens",
+)
+
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_ratio`."""
@@ -287,9 +298,8 @@ class JudgeModule(LightningModule):
 
     def evaluation_settings(self) -> dict:
         """How the benchmark verdicts were produced, written beside the results."""
-        keys = ("eval_mode", "eval_runs", "eval_sample", "eval_temperature", "eval_top_p", "unparseable")
         return {
-            **{k: self.hparams[k] for k in (*keys, "max_new_tokens")},
+            **{k: self.hparams[k] for k in RESULT_SETTINGS},
             "order": self.benchmark_order,
             "prompt": self.benchmark_prompt,
         }
@@ -319,9 +329,9 @@ class JudgeEvaluator(JudgeModule):
     Args:
         engine: write the benchmark critiques with this chat backend instead of loading the
             checkpoint here: `carevl.backends.openai_api.OpenAIChat` against `vllm serve` of the same
-            checkpoint (`configs/eval/vllm.yaml`). The backbone then only names the checkpoint and
-            its processor (the prompts are built by the same code either way); its weights are never
-            loaded. Greedy critiques match transformers' (`tests/test_engine_evaluation.py`); sampled
+            checkpoint (`configs/engines/vllm.yaml`). The backbone then only names the checkpoint
+            and its processor (the prompts are built by the same code either way); its weights are
+            never loaded. Greedy critiques match transformers' (`tests/test_evaluation.py`); sampled
             runs are seeded by run index. A view the engine fails on (after the backend's retries)
             stops the evaluation, since a benchmark score over the views that happened to work is
             not the benchmark's score.

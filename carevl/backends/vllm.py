@@ -56,6 +56,12 @@ def _sampling_params(sampling: Sampling, schema: dict | None):
     return SamplingParams(**kwargs)
 
 
+def whole_prompt_settings(max_model_len: int) -> dict:
+    """Engine settings that prefill every prompt whole, in one engine step (the CPU build's need:
+    see `VLLMChat`)."""
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
+
+
 class VLLMChat(ChatModel):
     """Args:
     model: checkpoint path or hub id.
@@ -92,11 +98,7 @@ class VLLMChat(ChatModel):
         from vllm.platforms import current_platform
 
         self.name = name or model
-        whole_prompts = (
-            {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
-            if current_platform.is_cpu()
-            else {}
-        )
+        whole_prompts = whole_prompt_settings(max_model_len) if current_platform.is_cpu() else {}
         self.llm = LLM(
             model=model,
             tensor_parallel_size=tensor_parallel_size,
@@ -244,14 +246,7 @@ def served(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    whole_prompts = (
-        ()
-        if torch.cuda.is_available()
-        else (
-            "--no-enable-chunked-prefill",
-            f"--max-num-batched-tokens={max(max_model_len, 4096)}",
-        )
-    )
+    whole_prompts = () if torch.cuda.is_available() else _flags(whole_prompt_settings(max_model_len))
     command = [
         python,
         "-m",
@@ -291,6 +286,15 @@ def served(
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
         log_file.close()
+
+
+def _flags(settings: dict) -> list[str]:
+    """Engine settings as `vllm serve` options (a False switch as ``--no-<name>``)."""
+    flags = []
+    for key, value in settings.items():
+        name = key.replace("_", "-")
+        flags.append(f"--{name}" if value is True else f"--no-{name}" if value is False else f"--{name}={value}")
+    return flags
 
 
 def _healthy(port: int) -> bool:
