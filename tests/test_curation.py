@@ -727,3 +727,51 @@ def test_the_demo_world_errs_where_real_curation_models_do(tmp_path):
     precision = {k: {n: counts[k][n][0] / counts[k][n][1] for n in ("judge", "experts", "high")} for k in counts}
     assert precision["fine"]["judge"] > precision["fine"]["experts"] + 0.05, precision
     assert precision["coarse"]["high"] > 0.95 and precision["fine"]["high"] > 0.9, precision
+
+
+def test_candidates_with_shared_errors_give_one_wrong_answer_per_item(tmp_path):
+    """Models that err on an item with `shared_errors` say the same wrong value, so the item's pairs
+    hold one right answer; with independent errors two wrong values meet in some pairs."""
+    wrong_values = {}
+    for shared in (True, False):
+        workdir = str(tmp_path / str(shared))
+        ingest_world(workdir, 60, 8)
+        models = {
+            f"m{e}": (
+                lambda e=e, w=workdir, s=shared: SimulatedAnswerer(f"m{e}", w, error_rate=e / 10, shared_errors=s)
+            )
+            for e in (1, 2, 3)
+        }
+        stages.candidates(workdir, models, {"t1": Sampling(temperature=1.0, n=3)})
+        stages.pairs(workdir)
+        items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
+        pairs = list(Records(Path(workdir) / "pairs.jsonl").ok())
+        truths = [true_label(items[p["item"]], p["responses"]) for p in pairs]
+        wrong_values[shared] = truths.count(None)
+        assert len(pairs) > 30
+    assert wrong_values == {True: 0, False: wrong_values[False]} and wrong_values[False] > 5, wrong_values
+
+
+def test_a_position_biased_judge_errs_only_by_naming_the_first_answer(tmp_path):
+    """`unsure: first`: right on every pair whose better answer comes first; on the others right at
+    the rate `accuracy` sets (0.3; the bounds leave the binomial spread of ~100 pairs room)."""
+    workdir = str(tmp_path / "cur")
+    ingest_world(workdir, 200, 9)
+    stages.candidates(
+        workdir,
+        {"m": lambda: SimulatedAnswerer("m", workdir, error_rate=0.25, shared_errors=True)},
+        {"t1": Sampling(temperature=1.0, n=4)},
+    )
+    stages.pairs(workdir)
+    stages.judge(workdir, model=lambda: SimulatedJudge("j", workdir, accuracy=0.3, unsure="first"))
+    items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
+    pairs = {row["key"]: row for row in Records(Path(workdir) / "pairs.jsonl").ok()}
+    right = {1: [], 2: []}
+    for row in Records(Path(workdir) / "judgments.jsonl").ok():
+        pair = pairs[row["pair"]]
+        truth = true_label(items[pair["item"]], pair["responses"])
+        right[truth].append(row["verdict"] == truth)
+    assert all(right[1]) and len(right[1]) > 40
+    assert 0.15 < sum(right[2]) / len(right[2]) < 0.45, (sum(right[2]), len(right[2]))
+    with pytest.raises(ValueError, match="unsure must be"):
+        SimulatedJudge("j", workdir, unsure="last")

@@ -49,6 +49,11 @@ class SimulatedAnswerer(ChatModel):
     temperature > 0) a wrong one, in one of `shapes.ANSWER_STYLES`, or in a style drawn per answer
     (`style: mixed`).
 
+    With `shared_errors`, a wrong answer is the image's look-alike value: one wrong value per image
+    and attribute, drawn from the image alone, so the models that err on an item give the same wrong
+    answer, as real models share failure modes (the copy hidden at the edge is missed by all). Its
+    pairs then always hold one right answer; without it, two wrong counts can make a pair.
+
     The shapes pipeline has every model answer in sentences: were better models also the longer
     ones, a judge trained on their pairs could get most labels right from length alone, and on pairs
     of mixed styles the tiny judge never learned the task (see `shapes.quote_task`)."""
@@ -62,11 +67,13 @@ class SimulatedAnswerer(ChatModel):
         error_rate: float = 0.3,
         fine_error_rate: float | None = None,
         style: str = "sentence",
+        shared_errors: bool = False,
         latency: float = 0.0,
     ):
         if style not in (*shapes.ANSWER_STYLES, "mixed"):
             raise ValueError(f"style must be one of {sorted(shapes.ANSWER_STYLES)} or 'mixed'")
         self.name, self.truth, self.style, self.latency = name, WorldTruth(world), style, latency
+        self.shared_errors = shared_errors
         self.error_rates = {"coarse": error_rate, "fine": error_rate if fine_error_rate is None else fine_error_rate}
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
@@ -83,8 +90,9 @@ class SimulatedAnswerer(ChatModel):
             texts = []
             for index in range(sampling.n):
                 rng = seeded(self.name, chat.text(), chat.images[0], sampling.seed, sampling.temperature, index)
+                wrong = seeded("look-alike", chat.images[0], attribute) if self.shared_errors else rng
                 value = (
-                    rng.choice([v for v in shapes.attribute_values(attribute) if v != truth])
+                    wrong.choice([v for v in shapes.attribute_values(attribute) if v != truth])
                     if rng.random() < error
                     else truth
                 )
@@ -145,8 +153,11 @@ _ANSWER_LINE = re.compile(r"^Answer ([12]): (.*)$", re.MULTILINE)
 
 class SimulatedJudge(ChatModel):
     """A simulated strong LVLM judge (GPT-4o's role): where exactly one answer is right it picks that
-    one with probability `accuracy` (`fine_accuracy` on fine-detail questions); otherwise it picks
-    the longer answer (a verbosity bias), ties at random. Its explanation reads like the shapes
+    one with probability `accuracy` (`fine_accuracy` on fine-detail questions) and otherwise names
+    the worse answer, or with `unsure: first` Answer 1, whichever it is (LLM judges' position bias,
+    Zheng et al. 2023: it is then right on every pair whose better answer comes first, and wrong in
+    the same, learnable way on the rest); where no answer or both are right it picks the longer
+    answer (a verbosity bias), ties at random. Its explanation reads like the shapes
     world's critiques and supports its verdict, right or wrong. With a schema it answers as JSON
     {"explanation", "verdict"}, like structured output; without one, in free text ending with the
     verdict line. At temperature > 0 the n samples differ."""
@@ -154,9 +165,17 @@ class SimulatedJudge(ChatModel):
     operational = ("world", "latency")
 
     def __init__(
-        self, name: str, world: str, accuracy: float = 0.8, fine_accuracy: float | None = None, latency: float = 0.0
+        self,
+        name: str,
+        world: str,
+        accuracy: float = 0.8,
+        fine_accuracy: float | None = None,
+        unsure: str = "worse",
+        latency: float = 0.0,
     ):
-        self.name, self.truth, self.latency = name, WorldTruth(world), latency
+        if unsure not in ("worse", "first"):
+            raise ValueError(f"unsure must be 'worse' or 'first', got {unsure!r}")
+        self.name, self.truth, self.unsure, self.latency = name, WorldTruth(world), unsure, latency
         self.accuracies = {"coarse": accuracy, "fine": accuracy if fine_accuracy is None else fine_accuracy}
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
@@ -200,7 +219,8 @@ class SimulatedJudge(ChatModel):
         right = [v == truth for v in values]
         if right[0] != right[1]:
             best = 1 if right[0] else 2
-            verdict = best if rng.random() < self.accuracies[shapes.KINDS[attribute]] else 3 - best
+            sure = rng.random() < self.accuracies[shapes.KINDS[attribute]]
+            verdict = best if sure else 1 if self.unsure == "first" else 3 - best
         else:
             lengths = [len(answers["1"]), len(answers["2"])]
             verdict = 1 + (lengths[1] > lengths[0]) if lengths[0] != lengths[1] else rng.choice((1, 2))
