@@ -87,15 +87,12 @@ class SimulatedAnswerer(ChatModel):
                 continue
             truth = scene.value(attribute)
             error = min(1.0, self.error_rates[shapes.KINDS[attribute]] * (2 if sampling.temperature > 0 else 1))
+            others = [v for v in shapes.attribute_values(attribute) if v != truth]
+            look_alike = seeded("look-alike", chat.images[0], attribute).choice(others) if self.shared_errors else None
             texts = []
             for index in range(sampling.n):
                 rng = seeded(self.name, chat.text(), chat.images[0], sampling.seed, sampling.temperature, index)
-                wrong = seeded("look-alike", chat.images[0], attribute) if self.shared_errors else rng
-                value = (
-                    wrong.choice([v for v in shapes.attribute_values(attribute) if v != truth])
-                    if rng.random() < error
-                    else truth
-                )
+                value = (look_alike or rng.choice(others)) if rng.random() < error else truth
                 style = rng.choice(shapes.ANSWER_STYLES) if self.style == "mixed" else self.style
                 texts.append(shapes.answer(attribute, value, style))
             replies.append(Reply(texts))
