@@ -27,7 +27,7 @@ from carevl.evaluation import (
     write_predictions,
     write_results,
 )
-from carevl.metrics import CategoryVerdictAccuracy, VerdictAccuracy
+from carevl.metrics import CategoryVerdictAccuracy, ExactMatch, VerdictAccuracy
 from carevl.prompts import parse_verdict
 from carevl.strategies import deepspeed_config, float32_weights, is_fsdp, offloads_optimizer, sharded_strategy
 
@@ -63,7 +63,10 @@ class JudgeModule(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_ratio: fraction of optimizer steps spent warming up.
         min_lr_ratio: final learning rate as a fraction of `lr`.
-        val_generate: generate critiques on validation batches of judge samples and log verdict accuracy.
+        val_generate: generate on validation batches: critiques of judge samples, scored by their
+            parsed verdicts (`val/verdict_accuracy`), and outputs of instruction samples, scored by
+            exact match with the target (`val/exact_match`: e.g. whether pretraining has taught
+            the shapes world's quoting task).
         max_new_tokens: generation budget of a critique.
         val_categories: categories of held-out judge samples (their `meta.category`, e.g. the shapes
             world's "coarse" and "fine" questions) whose verdict accuracy is also logged apart, as
@@ -106,6 +109,7 @@ class JudgeModule(LightningModule):
         self.val_loss = MeanMetric()
         self.val_accuracy = VerdictAccuracy()
         self.val_by_category = CategoryVerdictAccuracy(val_categories) if val_categories else None
+        self.val_exact = ExactMatch()
         self.benchmark_eval = BenchmarkEvaluation(eval_runs, unparseable)
         self.skipped: dict[str, int] = {}
         self.benchmark_order: str | None = None  # how benchmark answers were shown (read from the batches)
@@ -212,7 +216,7 @@ class JudgeModule(LightningModule):
             self.validate_groups(batch)
         else:
             self.validation_loss(batch)
-            self.validate_verdicts(batch)
+            self.validate_generations(batch)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.count_skips(batch)
@@ -226,12 +230,15 @@ class JudgeModule(LightningModule):
     def validate_groups(self, batch: dict) -> None:
         """Statistics of held-out preference groups (DPO logs its loss, reward accuracy and margin)."""
 
-    def validate_verdicts(self, batch: dict) -> None:
+    def validate_generations(self, batch: dict) -> None:
         if not self.hparams.val_generate or "prompt_inputs" not in batch:
             return
         texts = self.backbone.generate(
             batch["prompt_inputs"], max_new_tokens=self.hparams.max_new_tokens, do_sample=False
         )
+        if "targets" in batch:
+            self.val_exact.update(texts, batch["targets"])
+            return
         verdicts = [parse_verdict(t) for t in texts]
         self.val_accuracy.update(verdicts, batch["verdict_labels"])
         if self.val_by_category is not None:
@@ -268,6 +275,9 @@ class JudgeModule(LightningModule):
             self.log("val/verdict_accuracy", self.val_accuracy.compute(), prog_bar=True)
             self.log("val/unparseable", self.val_accuracy.unparseable.float())
             self.val_accuracy.reset()
+        if self.val_exact.update_called:
+            self.log("val/exact_match", self.val_exact.compute(), prog_bar=True)
+            self.val_exact.reset()
         if self.val_by_category is not None and self.val_by_category.update_called:
             for name, value in self.val_by_category.compute().items():
                 self.log(f"val/verdict_accuracy/{name}", value)

@@ -75,6 +75,35 @@ class CategoryVerdictAccuracy(Metric):
         return {name: self.correct[i] / self.counted[i] for i, name in enumerate(self.names) if self.counted[i] > 0}
 
 
+def exact_match_counts(texts: list[str], targets: list[str]) -> tuple[int, int]:
+    """(matched, total): outputs equal to their target once surrounding whitespace is stripped."""
+    if len(texts) != len(targets):
+        raise ValueError(f"{len(texts)} outputs for {len(targets)} targets")
+    return sum(int(text.strip() == target.strip()) for text, target in zip(texts, targets)), len(targets)
+
+
+class ExactMatch(Metric):
+    """Fraction of generated outputs that equal their target text (surrounding whitespace aside):
+    whether a skill an instruction set teaches is there, e.g. the base model's quoting task. States
+    are sums, so the result is exact across processes."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("matched", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, texts: list[str], targets: list[str]) -> None:
+        matched, total = exact_match_counts(texts, targets)
+        self.matched += matched
+        self.total += total
+
+    def compute(self) -> torch.Tensor:
+        return self.matched.float() / self.total.clamp_min(1)
+
+
 # -- benchmark scoring ----------------------------------------------------------------------------
 
 UNPARSEABLE_POLICIES = ("wrong", "exclude", "random")

@@ -27,6 +27,7 @@ def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSampl
             "id": sample.id,
             "weight": float(sample.weight),
             "verdict_label": label,
+            "target": None if label is not None else sample.target,
             "category": None if category is None else str(category),
             "length": features["input_ids"].shape[1],
         }
@@ -36,9 +37,10 @@ def build_item(encoder: Encoder, sample: schema.SFTSample | schema.InstructSampl
 def collate_items(
     items: list[dict[str, Any]], skipped: dict[str, int], pad_token_id: int, with_prompts: bool
 ) -> dict[str, Any]:
-    """A batch: padded model inputs, ids, weights, verdict labels and categories (`meta.category`),
-    skip counts since the last batch, the work it asks of the model (`carevl.flops`), and
-    (validation) left-padded prompt-only inputs for generation."""
+    """A batch: padded model inputs, ids, weights, skip counts since the last batch, the work it asks
+    of the model (`carevl.flops`), and in validation left-padded prompt-only inputs for generation
+    with what to score the outputs against: verdict labels and categories (`meta.category`) of
+    judge samples, target texts of instruction samples."""
     features = [item["features"] for item in items]
     inputs = collate([{k: v for k, v in f.items() if k != "prompt_length"} for f in features], pad_token_id)
     batch = {
@@ -50,9 +52,13 @@ def collate_items(
         "weights": torch.tensor([item["weight"] for item in items]),
         "skipped": skipped,
     }
+    if not with_prompts:
+        return batch
+    batch["prompt_inputs"] = collate([prompt_only(f) for f in features], pad_token_id, padding_side="left")
     labels = [item["verdict_label"] for item in items]
-    if with_prompts and all(label is not None for label in labels):
-        batch["prompt_inputs"] = collate([prompt_only(f) for f in features], pad_token_id, padding_side="left")
+    if all(label is not None for label in labels):
         batch["verdict_labels"] = labels
         batch["verdict_categories"] = [item["category"] for item in items]
+    else:
+        batch["targets"] = [item["target"] for item in items]
     return batch

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from carevl.metrics import CategoryVerdictAccuracy, VerdictAccuracy
+from carevl.metrics import CategoryVerdictAccuracy, ExactMatch, VerdictAccuracy, exact_match_counts
 
 
 def test_category_accuracy_counts_each_category_apart_and_refuses_unknown_ones():
@@ -24,3 +24,15 @@ def test_category_accuracy_counts_each_category_apart_and_refuses_unknown_ones()
         by_category.update([1], [1], ["medium"])
     with pytest.raises(ValueError, match="distinct"):
         CategoryVerdictAccuracy(["fine", "fine"])
+
+
+def test_exact_match_counts_outputs_equal_to_their_target_whitespace_aside():
+    texts = ["Answer 1 says red. ", "Answer 1 says red.", "answer 1 says red.", ""]
+    targets = ["Answer 1 says red.", "Answer 1 says red", "Answer 1 says red.", "Answer 1 says red."]
+    assert exact_match_counts(texts, targets) == (1, 4)  # a missing full stop or capital is a miss
+    metric = ExactMatch()
+    metric.update(texts, targets)
+    metric.update(["\nYes."], ["Yes."])
+    assert metric.compute().item() == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="2 outputs for 1 targets"):
+        exact_match_counts(["a", "b"], ["a"])

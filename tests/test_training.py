@@ -3,6 +3,7 @@ bad samples are skipped and counted in the logs, and the loss falls on data with
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,35 @@ def test_loss_falls_on_the_shapes_world(tiny_qwen, world, tmp_path):
     losses = [float(r["train/loss"]) for r in metrics(tmp_path) if r.get("train/loss")]
     assert losses[-1] < 0.5 * losses[0], losses
     assert cli.trainer.global_step == 40
+
+
+def test_exact_match_rises_from_none_to_all_as_instruction_targets_are_learned(tiny_qwen, tmp_path):
+    """Validation on instruction samples scores greedy outputs by exact match with their targets:
+    nothing at the first check, everything once the reply (its end of turn included) is learned."""
+    from carevl import schema
+    from carevl.images import png_bytes
+    from carevl.standins import shapes
+
+    rng, target = random.Random(0), "The image has red, as Answer 2 says."
+    for split, n in (("train", 40), ("val", 8)):
+        with schema.ShardWriter(tmp_path / split, prefix=split, max_count=20, kind="instruct") as writer:
+            for index in range(n):
+                image = png_bytes(shapes.render(shapes.random_scene(rng), rng))
+                writer.write(schema.InstructSample(f"{split}{index}", "Describe the image.", target, "test", image))
+    fit(
+        tmp_path,
+        tiny_qwen,
+        tmp_path / "train",
+        tmp_path / "val",
+        trainer={"val_check_interval": 1, "check_val_every_n_epoch": None, "limit_train_batches": 10},
+        max_steps=20,
+        lr=3e-3,
+        module_args={"max_new_tokens": 16},
+        kind="instruct",
+    )
+    scores = [float(r["val/exact_match"]) for r in metrics(tmp_path) if r.get("val/exact_match")]
+    assert len(scores) == 20
+    assert scores[0] == 0.0 and scores[-1] == 1.0, scores
 
 
 class PoisonHead(Callback):
