@@ -162,6 +162,16 @@ def test_results_table_reads_the_newest_run_and_shows_missing_ones(tmp_path, cap
     with pytest.raises(SystemExit):
         table.main(["--logs", str(tmp_path), "--rows", "no-label"])
 
+    base = tmp_path / "pretrain" / "version_0"
+    base.mkdir(parents=True)
+    (base / "metrics.csv").write_text("epoch,step,train/loss,val/exact_match\n1,1499,0.1,\n1,1499,,0.97\n")
+    table.main([*argv, "--categories", "coarse", "fine", "--skills", "pretrain=base, quoting", "none=absent run"])
+    out = capsys.readouterr().out
+    assert (
+        "Exact match on instruction checks:\n\n- base, quoting: 97.0% exact (step 1500)\n- absent run: missing" in out
+    )
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == saved  # the table's rows only
+
     other = [{**saved[0], "accuracy": 0.8, "fine": 0.5}, saved[1]]
     (tmp_path / "other.json").write_text(json.dumps(other))
     table.main(["--combine", str(tmp_path / "out" / "results.json"), str(tmp_path / "other.json")])

@@ -56,6 +56,22 @@ def test_pretraining_mixes_captions_answered_questions_and_quoting(tmp_path):
     assert kinds == {"caption": 20, "question": 20, "quote": 20}
 
 
+def test_held_out_quoting_tasks_are_written_apart_and_only_when_asked(tmp_path):
+    assert write_world(str(tmp_path / "none"), train=0, heldout=2, captions=4)["quotes-check"] == 0
+    assert not (tmp_path / "none" / "quotes-check").exists()
+    counts = write_world(str(tmp_path / "some"), train=0, heldout=2, captions=4, quote_checks=7)
+    assert counts["quotes-check"] == 7
+    manifest = json.loads((tmp_path / "some" / "quotes-check" / "manifest.json").read_text())
+    assert (manifest["kind"], manifest["samples"]) == ("instruct", 7)
+    with tarfile.open(next((tmp_path / "some" / "quotes-check").glob("*.tar"))) as tar:
+        samples = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    for sample in samples:
+        asked = sample["prompt"].rsplit("Which answer says ", 1)[1].rstrip("?")
+        lines = dict(line.split(": ", 1) for line in sample["prompt"].splitlines()[:2])
+        number = next(n for n in (1, 2) if lines[f"Answer {n}"].rstrip(".").endswith(asked))
+        assert sample["target"].endswith(f"The reference has {asked}, as Answer {number} says.")
+
+
 def test_items_have_as_many_distinct_worse_critiques_as_asked_or_a_clear_error():
     """The DPO speed benchmark's pairs count (groups x rejected) is what it trains on: every group
     gets `rejected` distinct critiques other than the chosen one."""

@@ -12,7 +12,9 @@ label it gets in the table. A run's accuracy is the last `val/verdict_accuracy` 
 category the last `val/verdict_accuracy/<category>` (`val_categories` of the judge module); a
 missing run is shown as missing, not skipped. Runs validated more than once also get their curve
 (accuracy at each validated step) in results.md and the plot, so a reader sees whether a training
-ended on a plateau or mid-climb.
+ended on a plateau or mid-climb. `--skills RUN=LABEL` adds the exact match a run last logged on
+instruction checks (`val/exact_match`), e.g. whether pretraining taught the base model the shapes
+world's quoting task, below the table of results.md.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import json
 from pathlib import Path
 
 ACCURACY = "val/verdict_accuracy"
+EXACT_MATCH = "val/exact_match"
 BASE_FIELDS = ("run", "model", "accuracy", "unparseable")
 
 
@@ -39,20 +42,37 @@ def newest_metrics(logs: Path, name: str) -> Path | None:
     return runs[-1] if runs else None
 
 
+def logged_rows(logs: Path, name: str) -> list[dict] | None:
+    """The CSV rows of run `name`'s newest version; None when it has none."""
+    metrics = newest_metrics(logs, name)
+    if metrics is None:
+        return None
+    with open(metrics) as f:
+        return list(csv.DictReader(f))
+
+
+def skills(logs: Path, rows: list[tuple[str, str]]) -> str:
+    """Markdown lines: each run's last exact match on instruction checks, at its step."""
+    lines = []
+    for name, label in rows:
+        values = logged(logged_rows(logs, name) or [], EXACT_MATCH)
+        found = f"{percent(values[-1][1])} exact (step {values[-1][0] + 1})" if values else "missing"
+        lines.append(f"- {label}: {found}")
+    return "\n".join(lines)
+
+
 def table(logs: Path, rows: list[tuple[str, str]], categories: list[str] = ()) -> list[dict]:
     results = []
     for name, label in rows:
-        metrics = newest_metrics(logs, name)
+        found = logged_rows(logs, name)
         row = {"run": name, "model": label, "accuracy": None, "unparseable": None}
         row.update({category: None for category in categories})
         row["curve"] = []
-        if metrics is not None:
-            with open(metrics) as f:
-                logged_rows = list(csv.DictReader(f))
-            row["accuracy"] = last(logged_rows, ACCURACY)
-            row["unparseable"] = last(logged_rows, "val/unparseable")
-            row.update({category: last(logged_rows, f"{ACCURACY}/{category}") for category in categories})
-            row["curve"] = logged(logged_rows, ACCURACY)
+        if found is not None:
+            row["accuracy"] = last(found, ACCURACY)
+            row["unparseable"] = last(found, "val/unparseable")
+            row.update({category: last(found, f"{ACCURACY}/{category}") for category in categories})
+            row["curve"] = logged(found, ACCURACY)
         results.append(row)
     return results
 
@@ -155,6 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--categories", nargs="*", default=[], help="held-out categories to give columns (the runs' val_categories)"
     )
+    parser.add_argument(
+        "--skills",
+        nargs="*",
+        default=[],
+        metavar="RUN=LABEL",
+        help="runs whose last exact match on instruction checks (val/exact_match) goes below the table",
+    )
     parser.add_argument("--plot", action="store_true", help="also draw results.png (needs matplotlib)")
     parser.add_argument("--out", help="directory of results.md, results.json and results.png (default: --logs)")
     args = parser.parse_args(argv)
@@ -165,22 +192,31 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.logs or not args.rows:
         parser.error("--logs and --rows are required (or --combine)")
-    rows = []
-    for spec in args.rows:
-        name, sep, label = spec.partition("=")
-        if not sep or not name:
-            parser.error(f"a row is RUN=LABEL, got {spec!r}")
-        rows.append((name, label))
+    rows, skill_rows = run_labels(parser, args.rows), run_labels(parser, args.skills)
     results = table(Path(args.logs), rows, args.categories)
+    text = markdown(results, args.categories)
+    if skill_rows:
+        text += "\n\nExact match on instruction checks:\n\n" + skills(Path(args.logs), skill_rows)
     out = Path(args.out or args.logs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results, args.categories) + "\n")
+    (out / "results.md").write_text(text + "\n")
     written = "results.md and results.json"
     if args.plot:
         plot(results, args.categories, out / "results.png")
         written = "results.md, results.json and results.png"
-    print("\n" + markdown(results, args.categories) + f"\n\n(written to {out}: {written})")
+    print("\n" + text + f"\n\n(written to {out}: {written})")
+
+
+def run_labels(parser: argparse.ArgumentParser, specs: list[str]) -> list[tuple[str, str]]:
+    """(run, label) of each RUN=LABEL argument."""
+    pairs = []
+    for spec in specs:
+        name, sep, label = spec.partition("=")
+        if not sep or not name:
+            parser.error(f"a row is RUN=LABEL, got {spec!r}")
+        pairs.append((name, label))
+    return pairs
 
 
 if __name__ == "__main__":

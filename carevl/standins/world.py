@@ -27,12 +27,16 @@ def write_world(
     seed: int = 0,
     attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES,
     quotes: int | None = None,
+    quote_checks: int = 0,
 ) -> dict[str, int]:
     """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, and ``pretrain``
     instruct samples for the tiny base model: ``captions`` captions, as many questions about the
     image answered in one sentence (what the candidate models do, and what lets SFT find the asked
     attribute's value fast: docs/shapes-world.md), and ``quotes`` quoting tasks (default: as many
-    as captions), in a seeded random order.
+    as captions), in a seeded random order; and ``quote_checks`` quoting tasks with images of their
+    own (`quotes-check`), which tell by exact match whether pretraining has taught the skill
+    (`val/exact_match`, configs/demo/pretrain.yaml). The world has 108 quoting prompts, so these
+    check the skill on pretraining's own tasks, not on unseen ones.
 
     Seeds differ per split, so held-out images never appear in training.
     """
@@ -54,17 +58,27 @@ def write_world(
                 prompt, target = shapes.QUESTIONS[attribute], shapes.answer(attribute, scene.value(attribute))
             else:
                 prompt, target = shapes.quote_task(rng)
-            writer.write(
-                InstructSample(
-                    id=f"shapes-pretrain-{index:06d}",
-                    prompt=prompt,
-                    target=target,
-                    source="shapes-world",
-                    image=png_bytes(shapes.render(scene, rng)),
-                    meta={"scene": scene.__dict__},
-                )
-            )
-    return {"train": train, "heldout": heldout, "pretrain": len(tasks)}
+            writer.write(instruct_sample(f"shapes-pretrain-{index:06d}", prompt, target, scene, rng))
+    if quote_checks:
+        rng = random.Random(seed + 3)
+        with ShardWriter(out / "quotes-check", prefix="quotes", max_count=shard_size, kind="instruct") as writer:
+            for index in range(quote_checks):
+                scene = shapes.random_scene(rng)
+                prompt, target = shapes.quote_task(rng)
+                writer.write(instruct_sample(f"shapes-quotes-{index:06d}", prompt, target, scene, rng))
+    return {"train": train, "heldout": heldout, "pretrain": len(tasks), "quotes-check": quote_checks}
+
+
+def instruct_sample(id: str, prompt: str, target: str, scene: shapes.Scene, rng: random.Random) -> InstructSample:
+    """A pretraining sample, with the scene's image (drawn from `rng`) whether or not it is asked about."""
+    return InstructSample(
+        id=id,
+        prompt=prompt,
+        target=target,
+        source="shapes-world",
+        image=png_bytes(shapes.render(scene, rng)),
+        meta={"scene": scene.__dict__},
+    )
 
 
 # The shapes world in the benchmarks' formats, so `carevl test` runs on the demo judge. The
@@ -205,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quotes", type=int, help="quoting tasks for base-model pretraining (default: as many as captions)"
     )
+    parser.add_argument(
+        "--quote-checks",
+        type=int,
+        default=0,
+        help="quoting tasks on fresh images (quotes-check/): pretraining's exact-match check of the quoting skill",
+    )
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     parser.add_argument(
         "--benchmark", type=int, default=120, help="records of the world in each benchmark format (bench/)"
@@ -221,7 +241,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     counts = write_world(
-        args.out, args.train, args.heldout, args.captions, args.shard_size, args.seed, quotes=args.quotes
+        args.out,
+        args.train,
+        args.heldout,
+        args.captions,
+        args.shard_size,
+        args.seed,
+        quotes=args.quotes,
+        quote_checks=args.quote_checks,
     )
     counts.update(write_benchmarks(f"{args.out}/bench", args.benchmark, seed=args.seed + 7))
     counts["groups"] = write_preference_groups(f"{args.out}/groups", args.groups, seed=args.seed + 11)
