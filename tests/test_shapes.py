@@ -56,6 +56,32 @@ def test_pretraining_mixes_captions_answered_questions_and_quoting(tmp_path):
     assert kinds == {"caption": 20, "question": 20, "quote": 20}
 
 
+def test_a_share_of_pretraining_questions_is_read_with_two_answers_in_view(tmp_path):
+    counts = write_world(str(tmp_path), train=0, heldout=2, captions=60, quotes=0, shard_size=500, answers_in_view=0.5)
+    assert counts["pretrain"] == 120
+    kinds = Counter()
+    with tarfile.open(next((tmp_path / "pretrain").glob("*.tar"))) as tar:
+        for member in tar.getmembers():
+            if not member.name.endswith(".json"):
+                continue
+            sample = json.loads(tar.extractfile(member).read())
+            if not sample["prompt"].endswith(shapes.READING_PROMPT):
+                kinds["other"] += 1
+                continue
+            question, *answers, _ = sample["prompt"].splitlines()
+            attribute = shapes.attribute_of(question)
+            assert attribute in shapes.JUDGE_ATTRIBUTES and len(answers) == 2
+            values = [shapes.mentioned_value(line.split(": ", 1)[1], attribute) for line in answers]
+            assert values[0] != values[1] and None not in values
+            truth = shapes.scene_of(sample["meta"]["scene"]).value(attribute)
+            assert sample["target"] == f"The image has {truth}."
+            kinds["reading"] += 1
+            kinds["answer shows the image"] += truth in values
+    # about half of the 60 questions, and the answers in view do not give the image away
+    assert 20 <= kinds["reading"] <= 40 and kinds["other"] == 120 - kinds["reading"]
+    assert 0 < kinds["answer shows the image"] < kinds["reading"]
+
+
 def test_held_out_quoting_tasks_are_written_apart_and_only_when_asked(tmp_path):
     assert write_world(str(tmp_path / "none"), train=0, heldout=2, captions=4)["quotes-check"] == 0
     assert not (tmp_path / "none" / "quotes-check").exists()

@@ -28,6 +28,7 @@ def write_world(
     attributes: tuple[str, ...] = shapes.JUDGE_ATTRIBUTES,
     quotes: int | None = None,
     quote_checks: int = 0,
+    answers_in_view: float = 0.0,
 ) -> dict[str, int]:
     """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, and ``pretrain``
     instruct samples for the tiny base model: ``captions`` captions, as many questions about the
@@ -36,7 +37,9 @@ def write_world(
     as captions), in a seeded random order; and ``quote_checks`` quoting tasks with images of their
     own (`quotes-check`), which tell by exact match whether pretraining has taught the skill
     (`val/exact_match`, configs/demo/pretrain.yaml). The world has 108 quoting prompts, so these
-    check the skill on pretraining's own tasks, not on unseen ones.
+    check the skill on pretraining's own tasks, not on unseen ones. A share ``answers_in_view`` of
+    the questions is asked with two answers in view (`shapes.reading_task`), as the judge's prompt
+    has them.
 
     Seeds differ per split, so held-out images never appear in training.
     """
@@ -54,8 +57,12 @@ def write_world(
             if task == "caption":
                 prompt, target = shapes.CAPTION_PROMPT, shapes.caption_target(scene)
             elif task == "question":
+                in_view = answers_in_view > 0 and rng.random() < answers_in_view
                 attribute = rng.choice(attributes)
-                prompt, target = shapes.QUESTIONS[attribute], shapes.answer(attribute, scene.value(attribute))
+                if in_view:
+                    prompt, target = shapes.reading_task(attribute, scene.value(attribute), rng)
+                else:
+                    prompt, target = shapes.QUESTIONS[attribute], shapes.answer(attribute, scene.value(attribute))
             else:
                 prompt, target = shapes.quote_task(rng)
             writer.write(instruct_sample(f"shapes-pretrain-{index:06d}", prompt, target, scene, rng))
@@ -225,6 +232,13 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="quoting tasks on fresh images (quotes-check/): pretraining's exact-match check of the quoting skill",
     )
+    parser.add_argument(
+        "--answers-in-view",
+        type=float,
+        default=0.0,
+        help="share of the pretraining questions asked with two answers in view, as in the judge's prompt "
+        "(the target still says what the image shows)",
+    )
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     parser.add_argument(
         "--benchmark", type=int, default=120, help="records of the world in each benchmark format (bench/)"
@@ -249,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
         quotes=args.quotes,
         quote_checks=args.quote_checks,
+        answers_in_view=args.answers_in_view,
     )
     counts.update(write_benchmarks(f"{args.out}/bench", args.benchmark, seed=args.seed + 7))
     counts["groups"] = write_preference_groups(f"{args.out}/groups", args.groups, seed=args.seed + 11)
