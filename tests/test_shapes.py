@@ -2,11 +2,11 @@
 
 import json
 import random
-import tarfile
 from collections import Counter
 
 import pytest
 
+from carevl.schema import read_shard_samples
 from carevl.standins import shapes
 from carevl.standins.world import write_world
 
@@ -36,23 +36,19 @@ def test_pretraining_mixes_captions_answered_questions_and_quoting(tmp_path):
     counts = write_world(str(tmp_path), train=0, heldout=2, captions=20, shard_size=100)
     assert counts["pretrain"] == 60
     kinds = Counter()
-    with tarfile.open(next((tmp_path / "pretrain").glob("*.tar"))) as tar:
-        for member in tar.getmembers():
-            if not member.name.endswith(".json"):
-                continue
-            sample = json.loads(tar.extractfile(member).read())
-            scene = shapes.scene_of(sample["meta"]["scene"])
-            if sample["prompt"] == shapes.CAPTION_PROMPT:
-                assert sample["target"] == shapes.caption_target(scene)
-                kinds["caption"] += 1
-            elif sample["prompt"] in shapes.QUESTIONS.values():
-                attribute = next(a for a, q in shapes.QUESTIONS.items() if q == sample["prompt"])
-                assert attribute in shapes.JUDGE_ATTRIBUTES
-                assert sample["target"] == shapes.answer(attribute, scene.value(attribute))
-                kinds["question"] += 1
-            else:
-                assert "Which answer says" in sample["prompt"]
-                kinds["quote"] += 1
+    for sample in read_shard_samples(tmp_path / "pretrain", "instruct"):
+        scene = shapes.scene_of(sample.meta["scene"])
+        if sample.prompt == shapes.CAPTION_PROMPT:
+            assert sample.target == shapes.caption_target(scene)
+            kinds["caption"] += 1
+        elif sample.prompt in shapes.QUESTIONS.values():
+            attribute = next(a for a, q in shapes.QUESTIONS.items() if q == sample.prompt)
+            assert attribute in shapes.JUDGE_ATTRIBUTES
+            assert sample.target == shapes.answer(attribute, scene.value(attribute))
+            kinds["question"] += 1
+        else:
+            assert "Which answer says" in sample.prompt
+            kinds["quote"] += 1
     assert kinds == {"caption": 20, "question": 20, "quote": 20}
 
 
@@ -60,23 +56,19 @@ def test_a_share_of_pretraining_questions_is_read_with_two_answers_in_view(tmp_p
     counts = write_world(str(tmp_path), train=0, heldout=2, captions=60, quotes=0, shard_size=500, answers_in_view=0.5)
     assert counts["pretrain"] == 120
     kinds = Counter()
-    with tarfile.open(next((tmp_path / "pretrain").glob("*.tar"))) as tar:
-        for member in tar.getmembers():
-            if not member.name.endswith(".json"):
-                continue
-            sample = json.loads(tar.extractfile(member).read())
-            if not sample["prompt"].endswith(shapes.READING_PROMPT):
-                kinds["other"] += 1
-                continue
-            question, *answers, _ = sample["prompt"].splitlines()
-            attribute = shapes.attribute_of(question)
-            assert attribute in shapes.JUDGE_ATTRIBUTES and len(answers) == 2
-            values = [shapes.mentioned_value(line.split(": ", 1)[1], attribute) for line in answers]
-            assert values[0] != values[1] and None not in values
-            truth = shapes.scene_of(sample["meta"]["scene"]).value(attribute)
-            assert sample["target"] == f"The image has {truth}."
-            kinds["reading"] += 1
-            kinds["answer shows the image"] += truth in values
+    for sample in read_shard_samples(tmp_path / "pretrain", "instruct"):
+        if not sample.prompt.endswith(shapes.READING_PROMPT):
+            kinds["other"] += 1
+            continue
+        question, *answers, _ = sample.prompt.splitlines()
+        attribute = shapes.attribute_of(question)
+        assert attribute in shapes.JUDGE_ATTRIBUTES and len(answers) == 2
+        values = [shapes.mentioned_value(line.split(": ", 1)[1], attribute) for line in answers]
+        assert values[0] != values[1] and None not in values
+        truth = shapes.scene_of(sample.meta["scene"]).value(attribute)
+        assert sample.target == f"The image has {truth}."
+        kinds["reading"] += 1
+        kinds["answer shows the image"] += truth in values
     # about half of the 60 questions, and the answers in view do not give the image away
     assert 20 <= kinds["reading"] <= 40 and kinds["other"] == 120 - kinds["reading"]
     assert 0 < kinds["answer shows the image"] < kinds["reading"]
@@ -89,13 +81,13 @@ def test_held_out_quoting_tasks_are_written_apart_and_only_when_asked(tmp_path):
     assert counts["quotes-check"] == 7
     manifest = json.loads((tmp_path / "some" / "quotes-check" / "manifest.json").read_text())
     assert (manifest["kind"], manifest["samples"]) == ("instruct", 7)
-    with tarfile.open(next((tmp_path / "some" / "quotes-check").glob("*.tar"))) as tar:
-        samples = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    samples = list(read_shard_samples(tmp_path / "some" / "quotes-check", "instruct"))
+    assert len(samples) == 7
     for sample in samples:
-        asked = sample["prompt"].rsplit("Which answer says ", 1)[1].rstrip("?")
-        lines = dict(line.split(": ", 1) for line in sample["prompt"].splitlines()[:2])
+        asked = sample.prompt.rsplit("Which answer says ", 1)[1].rstrip("?")
+        lines = dict(line.split(": ", 1) for line in sample.prompt.splitlines()[:2])
         number = next(n for n in (1, 2) if lines[f"Answer {n}"].rstrip(".").endswith(asked))
-        assert sample["target"].endswith(f"The reference has {asked}, as Answer {number} says.")
+        assert sample.target.endswith(f"The reference has {asked}, as Answer {number} says.")
 
 
 def test_items_have_as_many_distinct_worse_critiques_as_asked_or_a_clear_error():

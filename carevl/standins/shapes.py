@@ -232,6 +232,9 @@ def caption_target(scene: Scene, count: bool = True) -> str:
     return f"The image shows {scene.caption(count)}."
 
 
+READING_PROMPT = "Whatever the answers say, what does the image show?"
+
+
 def reading_task(attribute: str, value: str, rng: random.Random) -> tuple[str, str]:
     """A vision skill of the base model: say what the image shows while two answers are in view,
     whatever they say (two values drawn at random, so they may miss the image's value or both
@@ -243,9 +246,6 @@ def reading_task(attribute: str, value: str, rng: random.Random) -> tuple[str, s
     shown = [answer(attribute, v) for v in rng.sample(attribute_values(attribute), 2)]
     prompt = f"Question: {QUESTIONS[attribute]}\nAnswer 1: {shown[0]}\nAnswer 2: {shown[1]}\n{READING_PROMPT}"
     return prompt, f"The image has {value}."
-
-
-READING_PROMPT = "Whatever the answers say, what does the image show?"
 
 
 def quote_task(rng: random.Random) -> tuple[str, str]:

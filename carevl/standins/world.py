@@ -57,6 +57,7 @@ def write_world(
             if task == "caption":
                 prompt, target = shapes.CAPTION_PROMPT, shapes.caption_target(scene)
             elif task == "question":
+                # no draw without the option, so such worlds are the ones written before it
                 in_view = answers_in_view > 0 and rng.random() < answers_in_view
                 attribute = rng.choice(attributes)
                 if in_view:
