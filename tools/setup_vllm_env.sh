@@ -18,8 +18,13 @@
 # build; not run on this project's machines, which have no GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PIP_NO_CACHE_DIR=1  # no second copy of the registry's torch in pip's cache (see setup_env.sh)
 build=${VLLM_BUILD:-cpu}
 if [ ! -x .venv-vllm/bin/python ]; then
+  free_gb=$(df -Pk . | awk 'NR == 2 {print int($4 / 1048576)}')
+  if [ "$free_gb" -lt 8 ]; then
+    echo "setup_vllm_env: $free_gb GB free here; .venv-vllm needs about 6 GB (the registry's torch build)" >&2
+  fi
   python3 -m venv .venv-vllm
 fi
 source .venv-vllm/bin/activate
