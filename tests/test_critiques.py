@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from carevl.curation import critiques, stages
+from carevl.curation import critiques, labels, stages
 from carevl.curation.groups import STRATEGIES
 from carevl.curation.records import Records
 from carevl.prompts import SCORE_ASPECTS, parse_verdict
@@ -31,9 +31,9 @@ def curated(tmp_path_factory) -> str:
     )
     stages.captions(workdir, lambda: SimulatedCaptioner("cap", workdir))
     stages.pairs(workdir, max_pairs_per_item=3)
-    stages.judge(workdir, model=lambda: SimulatedJudge("judge", workdir, accuracy=0.7))
-    stages.votes(workdir, {f"e{i}": (lambda i=i: SimulatedExpert(f"e{i}", error_rate=0.25)) for i in range(3)})
-    stages.split(workdir, tau=2)
+    labels.judge(workdir, model=lambda: SimulatedJudge("judge", workdir, accuracy=0.7))
+    labels.votes(workdir, {f"e{i}": (lambda i=i: SimulatedExpert(f"e{i}", error_rate=0.25)) for i in range(3)})
+    labels.split(workdir, tau=2)
     # the simulated judge stands in for the SFT judge: it is right 60% of the time on pairs with one right answer
     critiques.critiques(workdir, lambda: SimulatedJudge("sft", workdir, accuracy=0.6), name="sim-sft", samples=6)
     critiques.evaluate(

@@ -14,7 +14,8 @@ import yaml
 
 from carevl.backends.interface import EndpointRefused, Sampling
 from carevl.backends.openai_api import OpenAIBatch, OpenAIChat
-from carevl.curation import stages
+from carevl.curation import labels, stages, units
+from carevl.curation.provenance import selected
 from carevl.curation.records import FolderBusy, Records
 from carevl.curation.report import write_report
 from carevl.schema import read_manifest
@@ -34,13 +35,13 @@ def run_simulated(workdir: str, items: int = 120) -> None:
     stages.candidates(workdir, models, {"greedy": Sampling(), "t1": Sampling(temperature=1.0)})
     stages.captions(workdir, lambda: SimulatedCaptioner("sim-captioner", workdir, error_rate=0.05))
     stages.pairs(workdir, max_pairs_per_item=3)
-    stages.judge(workdir, model=lambda: SimulatedJudge("sim-judge", workdir, accuracy=0.75))
-    stages.votes(
+    labels.judge(workdir, model=lambda: SimulatedJudge("sim-judge", workdir, accuracy=0.75))
+    labels.votes(
         workdir,
         {f"expert-{i}": (lambda i=i: SimulatedExpert(f"expert-{i}", error_rate=0.1 + 0.05 * i)) for i in range(5)},
     )
-    stages.split(workdir)
-    stages.sft_shards(workdir)
+    labels.split(workdir)
+    labels.sft_shards(workdir)
 
 
 def paired_world(workdir: Path, items: int, seed: int, samples: int) -> int:
@@ -110,7 +111,7 @@ def test_ingest_records_bad_input_with_reasons(tmp_path, monkeypatch):
     source = data / "source.jsonl"
     lines = [json.dumps(r).encode() for r in rows] + [b"{not json", b'{"id": "h", "question": "\xff"}']
     source.write_bytes(b"\n".join(lines) + b"\n")
-    with pytest.raises(stages.StageFailed, match="ingest: 10 of 11 units failed"):
+    with pytest.raises(units.StageFailed, match="ingest: 10 of 11 units failed"):
         stages.ingest(str(tmp_path / "cur"), source=str(source))
     summary = stages.ingest(str(tmp_path / "cur2"), source=str(source), max_failed=1.0)
     assert summary == {
@@ -131,14 +132,14 @@ def test_ingest_records_bad_input_with_reasons(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cur2" / "images").rglob("*.png"))) == 1
     # a second run keeps what it has and records nothing twice
     stages.ingest(str(tmp_path / "cur2"), source=str(source), max_failed=1.0)
-    assert stages.items_by_id(tmp_path / "cur2").keys() == {"a"}
+    assert units.items_by_id(tmp_path / "cur2").keys() == {"a"}
     # images outside the folder are read when the config says so
     assert stages.ingest(str(tmp_path / "cur3"), source=str(source), images_outside=True, max_failed=1.0)["done"] == 3
     # a GIF is stored re-encoded as PNG (shards hold PNG, JPEG or WebP only)
     Image.new("RGB", (8, 8), (200, 10, 10)).save(data / "red.gif")
     (data / "gif.jsonl").write_text(json.dumps({"id": "g", "image": "red.gif", "question": "What colour?"}) + "\n")
     assert stages.ingest(str(tmp_path / "cur"), source=str(data / "gif.jsonl"))["converted to png"] == 1
-    assert stages.items_by_id(tmp_path / "cur").keys() == {"g"}, "the items of the file ingested last"
+    assert units.items_by_id(tmp_path / "cur").keys() == {"g"}, "the items of the file ingested last"
 
 
 def test_an_image_replaced_under_the_same_name_is_stored_again(tmp_path):
@@ -150,10 +151,10 @@ def test_an_image_replaced_under_the_same_name_is_stored_again(tmp_path):
     source = tmp_path / "q.jsonl"
     source.write_text(json.dumps({"id": "x", "image": "x.png", "question": "What colour?"}) + "\n")
     stages.ingest(str(tmp_path / "cur"), source=str(source))
-    first = stages.items_by_id(tmp_path / "cur")["x"]["image"]
+    first = units.items_by_id(tmp_path / "cur")["x"]["image"]
     Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "x.png")
     assert stages.ingest(str(tmp_path / "cur"), source=str(source))["done"] == 1
-    assert stages.items_by_id(tmp_path / "cur")["x"]["image"] != first
+    assert units.items_by_id(tmp_path / "cur")["x"]["image"] != first
 
 
 def test_a_line_cut_by_a_kill_is_dropped(tmp_path):
@@ -286,7 +287,7 @@ def snapshot(workdir: Path) -> dict:
 
     found = {
         name: sorted(json.dumps(r, sort_keys=True) for r in Records(workdir / name).latest())
-        for name in stages.FILES.values()
+        for name in units.FILES.values()
     }
     found["images"] = sorted(p.name for p in (workdir / "images").rglob("*.png"))
     found["sft"] = sorted(
@@ -315,12 +316,12 @@ def test_kill_and_rerun_gives_the_uninterrupted_output(tmp_path):
         ("sft_shards", None),
     ):
         if lines is not None:
-            kills += curate(killed_config, stage, kill_after_lines=lines, watch=killed / stages.FILES[stage])
+            kills += curate(killed_config, stage, kill_after_lines=lines, watch=killed / units.FILES[stage])
         curate(killed_config, stage)
     assert kills == 2  # both stages were really interrupted part way
     expected, got = snapshot(clean), snapshot(killed)
     assert got == expected
-    for name in stages.FILES.values():  # nothing duplicated on disk either
+    for name in units.FILES.values():  # nothing duplicated on disk either
         lines = [json.loads(line) for line in (killed / name).read_text().splitlines()]
         assert len(lines) == len({r["key"] for r in lines}), name
 
@@ -337,14 +338,14 @@ def test_judge_over_http_records_failures_then_completes_and_never_writes_the_ke
         def build() -> OpenAIChat:
             return OpenAIChat("gpt-4o", base_url=endpoint.base_url, concurrency=1, max_attempts=2, max_backoff=0.01)
 
-        first = stages.judge(str(workdir), model=build, max_failed=0.5)
+        first = labels.judge(str(workdir), model=build, max_failed=0.5)
         assert (
             first["failed: http_500"] == 1
             and first["failed: http_400"] == 1
             and first["failed: malformed_response"] == 1
         )
         assert first["done"] == n_pairs - 3
-        second = stages.judge(str(workdir), model=build)
+        second = labels.judge(str(workdir), model=build)
         assert second == {"stage": "judge", "done": 3, "skipped": n_pairs - 3}
         assert all(r["authorization"] == f"Bearer {key}" for r in endpoint.requests)
     judgments = Records(workdir / "judgments.jsonl").ok()
@@ -364,7 +365,7 @@ def test_a_model_that_cannot_load_fails_its_own_units_and_the_stage_goes_on(tmp_
         raise FileNotFoundError("no checkpoint at /models/missing")
 
     good = {"good": lambda: SimulatedAnswerer("good", str(workdir))}
-    with pytest.raises(stages.StageFailed, match="model_failed 10"):
+    with pytest.raises(units.StageFailed, match="model_failed 10"):
         stages.candidates(str(workdir), {"broken": broken, **good}, decodings)
     failed = [r for r in Records(workdir / "candidates.jsonl").latest() if "error" in r]
     assert len(failed) == 10 and {r["model"] for r in failed} == {"broken"}
@@ -376,8 +377,8 @@ def test_a_model_that_cannot_load_fails_its_own_units_and_the_stage_goes_on(tmp_
     stages.captions(str(workdir), lambda: SimulatedCaptioner("c", str(workdir)))
     stages.pairs(str(workdir))
     experts = {"e1": lambda: SimulatedExpert("e1"), "e2": broken}
-    with pytest.raises(stages.StageFailed, match="model_failed"):
-        stages.votes(str(workdir), experts)
+    with pytest.raises(units.StageFailed, match="model_failed"):
+        labels.votes(str(workdir), experts)
     scored = Records(workdir / "scores.jsonl").ok()
     assert scored and {r["expert"] for r in scored} == {"e1"}
 
@@ -398,9 +399,9 @@ def test_a_judge_without_structured_output_is_asked_for_the_verdict_line(tmp_pat
             return OpenAIChat("gpt-4o-2024-05-13", base_url=endpoint.base_url, api_key_env="HOME", concurrency=2)
 
         with pytest.raises(ValueError, match="no structured output"):
-            stages.judge(str(workdir), model=build)
+            labels.judge(str(workdir), model=build)
         assert endpoint.requests == []
-        assert stages.judge(str(workdir), model=build, structured=False)["done"] == n_pairs
+        assert labels.judge(str(workdir), model=build, structured=False)["done"] == n_pairs
         prompt = json.loads(endpoint.requests[0]["body"])["messages"][0]["content"][-1]["text"]
     assert prompt.endswith('"Overall Judgment: Answer 2 is better."')
     judgments = Records(workdir / "judgments.jsonl").ok()
@@ -411,7 +412,7 @@ def test_judge_prints_an_estimate_and_refuses_above_max_usd(tmp_path, capsys):
     workdir = tmp_path / "cur"
     paired_world(workdir, 6, 2, samples=2)
     with pytest.raises(RuntimeError, match="above max_usd"):
-        stages.judge(str(workdir), model=lambda: SimulatedJudge("j", str(workdir)), max_usd=0.0)
+        labels.judge(str(workdir), model=lambda: SimulatedJudge("j", str(workdir)), max_usd=0.0)
     assert "requests" in capsys.readouterr().out
     assert not (workdir / "judgments.jsonl").exists()
 
@@ -423,7 +424,7 @@ def test_judge_through_the_batch_api(tmp_path, monkeypatch):
     workdir = tmp_path / "cur"
     n_pairs = paired_world(workdir, 6, 2, samples=3)
     with LoopbackEndpoint(expire_batches=1) as endpoint:
-        summary = stages.judge(
+        summary = labels.judge(
             str(workdir),
             batch=lambda: OpenAIBatch("gpt-4o", base_url=endpoint.base_url, poll_seconds=0.01),
             both_orders=True,
@@ -447,16 +448,16 @@ def test_sft_shards_hold_out_whole_items_the_same_way_every_run(tmp_path):
         urls = read_manifest(Path(workdir) / folder)["urls"]
         return [decode(raw, "sft").meta["item"] for url in urls for raw in wds.WebDataset(url, shardshuffle=False)]
 
-    summary = stages.sft_shards(workdir, heldout=0.25)
+    summary = labels.sft_shards(workdir, heldout=0.25)
     train, held = items_of("sft"), items_of("sft-heldout")
     assert summary["written"] == len(train) and summary["held out"] == len(held)
     assert len(train) + len(held) == everything
     assert held and not set(train) & set(held)  # an item's pairs are all on one side
     assert 0.1 < len(set(held)) / len(set(train) | set(held)) < 0.4
-    stages.sft_shards(workdir, heldout=0.25)
+    labels.sft_shards(workdir, heldout=0.25)
     assert items_of("sft-heldout") == held
     with pytest.raises(ValueError, match="heldout"):
-        stages.sft_shards(workdir, heldout=1.0)
+        labels.sft_shards(workdir, heldout=1.0)
 
 
 def test_sft_shards_with_the_judge_labels_keep_every_judged_pair(tmp_path):
@@ -466,7 +467,7 @@ def test_sft_shards_with_the_judge_labels_keep_every_judged_pair(tmp_path):
 
     workdir = str(tmp_path / "cur")
     run_simulated(workdir, items=40)
-    summary = stages.sft_shards(workdir, labels="judge")
+    summary = labels.sft_shards(workdir, labels="judge")
     rows = {r["key"][:32]: r for r in Records(Path(workdir) / "split.jsonl").ok()}
     samples = [
         decode(raw, "sft")
@@ -482,7 +483,7 @@ def test_sft_shards_with_the_judge_labels_keep_every_judged_pair(tmp_path):
     assert all(s.label == rows[s.id]["judge"] and s.target.endswith(f"Answer {s.label} is better.") for s in samples)
     assert any(rows[s.id]["label"] != s.label for s in samples)  # experts overrode some judge labels
     with pytest.raises(ValueError, match="labels must be"):
-        stages.sft_shards(workdir, labels="all")
+        labels.sft_shards(workdir, labels="all")
 
 
 def test_candidates_on_a_paid_endpoint_print_their_estimate_first(tmp_path, capsys):
@@ -547,12 +548,12 @@ def test_a_refused_key_or_account_stops_the_stage_at_once_and_records_nothing(tm
         with pytest.raises(
             EndpointRefused, match="invalid_api_key" if refusal == "wrong_key" else "insufficient_quota"
         ):
-            stages.judge(str(workdir), model=build)
+            labels.judge(str(workdir), model=build)
         assert n_pairs > 8 and len(endpoint.requests) <= 8, "stopped at once, not after a request per pair"
         assert Records(workdir / "judgments.jsonl").latest() == []
         monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
         endpoint.faults.clear()
-        assert stages.judge(str(workdir), model=build)["done"] == n_pairs
+        assert labels.judge(str(workdir), model=build)["done"] == n_pairs
 
 
 def test_the_batch_api_stops_at_a_refused_key(tmp_path, monkeypatch):
@@ -562,7 +563,7 @@ def test_the_batch_api_stops_at_a_refused_key(tmp_path, monkeypatch):
     with LoopbackEndpoint(api_key="sk-right") as endpoint:
         batch = OpenAIBatch("gpt-4o", base_url=endpoint.base_url, poll_seconds=0.01)
         with pytest.raises(EndpointRefused, match="http_401"):
-            stages.judge(str(workdir), batch=lambda: batch)
+            labels.judge(str(workdir), batch=lambda: batch)
     assert Records(workdir / "judgments.jsonl").latest() == []
 
 
@@ -572,8 +573,8 @@ def test_sft_shards_with_nothing_to_write_fail_and_keep_the_shards_before(tmp_pa
     before = read_manifest(Path(workdir) / "sft")
     split = Records(Path(workdir) / "split.jsonl")
     split.rewrite([{**row, "confidence": "low"} for row in split.ok()])
-    with pytest.raises(stages.StageFailed, match="sft_shards: no pair to write"):
-        stages.sft_shards(workdir)
+    with pytest.raises(units.StageFailed, match="sft_shards: no pair to write"):
+        labels.sft_shards(workdir)
     assert read_manifest(Path(workdir) / "sft") == before
 
 
@@ -586,7 +587,7 @@ def test_sft_shards_count_a_pair_whose_text_cannot_be_encoded_and_write_the_rest
     broken = next(i for i, row in enumerate(rows) if row["confidence"] == "high")
     rows[broken] = {**rows[broken], "explanation": json.loads('"The image shows \\ud800"')}
     split.rewrite(rows)
-    summary = stages.sft_shards(workdir)
+    summary = labels.sft_shards(workdir)
     assert summary["written"] == high - 1
     assert [k for k in summary if k.startswith("dropped: ")] == [
         "dropped: 'target' holds text that is not valid Unicode (surrogates not allowed)"
@@ -629,13 +630,11 @@ def test_a_changed_or_removed_model_is_never_served_from_old_records(tmp_path, m
     for stage in ("votes", "split", "sft_shards"):
         run(stage)
     judged = Records(workdir / "judgments.jsonl")
-    assert len(judged.ok()) == 2 * len(stages.selected(Records(workdir / "pairs.jsonl"))), (
-        "the real judge judged every pair"
-    )
+    assert len(judged.ok()) == 2 * len(selected(Records(workdir / "pairs.jsonl"))), "the real judge judged every pair"
     targets = snapshot(workdir)["sft"]
     assert targets and not [t for t in targets if "placeholder" in t], "no SFT target from the dry run"
 
-    old_captions = stages.caption_by_image(workdir)
+    old_captions = units.caption_by_image(workdir)
     run(
         "captions",
         captioner={
@@ -643,20 +642,20 @@ def test_a_changed_or_removed_model_is_never_served_from_old_records(tmp_path, m
             "init_args": {"name": "cap", "world": str(workdir), "error_rate": 0.6},
         },
     )
-    new_captions = stages.caption_by_image(workdir)
+    new_captions = units.caption_by_image(workdir)
     assert new_captions.keys() == old_captions.keys() and new_captions != old_captions, "captioned afresh"
 
     del config["votes"]["experts"]["e4"]
     run("votes")
     run("split")
-    summary = stages.split(str(workdir))
+    summary = labels.split(str(workdir))
     assert summary["experts"] == 4 and summary["tau"] == 3
 
     del config["candidates"]["models"]["m4"]
     run("candidates")
     run("pairs")
-    kept = {stages.normalized(a) for r in stages.selected(Records(workdir / "candidates.jsonl")) for a in r["answers"]}
-    assert {r["model"] for r in stages.selected(Records(workdir / "candidates.jsonl"))} == {"m2"}
+    kept = {stages.normalized(a) for r in selected(Records(workdir / "candidates.jsonl")) for a in r["answers"]}
+    assert {r["model"] for r in selected(Records(workdir / "candidates.jsonl"))} == {"m2"}
     removed = {
         stages.normalized(a)
         for r in Records(workdir / "candidates.jsonl").ok()
@@ -664,7 +663,7 @@ def test_a_changed_or_removed_model_is_never_served_from_old_records(tmp_path, m
         for a in r["answers"]
     }
     assert removed - kept, "m4 gave answers m2 did not"
-    for pair in stages.selected(Records(workdir / "pairs.jsonl")):
+    for pair in selected(Records(workdir / "pairs.jsonl")):
         assert {stages.normalized(text) for text in pair["responses"]} <= kept, (
             "a pair holds an answer of the removed model"
         )
@@ -693,9 +692,9 @@ def test_the_demo_world_errs_where_real_curation_models_do(tmp_path):
     stages.candidates(workdir, models, decodings)
     stages.captions(workdir, lambda: build(config["captions"]["captioner"]))
     stages.pairs(workdir, max_pairs_per_item=config["pairs"]["max_pairs_per_item"])
-    stages.judge(workdir, model=lambda: build(config["judge"]["model"]))
-    stages.votes(workdir, {name: (lambda spec=spec: build(spec)) for name, spec in config["votes"]["experts"].items()})
-    stages.split(workdir, tau=config["split"]["tau"])
+    labels.judge(workdir, model=lambda: build(config["judge"]["model"]))
+    labels.votes(workdir, {name: (lambda spec=spec: build(spec)) for name, spec in config["votes"]["experts"].items()})
+    labels.split(workdir, tau=config["split"]["tau"])
 
     items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
     counts = {
@@ -763,7 +762,7 @@ def test_a_position_biased_judge_errs_only_by_naming_the_first_answer(tmp_path):
         {"t1": Sampling(temperature=1.0, n=4)},
     )
     stages.pairs(workdir)
-    stages.judge(workdir, model=lambda: SimulatedJudge("j", workdir, accuracy=0.3, unsure="first"))
+    labels.judge(workdir, model=lambda: SimulatedJudge("j", workdir, accuracy=0.3, unsure="first"))
     items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
     pairs = {row["key"]: row for row in Records(Path(workdir) / "pairs.jsonl").ok()}
     right = {1: [], 2: []}

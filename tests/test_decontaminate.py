@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from carevl import benchmarks
-from carevl.curation import stages
+from carevl.curation import stages, units
 from carevl.curation.decontaminate import REPORT, StaleDecontamination, decontaminate, normalise
 from carevl.images import image_extension
 from carevl.schema import BenchmarkSample, ShardWriter, question_line
@@ -98,7 +98,7 @@ def test_planted_duplicates_are_removed_and_near_misses_kept(tmp_path):
     assert report["by_source"] == {"llava": {"items": 5, "removed": 3}, "svit": {"items": 5, "removed": 3}}
     assert report["thresholds"]["max_hash_distance"] == 8 and report["examples"]["question_ngram"][0]["overlap"] >= 0.6
     # later stages see only the kept items
-    assert set(stages.items_by_id(work)) == {"generic", "same_template", "shared_phrase", "other_picture"}
+    assert set(units.items_by_id(work)) == {"generic", "same_template", "shared_phrase", "other_picture"}
 
 
 def test_items_ingested_after_decontamination_stop_the_next_stage(tmp_path):
@@ -108,9 +108,9 @@ def test_items_ingested_after_decontamination_stop_the_next_stage(tmp_path):
     decontaminate(work, benchmarks=[str(tmp_path / "bench")])
     stages.ingest(work, source=str(write_items(tmp_path / "more", PLANTED[:4])))
     with pytest.raises(StaleDecontamination, match="run the decontaminate stage again"):
-        stages.items_by_id(work)
+        units.items_by_id(work)
     decontaminate(work, benchmarks=[str(tmp_path / "bench")])
-    assert stages.items_by_id(work) == {}
+    assert units.items_by_id(work) == {}
 
 
 def test_normalised_questions_ignore_case_punctuation_and_image_tags():

@@ -41,7 +41,9 @@ def test_the_product_imports_no_stand_in():
 
 
 def test_curation_imports_neither_the_demo_world_nor_a_concrete_backend():
-    loaded = imported_after(["carevl.curation.stages", "carevl.curation.critiques", "carevl.curation.report"])
+    loaded = imported_after(
+        ["carevl.curation.stages", "carevl.curation.labels", "carevl.curation.critiques", "carevl.curation.report"]
+    )
     assert not [
         m
         for m in loaded

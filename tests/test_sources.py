@@ -10,7 +10,7 @@ import json
 import pytest
 from PIL import Image
 
-from carevl.curation import stages
+from carevl.curation import stages, units
 from carevl.curation.records import ImageStore
 from carevl.curation.sources import Source, write_questions
 from tests.helpers import ROOT, load_tool, photo_like
@@ -33,7 +33,7 @@ def ingested(tmp_path, sources, seed=0):
             "sha": hashlib.sha256(store.get(item["image"], item["image_ext"])).hexdigest(),
             "meta": item["meta"],
         }
-        for item_id, item in stages.items_by_id(work).items()
+        for item_id, item in units.items_by_id(work).items()
     }
     return summary, items
 

@@ -21,9 +21,11 @@ from jsonargparse import CLI
 from carevl.backends.interface import EndpointRefused
 from carevl.curation.critiques import critiques, evaluate, groups
 from carevl.curation.decontaminate import StaleDecontamination, decontaminate
+from carevl.curation.labels import judge, sft_shards, split, votes
 from carevl.curation.records import FolderBusy
 from carevl.curation.report import Truth, write_report
-from carevl.curation.stages import StageFailed, candidates, captions, ingest, judge, pairs, sft_shards, split, votes
+from carevl.curation.stages import candidates, captions, ingest, pairs
+from carevl.curation.units import StageFailed
 
 
 def report(workdir: str, out: str | None = None, truth: Truth | None = None) -> dict:

@@ -169,7 +169,7 @@ def written(out: Path, steps: list[str]) -> dict[str, str]:
     exported checkpoints, benchmark results, and each step's seconds."""
     from carevl.curation.provenance import selected
     from carevl.curation.records import Records
-    from carevl.curation.stages import FILES
+    from carevl.curation.units import FILES
     from carevl.schema import read_manifest
 
     curation, found = out / "runs" / "curation" / "real", {}

@@ -26,7 +26,7 @@ from carevl.backends.interface import ChatModel, Sampling
 from carevl.curation.groups import STRATEGIES, Critique, form_group
 from carevl.curation.provenance import producer, select, selected
 from carevl.curation.records import ImageStore, Records, content_key, holds_work_folder
-from carevl.curation.stages import (
+from carevl.curation.units import (
     StageFailed,
     caption_by_image,
     item_chat,

@@ -214,7 +214,7 @@ def decontaminate(
         examples: matches quoted in the report per reason.
     """
     from carevl.curation.records import ImageStore
-    from carevl.curation.stages import items_by_id, summarize
+    from carevl.curation.units import items_by_id, summarize
 
     limits = Thresholds(
         max_hash_distance, ngram, min_ngram_overlap, min_question_words, template_questions, min_shared_ngrams

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from carevl.curation.stages import FILES, items_by_id, records
+from carevl.curation.units import FILES, items_by_id, records
 
 # (item record, the pair's two answers) -> the truly better answer, 1 or 2, or None when unknown
 Truth = Callable[[dict, list[str]], "int | None"]
