@@ -20,7 +20,7 @@ from carevl.curation.records import FolderBusy, Records
 from carevl.curation.report import write_report
 from carevl.schema import read_manifest
 from carevl.standins.loopback import LoopbackEndpoint
-from carevl.standins.shapes import KINDS, true_label
+from carevl.standins.shapes import true_label
 from carevl.standins.simulated import SimulatedAnswerer, SimulatedCaptioner, SimulatedExpert, SimulatedJudge
 from carevl.standins.world import write_questions
 from tests.helpers import ingest_world, load_tool
@@ -667,110 +667,3 @@ def test_a_changed_or_removed_model_is_never_served_from_old_records(tmp_path, m
         assert {stages.normalized(text) for text in pair["responses"]} <= kept, (
             "a pair holds an answer of the removed model"
         )
-
-
-def test_the_demo_world_errs_where_real_curation_models_do(tmp_path):
-    """With the shipped simulations (configs/curation/shapes.yaml), captions leave counts out, so the
-    experts are unsure on fine-detail questions and the low-confidence split is enriched for them,
-    while the judge, which sees the image, stays better than the experts there. Measured, not
-    scripted: the split only sees votes and verdicts."""
-    import importlib
-
-    workdir = str(tmp_path / "cur")
-    config = yaml.safe_load((ROOT / "configs" / "curation" / "shapes.yaml").read_text())
-
-    def build(spec):
-        module, _, name = spec["class_path"].rpartition(".")
-        args = spec["init_args"]
-        return getattr(importlib.import_module(module), name)(
-            **{**args, **({"world": workdir} if "world" in args else {})}
-        )
-
-    ingest_world(workdir, 300, 5)
-    models = {name: (lambda spec=spec: build(spec)) for name, spec in config["candidates"]["models"].items()}
-    decodings = {name: Sampling(**spec) for name, spec in config["candidates"]["decodings"].items()}
-    stages.candidates(workdir, models, decodings)
-    stages.captions(workdir, lambda: build(config["captions"]["captioner"]))
-    stages.pairs(workdir, max_pairs_per_item=config["pairs"]["max_pairs_per_item"])
-    labels.judge(workdir, model=lambda: build(config["judge"]["model"]))
-    labels.votes(workdir, {name: (lambda spec=spec: build(spec)) for name, spec in config["votes"]["experts"].items()})
-    labels.split(workdir, tau=config["split"]["tau"])
-
-    items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
-    counts = {
-        kind: {"pairs": 0, "low": 0, "judge": [0, 0], "experts": [0, 0], "high": [0, 0]} for kind in ("coarse", "fine")
-    }
-    for row in Records(Path(workdir) / "split.jsonl").ok():
-        item = items[row["item"]]
-        kind = KINDS[item["meta"]["truth"]["attribute"]]
-        tally = counts[kind]
-        tally["pairs"] += 1
-        tally["low"] += row["confidence"] == "low"
-        truth = true_label(item, row["responses"])
-        if truth is None:
-            continue
-        majority = 1 if row["votes"][0] > row["votes"][1] else 2 if row["votes"][1] > row["votes"][0] else None
-        for name, verdict in (("judge", row["judge"]), ("experts", majority)):
-            if verdict is not None:
-                tally[name][0] += verdict == truth
-                tally[name][1] += 1
-        if row["confidence"] == "high":
-            tally["high"][0] += row["label"] == truth
-            tally["high"][1] += 1
-    coarse, fine = counts["coarse"], counts["fine"]
-    share = {kind: counts[kind]["low"] / counts[kind]["pairs"] for kind in counts}
-    assert share["fine"] > share["coarse"] + 0.15, share
-    fine_share_all = fine["pairs"] / (fine["pairs"] + coarse["pairs"])
-    fine_share_high = fine["high"][1] / (fine["high"][1] + coarse["high"][1])
-    assert fine_share_high < fine_share_all / 2, (fine_share_high, fine_share_all)  # SFT is thin on fine detail
-    precision = {k: {n: counts[k][n][0] / counts[k][n][1] for n in ("judge", "experts", "high")} for k in counts}
-    assert precision["fine"]["judge"] > precision["fine"]["experts"] + 0.05, precision
-    assert precision["coarse"]["high"] > 0.95 and precision["fine"]["high"] > 0.9, precision
-
-
-def test_candidates_with_shared_errors_give_one_wrong_answer_per_item(tmp_path):
-    """Models that err on an item with `shared_errors` say the same wrong value, so the item's pairs
-    hold one right answer; with independent errors two wrong values meet in some pairs."""
-    wrong_values = {}
-    for shared in (True, False):
-        workdir = str(tmp_path / str(shared))
-        ingest_world(workdir, 60, 8)
-        models = {
-            f"m{e}": (
-                lambda e=e, w=workdir, s=shared: SimulatedAnswerer(f"m{e}", w, error_rate=e / 10, shared_errors=s)
-            )
-            for e in (1, 2, 3)
-        }
-        stages.candidates(workdir, models, {"t1": Sampling(temperature=1.0, n=3)})
-        stages.pairs(workdir)
-        items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
-        pairs = list(Records(Path(workdir) / "pairs.jsonl").ok())
-        truths = [true_label(items[p["item"]], p["responses"]) for p in pairs]
-        wrong_values[shared] = truths.count(None)
-        assert len(pairs) > 30
-    assert wrong_values == {True: 0, False: wrong_values[False]} and wrong_values[False] > 5, wrong_values
-
-
-def test_a_position_biased_judge_errs_only_by_naming_the_first_answer(tmp_path):
-    """`unsure: first`: right on every pair whose better answer comes first; on the others right at
-    the rate `accuracy` sets (0.3; the bounds leave the binomial spread of ~100 pairs room)."""
-    workdir = str(tmp_path / "cur")
-    ingest_world(workdir, 200, 9)
-    stages.candidates(
-        workdir,
-        {"m": lambda: SimulatedAnswerer("m", workdir, error_rate=0.25, shared_errors=True)},
-        {"t1": Sampling(temperature=1.0, n=4)},
-    )
-    stages.pairs(workdir)
-    labels.judge(workdir, model=lambda: SimulatedJudge("j", workdir, accuracy=0.3, unsure="first"))
-    items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
-    pairs = {row["key"]: row for row in Records(Path(workdir) / "pairs.jsonl").ok()}
-    right = {1: [], 2: []}
-    for row in Records(Path(workdir) / "judgments.jsonl").ok():
-        pair = pairs[row["pair"]]
-        truth = true_label(items[pair["item"]], pair["responses"])
-        right[truth].append(row["verdict"] == truth)
-    assert all(right[1]) and len(right[1]) > 40
-    assert 0.15 < sum(right[2]) / len(right[2]) < 0.45, (sum(right[2]), len(right[2]))
-    with pytest.raises(ValueError, match="unsure must be"):
-        SimulatedJudge("j", workdir, unsure="last")
