@@ -108,6 +108,20 @@ def test_every_strategy_writes_groups_that_follow_its_rule(curated, tmp_path):
     assert sum(gaps) / len(gaps) > 15
 
 
+def test_a_floor_on_the_chosen_score_keeps_exactly_the_groups_whose_chosen_reaches_it(curated, tmp_path):
+    """The shapes world's evaluator takes 10 points from a critique whose value the caption
+    contradicts, so a floor of 93 drops such best critiques and leaves the other groups as they were."""
+    every = critiques.groups(curated, out=str(tmp_path / "every"))
+    floored = critiques.groups(curated, out=str(tmp_path / "floored"), min_chosen_score=93)
+    before = read_groups(tmp_path / "every" / "best_to_worse")
+    after = read_groups(tmp_path / "floored" / "best_to_worse")
+    assert [g.id for g in after] == [g.id for g in before if g.chosen_score >= 93]
+    assert [(g.chosen, g.rejected) for g in after] == [(g.chosen, g.rejected) for g in before if g.chosen_score >= 93]
+    dropped = floored["best_to_worse: best correct critique below min_chosen_score"]
+    assert dropped >= len(before) - len(after) > 0
+    assert floored["best_to_worse: written"] == every["best_to_worse: written"] - (len(before) - len(after))
+
+
 def test_rerun_skips_finished_work(curated):
     again = critiques.critiques(
         curated, lambda: pytest.fail("the judge must not be built: nothing is left to do"), name="sim-sft", samples=6

@@ -50,6 +50,13 @@ def test_relabeled_label_decides_correctness():
     assert indices(group) == (1, [0, 2, 3, 4, 5, 7])  # now 1 is the best correct; 5, 7 correct but worse
 
 
+def test_a_best_correct_critique_below_the_floor_forms_no_group():
+    for strategy in ("best_to_worse", "lowest_incorrect", "random_incorrect"):
+        dropped = form_group(TABLE, 1, strategy, min_chosen_score=85.5)
+        assert dropped == (None, "best correct critique below min_chosen_score")
+    assert indices(form_group(TABLE, 1, "best_to_worse", min_chosen_score=85.0)[0]) == (2, [0, 1, 3, 5, 7])  # inclusive
+
+
 def test_no_correct_critique_gives_no_group():
     table = [Critique(0, "a", 2, 50.0), Critique(1, "b", None, 20.0), Critique(2, "c", 1, None)]
     assert form_group(table, 1, "best_to_worse") == (None, "no correct critique")

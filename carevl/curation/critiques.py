@@ -261,6 +261,7 @@ def groups(
     evaluator: str | None = None,
     out: str | None = None,
     shard_size: int = 1000,
+    min_chosen_score: float | None = None,
 ) -> dict:
     """Preference groups of the low-confidence pairs' scored critiques -> DPO shards.
 
@@ -275,6 +276,10 @@ def groups(
             evaluate run was configured with).
         out: the directory holding one shard directory per strategy (default <workdir>/groups).
         shard_size: groups per shard.
+        min_chosen_score: a pair forms no group when its best correct critique scores below this
+            (counted as "below min_chosen_score"): a correct verdict whose critique the evaluator
+            marks down, say for stating what the caption contradicts, is not worth raising.
+            None (the paper's way) keeps every pair with a correct critique.
     """
     from carevl.schema import PreferenceGroupSample, ShardWriter
 
@@ -314,7 +319,7 @@ def groups(
                 counts["critiques without a score"] += (
                     sum(c.score is None for c in table) if strategy == strategies[0] else 0
                 )
-                group, reason = form_group(table, pair["label"], strategy, seed=pair["key"])
+                group, reason = form_group(table, pair["label"], strategy, pair["key"], min_chosen_score)
                 if group is None:
                     counts[f"{strategy}: {reason}"] += 1
                     continue

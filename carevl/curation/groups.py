@@ -10,6 +10,9 @@ A sampled critique is *correct* when its parsed verdict equals the pair's (re)la
 - ``random_incorrect``: chosen as above; rejected = one incorrect critique drawn at random, the
   draw seeded by the pair (the paper's Table 3 ablation without Best-to-Worse).
 
+With `min_chosen_score`, a pair whose best correct critique scores below it forms no group under any
+strategy: nothing in its samples is worth raising.
+
 Ties break deterministically: among equal scores the earlier sample wins the chosen place (and,
 for one-rejected strategies, the earlier sample is rejected). A critique whose text equals the
 chosen one is never rejected. Critiques without a score are left out before any strategy runs.
@@ -37,9 +40,12 @@ class Group:
     rejected: tuple[Critique, ...]
 
 
-def form_group(critiques: list[Critique], label: int, strategy: str, seed: str = "") -> tuple[Group | None, str]:
+def form_group(
+    critiques: list[Critique], label: int, strategy: str, seed: str = "", min_chosen_score: float | None = None
+) -> tuple[Group | None, str]:
     """(group, reason): the group of one pair, or None with why ("no correct critique", ...).
-    `seed` (the pair's key) fixes random_incorrect's draw."""
+    `seed` (the pair's key) fixes random_incorrect's draw; `min_chosen_score` is the lowest score the
+    chosen critique may have."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     scored = [c for c in critiques if c.score is not None]
@@ -48,6 +54,8 @@ def form_group(critiques: list[Critique], label: int, strategy: str, seed: str =
     if not correct:
         return None, "no correct critique"
     chosen = min(correct, key=lambda c: (-c.score, c.index))
+    if min_chosen_score is not None and chosen.score < min_chosen_score:
+        return None, "best correct critique below min_chosen_score"
     if strategy == "best_to_worse":
         rejected = [c for c in scored if c is not chosen and (c.verdict != label or c.score < chosen.score)]
     elif strategy == "all_incorrect":
