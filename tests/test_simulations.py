@@ -2,6 +2,7 @@
 detail, a judge that sees the image, shared answer errors, position bias), measured through the
 real curation stages."""
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -78,11 +79,12 @@ def test_the_demo_world_errs_where_real_curation_models_do(tmp_path):
 
 def test_candidates_with_shared_errors_give_one_wrong_answer_per_item(tmp_path):
     """Models that err on an item with `shared_errors` say the same wrong value, so the item's pairs
-    hold one right answer; with independent errors two wrong values meet in some pairs."""
-    wrong_values = {}
-    for shared in (True, False):
+    hold one right answer; with independent errors two wrong values meet in some pairs, and
+    `shared_errors: fine` shares them on fine-detail questions only."""
+    no_right_answer = {}
+    for shared in (True, False, "fine"):
         workdir = str(tmp_path / str(shared))
-        ingest_world(workdir, 60, 8)
+        ingest_world(workdir, 90, 8)
         models = {
             f"m{e}": (
                 lambda e=e, w=workdir, s=shared: SimulatedAnswerer(f"m{e}", w, error_rate=e / 10, shared_errors=s)
@@ -93,10 +95,18 @@ def test_candidates_with_shared_errors_give_one_wrong_answer_per_item(tmp_path):
         stages.pairs(workdir)
         items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
         pairs = list(Records(Path(workdir) / "pairs.jsonl").ok())
-        truths = [true_label(items[p["item"]], p["responses"]) for p in pairs]
-        wrong_values[shared] = truths.count(None)
-        assert len(pairs) > 30
-    assert wrong_values == {True: 0, False: wrong_values[False]} and wrong_values[False] > 5, wrong_values
+        counts = Counter()
+        for pair in pairs:
+            item = items[pair["item"]]
+            if true_label(item, pair["responses"]) is None:
+                counts[KINDS[item["meta"]["truth"]["attribute"]]] += 1
+        no_right_answer[shared] = counts
+        assert len(pairs) > 40
+    assert not no_right_answer[True], no_right_answer
+    assert no_right_answer[False]["coarse"] > 5 and no_right_answer[False]["fine"] > 2, no_right_answer
+    assert no_right_answer["fine"]["fine"] == 0 and no_right_answer["fine"]["coarse"] > 5, no_right_answer
+    with pytest.raises(ValueError, match="shared_errors must be"):
+        SimulatedAnswerer("m", str(tmp_path / "True"), shared_errors="counts")
 
 
 def test_a_position_biased_judge_errs_only_by_naming_the_first_answer(tmp_path):

@@ -53,6 +53,7 @@ class SimulatedAnswerer(ChatModel):
     and attribute, drawn from the image alone, so the models that err on an item give the same wrong
     answer, as real models share failure modes (the copy hidden at the edge is missed by all). Its
     pairs then always hold one right answer; without it, two wrong counts can make a pair.
+    `shared_errors: fine` (or `coarse`) shares the errors on that kind of question only.
 
     The shapes pipeline has every model answer in sentences: were better models also the longer
     ones, a judge trained on their pairs could get most labels right from length alone, and on pairs
@@ -67,13 +68,16 @@ class SimulatedAnswerer(ChatModel):
         error_rate: float = 0.3,
         fine_error_rate: float | None = None,
         style: str = "sentence",
-        shared_errors: bool = False,
+        shared_errors: bool | str = False,
         latency: float = 0.0,
     ):
         if style not in (*shapes.ANSWER_STYLES, "mixed"):
             raise ValueError(f"style must be one of {sorted(shapes.ANSWER_STYLES)} or 'mixed'")
+        kinds = sorted(set(shapes.KINDS.values()))
+        if not isinstance(shared_errors, bool) and shared_errors not in kinds:
+            raise ValueError(f"shared_errors must be true, false or one of {kinds}, got {shared_errors!r}")
         self.name, self.truth, self.style, self.latency = name, WorldTruth(world), style, latency
-        self.shared_errors = shared_errors
+        self.shared_kinds = set(kinds) if shared_errors is True else {shared_errors} if shared_errors else set()
         self.error_rates = {"coarse": error_rate, "fine": error_rate if fine_error_rate is None else fine_error_rate}
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
@@ -88,7 +92,8 @@ class SimulatedAnswerer(ChatModel):
             truth = scene.value(attribute)
             error = min(1.0, self.error_rates[shapes.KINDS[attribute]] * (2 if sampling.temperature > 0 else 1))
             others = [v for v in shapes.attribute_values(attribute) if v != truth]
-            look_alike = seeded("look-alike", chat.images[0], attribute).choice(others) if self.shared_errors else None
+            shared = shapes.KINDS[attribute] in self.shared_kinds
+            look_alike = seeded("look-alike", chat.images[0], attribute).choice(others) if shared else None
             texts = []
             for index in range(sampling.n):
                 rng = seeded(self.name, chat.text(), chat.images[0], sampling.seed, sampling.temperature, index)
