@@ -165,10 +165,15 @@ def test_results_table_reads_the_newest_run_and_shows_missing_ones(tmp_path, cap
     base = tmp_path / "pretrain" / "version_0"
     base.mkdir(parents=True)
     (base / "metrics.csv").write_text("epoch,step,train/loss,val/exact_match\n1,1499,0.1,\n1,1499,,0.97\n")
-    table.main([*argv, "--categories", "coarse", "fine", "--skills", "pretrain=base, quoting", "none=absent run"])
+    checked = tmp_path / "reading-count" / "version_0"
+    checked.mkdir(parents=True)
+    (checked / "metrics.csv").write_text("epoch,step,val/exact_match,val/loss\n0,0,0.69,0.2\n")
+    skills = ["pretrain=base, quoting", "reading-count=base, reading counts", "none=absent run"]
+    table.main([*argv, "--categories", "coarse", "fine", "--skills", *skills])
     out = capsys.readouterr().out
     assert (
-        "Exact match on instruction checks:\n\n- base, quoting: 97.0% exact (step 1500)\n- absent run: missing" in out
+        "Exact match on instruction checks:\n\n- base, quoting: 97.0% exact (step 1500)\n"
+        "- base, reading counts: 69.0% exact\n- absent run: missing" in out
     )
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == saved  # the table's rows only
 

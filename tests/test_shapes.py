@@ -90,6 +90,31 @@ def test_held_out_quoting_tasks_are_written_apart_and_only_when_asked(tmp_path):
         assert sample.target.endswith(f"The reference has {asked}, as Answer {number} says.")
 
 
+def test_reading_checks_ask_each_attribute_of_fresh_images_with_answers_in_view(tmp_path):
+    assert write_world(str(tmp_path / "none"), train=0, heldout=2, captions=4)["reading-check"] == 0
+    assert not (tmp_path / "none" / "reading-check").exists()
+    counts = write_world(str(tmp_path / "some"), train=0, heldout=2, captions=4, reading_checks=12)
+    assert counts["reading-check"] == 12 * len(shapes.JUDGE_ATTRIBUTES)
+    assert sorted(p.name for p in (tmp_path / "some" / "reading-check").iterdir()) == sorted(shapes.JUDGE_ATTRIBUTES)
+    images = set()
+    for attribute in shapes.JUDGE_ATTRIBUTES:
+        samples = list(read_shard_samples(tmp_path / "some" / "reading-check" / attribute, "instruct"))
+        assert len(samples) == 12
+        shown_truth = 0
+        for sample in samples:
+            question, *answers, reading = sample.prompt.splitlines()
+            assert reading == shapes.READING_PROMPT and shapes.attribute_of(question) == attribute
+            truth = shapes.scene_of(sample.meta["scene"]).value(attribute)
+            assert sample.target == f"The image has {truth}."
+            values = [shapes.mentioned_value(line.split(": ", 1)[1], attribute) for line in answers]
+            shown_truth += truth in values
+            images.add(sample.image)
+        assert shown_truth < 12  # the answers in view do not give the image away
+    assert len(images) == 12 * len(shapes.JUDGE_ATTRIBUTES)  # a fresh image per task
+    pretrain = {s.image for s in read_shard_samples(tmp_path / "some" / "pretrain", "instruct")}
+    assert not images & pretrain
+
+
 def test_items_have_as_many_distinct_worse_critiques_as_asked_or_a_clear_error():
     """The DPO speed benchmark's pairs count (groups x rejected) is what it trains on: every group
     gets `rejected` distinct critiques other than the chosen one."""

@@ -52,12 +52,16 @@ def logged_rows(logs: Path, name: str) -> list[dict] | None:
 
 
 def skills(logs: Path, rows: list[tuple[str, str]]) -> str:
-    """Markdown lines: each run's last exact match on instruction checks, at its step."""
+    """Markdown lines: each run's last exact match on instruction checks, at its training step (a
+    run that only validated, such as `carevl validate` of a checkpoint, logs step 0 and shows none)."""
     lines = []
     for name, label in rows:
         values = logged(logged_rows(logs, name) or [], EXACT_MATCH)
-        found = f"{percent(values[-1][1])} exact (step {values[-1][0] + 1})" if values else "missing"
-        lines.append(f"- {label}: {found}")
+        if not values:
+            lines.append(f"- {label}: missing")
+            continue
+        step, value = values[-1]
+        lines.append(f"- {label}: {percent(value)} exact" + (f" (step {step + 1})" if step else ""))
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ def write_world(
     quotes: int | None = None,
     quote_checks: int = 0,
     answers_in_view: float = 0.0,
+    reading_checks: int = 0,
 ) -> dict[str, int]:
     """Write the world's shards: ``train`` and ``heldout`` judge SFT samples, and ``pretrain``
     instruct samples for the tiny base model: ``captions`` captions, as many questions about the
@@ -39,7 +40,9 @@ def write_world(
     (`val/exact_match`, configs/demo/pretrain.yaml). The world has 108 quoting prompts, so these
     check the skill on pretraining's own tasks, not on unseen ones. A share ``answers_in_view`` of
     the questions is asked with two answers in view (`shapes.reading_task`), as the judge's prompt
-    has them.
+    has them. ``reading_checks`` such reading tasks per attribute, on fresh images
+    (`reading-check/<attribute>`), tell by exact match how well pretraining taught the base to read
+    each attribute in that prompt: the judge's SFT builds on that skill (docs/results.md).
 
     Seeds differ per split, so held-out images never appear in training.
     """
@@ -74,7 +77,22 @@ def write_world(
                 scene = shapes.random_scene(rng)
                 prompt, target = shapes.quote_task(rng)
                 writer.write(instruct_sample(f"shapes-quotes-{index:06d}", prompt, target, scene, rng))
-    return {"train": train, "heldout": heldout, "pretrain": len(tasks), "quotes-check": quote_checks}
+    rng = random.Random(seed + 5)
+    for attribute in attributes if reading_checks else ():
+        with ShardWriter(
+            out / "reading-check" / attribute, prefix="reading", max_count=shard_size, kind="instruct"
+        ) as writer:
+            for index in range(reading_checks):
+                scene = shapes.random_scene(rng)
+                prompt, target = shapes.reading_task(attribute, scene.value(attribute), rng)
+                writer.write(instruct_sample(f"shapes-reading-{attribute}-{index:06d}", prompt, target, scene, rng))
+    return {
+        "train": train,
+        "heldout": heldout,
+        "pretrain": len(tasks),
+        "quotes-check": quote_checks,
+        "reading-check": reading_checks * len(attributes),
+    }
 
 
 def instruct_sample(id: str, prompt: str, target: str, scene: shapes.Scene, rng: random.Random) -> InstructSample:
@@ -234,6 +252,13 @@ def main(argv: list[str] | None = None) -> None:
         help="quoting tasks on fresh images (quotes-check/): pretraining's exact-match check of the quoting skill",
     )
     parser.add_argument(
+        "--reading-checks",
+        type=int,
+        default=0,
+        help="reading tasks per judge attribute on fresh images (reading-check/<attribute>): pretraining's "
+        "exact-match check of reading the image with two answers in view",
+    )
+    parser.add_argument(
         "--answers-in-view",
         type=float,
         default=0.0,
@@ -265,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         quotes=args.quotes,
         quote_checks=args.quote_checks,
         answers_in_view=args.answers_in_view,
+        reading_checks=args.reading_checks,
     )
     counts.update(write_benchmarks(f"{args.out}/bench", args.benchmark, seed=args.seed + 7))
     counts["groups"] = write_preference_groups(f"{args.out}/groups", args.groups, seed=args.seed + 11)
