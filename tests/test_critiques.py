@@ -220,3 +220,10 @@ def test_the_simulated_evaluator_grades_each_flaw_on_its_aspect():
     }
     assert tuple(grade(counted.critique(), silent, "count").values()) == (25, 20, 25, 25)
     assert tuple(grade("Answer one. Overall Judgment: Answer 1 is better.", fields, "colour").values())[3] == 5
+    unseen = next(v for v in shapes.attribute_values("colour") if v not in item.values)
+    neither = shapes.critique(item.values, unseen, None, item.label)
+    assert neither.endswith(f"as neither answer says. Overall Judgment: Answer {item.label} is better.")
+    # the value contradicts the caption; "neither" is true of the quotes, but names no answer to follow
+    assert tuple(grade(neither, fields, "colour").values()) == (25, 15, 15, 25)
+    false_neither = shapes.critique(item.values, item.values[0], None, item.label)
+    assert tuple(grade(false_neither, fields, "colour").values())[2] == 0

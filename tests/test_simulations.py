@@ -11,7 +11,7 @@ import yaml
 from carevl.backends.interface import Sampling
 from carevl.curation import labels, stages
 from carevl.curation.records import Records
-from carevl.standins.shapes import KINDS, true_label
+from carevl.standins.shapes import KINDS, mentioned_value, scene_of, true_label
 from carevl.standins.simulated import SimulatedAnswerer, SimulatedJudge
 from tests.helpers import ingest_world
 
@@ -107,6 +107,52 @@ def test_candidates_with_shared_errors_give_one_wrong_answer_per_item(tmp_path):
     assert no_right_answer["fine"]["fine"] == 0 and no_right_answer["fine"]["coarse"] > 5, no_right_answer
     with pytest.raises(ValueError, match="shared_errors must be"):
         SimulatedAnswerer("m", str(tmp_path / "True"), shared_errors="counts")
+
+
+def test_a_judge_that_reads_says_what_it_sees_where_neither_answer_is_right(tmp_path):
+    """`reads_when_neither`: on pairs with no right answer the explanation states the image's value
+    (accuracy 1) or a misreading (accuracy 0) instead of the picked answer's, naming an answer only
+    where one says that value; pairs with one right answer are judged exactly as before."""
+    workdir = str(tmp_path / "cur")
+    ingest_world(workdir, 120, 10)
+    stages.candidates(
+        workdir,
+        {f"m{e}": lambda e=e: SimulatedAnswerer(f"m{e}", workdir, error_rate=e / 10) for e in (2, 3, 4)},
+        {"t1": Sampling(temperature=1.0, n=3)},
+    )
+    stages.pairs(workdir)
+    items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
+    pairs = {row["key"]: row for row in Records(Path(workdir) / "pairs.jsonl").ok()}
+    judged = {}
+    for name, reads, accuracy in (("plain", False, 1.0), ("reads", True, 1.0), ("misreads", True, 0.0)):
+        out = Path(workdir) / "judgments.jsonl"
+        out.unlink(missing_ok=True)
+        labels.judge(
+            workdir, model=lambda r=reads, a=accuracy: SimulatedJudge("j", workdir, accuracy=a, reads_when_neither=r)
+        )
+        judged[name] = {row["pair"]: row for row in Records(out).ok()}
+    kinds = Counter()
+    for key, pair in pairs.items():
+        item = items[pair["item"]]
+        attribute = item["meta"]["truth"]["attribute"]
+        truth = scene_of(item["meta"]["truth"]["scene"]).value(attribute)
+        values = [mentioned_value(r, attribute) for r in pair["responses"]]
+        if truth in values:
+            assert judged["reads"][key] == judged["plain"][key]
+            continue
+        kinds["neither"] += 1
+        assert judged["plain"][key]["explanation"].endswith(f"as Answer {judged['plain'][key]['verdict']} says.")
+        assert judged["reads"][key]["explanation"].endswith(f"The image has {truth}, as neither answer says.")
+        misread = judged["misreads"][key]
+        seen = misread["explanation"].rsplit("The image has ", 1)[1].split(",")[0]
+        assert seen != truth
+        if seen in values:
+            kinds["misread as an answer"] += 1
+            assert misread["explanation"].endswith(f"as Answer {values.index(seen) + 1} says.")
+            assert misread["verdict"] == values.index(seen) + 1
+        else:
+            assert misread["explanation"].endswith("as neither answer says.")
+    assert kinds["neither"] > 10 and 0 < kinds["misread as an answer"] < kinds["neither"], kinds
 
 
 def test_a_position_biased_judge_errs_only_by_naming_the_first_answer(tmp_path):

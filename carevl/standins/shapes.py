@@ -182,9 +182,10 @@ def quotes(values: tuple[str, ...] | list[str]) -> str:
     return " ".join(f"Answer {number} says {value}." for number, value in enumerate(values, start=1))
 
 
-def recall(quoted: tuple[str, ...] | list[str], source: str, had: str, named: int) -> str:
-    """The quotes, then the value `source` has and the answer named for it."""
-    return f"{quotes(quoted)} The {source} has {had}, as Answer {named} says."
+def recall(quoted: tuple[str, ...] | list[str], source: str, had: str, named: int | None) -> str:
+    """The quotes, then the value `source` has and the answer named for it (None: neither answer)."""
+    said = "neither answer says" if named is None else f"Answer {named} says"
+    return f"{quotes(quoted)} The {source} has {had}, as {said}."
 
 
 def recall_critique(values: tuple[str, ...] | list[str], truth: str, source: str) -> str:
@@ -192,9 +193,9 @@ def recall_critique(values: tuple[str, ...] | list[str], truth: str, source: str
     return recall(values, source, truth, list(values).index(truth) + 1)
 
 
-def critique(quoted: tuple[str, ...] | list[str], had: str, named: int, verdict: int) -> str:
+def critique(quoted: tuple[str, ...] | list[str], had: str, named: int | None, verdict: int) -> str:
     """A judge critique: the quoted values, the value it says the image has and the answer it
-    names for it, then the verdict line."""
+    names for it (None: "as neither answer says"), then the verdict line."""
     return f"{recall(quoted, 'image', had, named)} {verdict_line(verdict)}"
 
 

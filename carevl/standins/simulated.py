@@ -160,9 +160,12 @@ class SimulatedJudge(ChatModel):
     Zheng et al. 2023: it is then right on every pair whose better answer comes first, and wrong in
     the same, learnable way on the rest); where no answer or both are right it picks the longer
     answer (a verbosity bias), ties at random. Its explanation reads like the shapes
-    world's critiques and supports its verdict, right or wrong. With a schema it answers as JSON
-    {"explanation", "verdict"}, like structured output; without one, in free text ending with the
-    verdict line. At temperature > 0 the n samples differ."""
+    world's critiques and supports its verdict, right or wrong; on a pair with no right answer it
+    says the image has the picked answer's value, or with `reads_when_neither` what it sees there
+    (the image's value with probability `accuracy` of the kind, else a misreading) and, where no
+    answer says that, "as neither answer says" (a real LVLM describes the image it sees). With a
+    schema it answers as JSON {"explanation", "verdict"}, like structured output; without one, in
+    free text ending with the verdict line. At temperature > 0 the n samples differ."""
 
     operational = ("world", "latency")
 
@@ -173,11 +176,13 @@ class SimulatedJudge(ChatModel):
         accuracy: float = 0.8,
         fine_accuracy: float | None = None,
         unsure: str = "worse",
+        reads_when_neither: bool = False,
         latency: float = 0.0,
     ):
         if unsure not in ("worse", "first"):
             raise ValueError(f"unsure must be 'worse' or 'first', got {unsure!r}")
         self.name, self.truth, self.unsure, self.latency = name, WorldTruth(world), unsure, latency
+        self.reads_when_neither = reads_when_neither
         self.accuracies = {"coarse": accuracy, "fine": accuracy if fine_accuracy is None else fine_accuracy}
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
@@ -219,15 +224,23 @@ class SimulatedJudge(ChatModel):
     ) -> tuple[str, int]:
         truth = scene.value(attribute)
         right = [v == truth for v in values]
+        accuracy = self.accuracies[shapes.KINDS[attribute]]
         if right[0] != right[1]:
             best = 1 if right[0] else 2
-            sure = rng.random() < self.accuracies[shapes.KINDS[attribute]]
+            sure = rng.random() < accuracy
             verdict = best if sure else 1 if self.unsure == "first" else 3 - best
         else:
             lengths = [len(answers["1"]), len(answers["2"])]
             verdict = 1 + (lengths[1] > lengths[0]) if lengths[0] != lengths[1] else rng.choice((1, 2))
-        seen = truth if values[verdict - 1] == truth or values[verdict - 1] is None else values[verdict - 1]
-        text = shapes.critique([v or "nothing clear" for v in values], seen, verdict, verdict)
+        quoted = [v or "nothing clear" for v in values]
+        if self.reads_when_neither and not any(right):
+            seen = truth if rng.random() < accuracy else misread(scene, attribute, rng).value(attribute)
+            named = values.index(seen) + 1 if seen in values else None
+            verdict = named or verdict
+            text = shapes.critique(quoted, seen, named, verdict)
+        else:
+            seen = truth if values[verdict - 1] == truth or values[verdict - 1] is None else values[verdict - 1]
+            text = shapes.critique(quoted, seen, verdict, verdict)
         return text.rsplit(" Overall Judgment:", 1)[0], verdict
 
 
@@ -273,7 +286,8 @@ class SimulatedEvaluator(ChatModel):
     - relevance: each answer's value quoted as that answer states it (12 and 13 points);
     - accuracy: the verdict is the reference decision (15), and the value the critique says the
       image has agrees with the image description (10; 5 where the description does not state it);
-    - reasoning: the answer it names does say that value (15), and the verdict follows it (10);
+    - reasoning: the answer it names does say that value, or for "as neither answer says" neither
+      quote does (15), and the verdict follows the named answer (10);
     - clarity: 25 for a critique in the world's form, 5 for anything else;
 
     then +-2 at random. With probability `unparseable_rate` it forgets the final "Score:" line. With
@@ -307,9 +321,9 @@ class SimulatedEvaluator(ChatModel):
 
 
 _QUOTE = re.compile(r"Answer ([12]) says (\w+)\.")
-_RECALL = re.compile(r"The image has (\w+), as Answer ([12]) says\.")
+_RECALL = re.compile(r"The image has (\w+), as (?:Answer ([12])|neither answer) says\.")
 _FORM = re.compile(
-    r"Answer 1 says \w+\. Answer 2 says \w+\. The image has \w+, as Answer [12] says\. "
+    r"Answer 1 says \w+\. Answer 2 says \w+\. The image has \w+, as (?:Answer [12]|neither answer) says\. "
     r"Overall Judgment: Answer [12] is better\."
 )
 
@@ -332,7 +346,8 @@ def grade(critique: str, fields: dict[str, str], attribute: str) -> dict[str, in
     points = (
         12 * (quoted.get("1") == answers["1"]) + 13 * (quoted.get("2") == answers["2"]),
         15 * (verdict == reference) + agreement,
-        15 * (had is not None and quoted.get(named) == had) + 10 * (verdict is not None and str(verdict) == named),
+        15 * (had is not None and (quoted.get(named) == had if named else had not in quoted.values()))
+        + 10 * (verdict is not None and str(verdict) == named),
         25 if _FORM.fullmatch(critique) else 5,
     )
     return dict(zip(SCORE_ASPECTS, points))
