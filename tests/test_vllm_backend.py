@@ -5,6 +5,7 @@ the CPU build here. The checks that need no engine run in the main suite too."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 from types import SimpleNamespace
 
 import pytest
@@ -45,8 +46,11 @@ def test_vllm_reward_is_the_raw_head_output_of_transformers(experts, name):
     from carevl.backends.vllm import VLLMReward
 
     expected = HFReward(experts[name], max_length=256).score(CONVERSATIONS)
-    engine = VLLMReward(experts[name], max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
-    got = engine.score(CONVERSATIONS)
+    before = set(multiprocessing.active_children())
+    with VLLMReward(experts[name], max_model_len=256, gpu_memory_utilization=0.1, dtype="float32") as engine:
+        assert set(multiprocessing.active_children()) - before, "the engine core runs in a process of its own"
+        got = engine.score(CONVERSATIONS)
+    assert not set(multiprocessing.active_children()) - before, "closed: the engine core process has stopped"
     assert got[-1] is None and expected[-1] is None
     difference = max(abs(a - b) for a, b in zip(got[:-1], expected[:-1]))
     print(f"{name}: max |vLLM - transformers| = {difference:.2e} over {len(got) - 1} conversations")
@@ -82,7 +86,8 @@ def chat_engine(tmp_path_factory):
     from carevl.standins.tiny import build_tiny_text_model
 
     path = build_tiny_text_model(tmp_path_factory.mktemp("text-lm"))
-    return VLLMChat(str(path), max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+    with VLLMChat(str(path), max_model_len=256, gpu_memory_utilization=0.1, dtype="float32") as engine:
+        yield engine
 
 
 @needs_vllm
@@ -138,10 +143,10 @@ def test_vllm_chat_answers_image_chats_with_the_tiny_judge(tmp_path_factory):
     from carevl.standins.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("tiny-vl"), family="qwen2_vl", hidden=128, layers=2)
-    engine = VLLMChat(str(path), max_model_len=512, gpu_memory_utilization=0.1, dtype="float32")
     items = judge_items(2, seed=0)
     chats = [Chat.user(item.question, item.image) for item in items] + [Chat.user("No image here.")]
-    replies = engine.generate(chats, Sampling(n=2, temperature=1.0, seed=1, max_tokens=8))
+    with VLLMChat(str(path), max_model_len=512, gpu_memory_utilization=0.1, dtype="float32") as engine:
+        replies = engine.generate(chats, Sampling(n=2, temperature=1.0, seed=1, max_tokens=8))
     assert all(reply.ok and len(reply.texts) == 2 for reply in replies)
     assert replies[0].prompt_tokens > replies[2].prompt_tokens  # the image's tokens are in the prompt
 
@@ -216,7 +221,7 @@ def test_vllm_writes_the_critiques_and_verdicts_transformers_writes_greedily(tmp
     chats = [Chat.user(judge_prompt(item.question, item.responses), item.image) for item in items]
     greedy = Sampling(temperature=0.0, max_tokens=120)
     expected = [reply.texts[0] for reply in HFChat(str(path)).generate(chats, greedy)]
-    engine = VLLMChat(str(path), max_model_len=1024, gpu_memory_utilization=0.1, dtype="float32")
-    written = [reply.texts[0] for reply in engine.generate(chats, greedy)]
+    with VLLMChat(str(path), max_model_len=1024, gpu_memory_utilization=0.1, dtype="float32") as engine:
+        written = [reply.texts[0] for reply in engine.generate(chats, greedy)]
     assert all(parse_verdict(text) in (1, 2) for text in expected)
     assert written == expected

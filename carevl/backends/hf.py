@@ -36,7 +36,15 @@ def chat_seed(seed: int, chat: Chat) -> int:
     return int.from_bytes(digest.digest()[:8], "little")
 
 
-class HFChat(ChatModel):
+class _Weights:
+    """What the transformers backends share: `close` drops the weights at once, whoever still holds
+    the backend."""
+
+    def close(self) -> None:
+        self.model = None
+
+
+class HFChat(_Weights, ChatModel):
     """Args:
     model: a local checkpoint directory or hub id (AutoModelForImageTextToText + AutoProcessor).
     device: "cpu", "cuda", ...
@@ -108,7 +116,7 @@ class HFChat(ChatModel):
         return replies
 
 
-class HFReward(RewardModel):
+class HFReward(_Weights, RewardModel):
     """Args:
     model: a reward model checkpoint (local directory or hub id) with one output.
     family: its head layout, `carevl.backends.reward_heads.FAMILIES`: sequence_classification

@@ -71,7 +71,23 @@ class Reply:
         return self.error is None
 
 
-class ChatModel(ABC):
+class Closable:
+    """A model that may hold engine processes or memory: `close` gives them back (a no-op where it
+    holds nothing that the garbage collector would not); ``with model:`` closes it on leaving. Close
+    an engine before the interpreter exits: vLLM's own clean-up at exit races its monitor thread and
+    can abort the process after its work is done."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ChatModel(Closable, ABC):
     """Generates replies to chats with images. `name` identifies the model in records; records are
     keyed by the constructor's settings but those listed in `operational` (which do not change a
     reply: concurrency, timeouts, devices), see `carevl.curation.provenance`."""
@@ -91,7 +107,7 @@ class ChatModel(ABC):
             on_reply(index, reply)
 
 
-class BatchChatModel(ABC):
+class BatchChatModel(Closable, ABC):
     """Generates replies through a batch service: requests are submitted together and answered
     within hours. `name` identifies the model in records."""
 
@@ -107,7 +123,7 @@ class BatchChatModel(ABC):
         resumes them instead of paying for them again."""
 
 
-class RewardModel(ABC):
+class RewardModel(Closable, ABC):
     """Scores text-only conversations (user turn + assistant answer) with one raw scalar each."""
 
     name: str = "reward-model"

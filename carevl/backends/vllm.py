@@ -62,7 +62,19 @@ def whole_prompt_settings(max_model_len: int) -> dict:
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
 
 
-class VLLMChat(ChatModel):
+class _Engine:
+    """What the offline backends share: the `LLM` in `llm`, and `close`."""
+
+    llm = None
+
+    def close(self) -> None:
+        """Shut the engine's core process down now and wait for it (a second call does nothing)."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+
+class VLLMChat(_Engine, ChatModel):
     """Args:
     model: checkpoint path or hub id.
     tensor_parallel_size: GPUs per model.
@@ -148,7 +160,7 @@ def _reply(out) -> Reply:
     )
 
 
-class VLLMReward(RewardModel):
+class VLLMReward(_Engine, RewardModel):
     """A sequence-classification reward model (Skywork-Reward's layout, `reward_heads` family
     ``sequence_classification``) through the pooling runner, activation off, so the score is the raw
     logit, not a sigmoid. Refuses a checkpoint with another head (INF-ORM, QRM: `HFReward`) and a

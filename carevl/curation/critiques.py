@@ -27,6 +27,7 @@ from carevl.curation.groups import STRATEGIES, Critique, form_group
 from carevl.curation.provenance import producer, select, selected
 from carevl.curation.records import ImageStore, Records, content_key, holds_work_folder
 from carevl.curation.units import (
+    OnFirstUse,
     StageFailed,
     caption_by_image,
     item_chat,
@@ -125,11 +126,9 @@ def critiques(
     (Path(workdir) / SELECTION).write_text(
         json.dumps({"judge": name, "revision": revision, "keys": [key for key, _ in units]})
     )
-    model = None
+    model = OnFirstUse(judge)
 
     def work(chunk: list, write) -> None:
-        nonlocal model
-        model = model or judge()
         chats = [
             item_chat(store, items[row["item"]], prompts.judge_prompt(items[row["item"]]["question"], row["responses"]))
             for _, row in chunk
@@ -145,11 +144,12 @@ def critiques(
                     reply,
                     fields,
                 )
-                for (key, row), reply in zip(chunk, model.generate(chats, sampling))
+                for (key, row), reply in zip(chunk, model().generate(chats, sampling))
             ]
         )
 
-    counts = run_units(out, units, work, chunk_size, "critiques")
+    with model:
+        counts = run_units(out, units, work, chunk_size, "critiques")
     found = selected_critiques(workdir)
     counts["samples"] = sum(len(r["samples"]) for r in found)
     counts["samples correct"] = sum(s["verdict"] == r["label"] for r in found for s in r["samples"])
@@ -217,11 +217,9 @@ def evaluate(
             context = critique_context(prompts.evaluator_prompt(*content))
             units.append((content_key("evaluation", name, made_by, prompt, asdict(sampling)), (context, prompt)))
     select(out, [key for key, _ in units])
-    model = None
+    model = OnFirstUse(evaluator)
 
     def work(chunk: list, write) -> None:
-        nonlocal model
-        model = model or evaluator()
         from carevl.backends.interface import Chat
 
         def fields(texts: list[str]) -> dict:
@@ -236,7 +234,7 @@ def evaluate(
             return {"score": score}
 
         chats = [Chat.user(prompt) for _, (_, prompt) in chunk]
-        model.generate_each(
+        model().generate_each(
             chats,
             sampling,
             schema,
@@ -251,7 +249,9 @@ def evaluate(
             ),
         )
 
-    return summarize("evaluate", run_units(out, units, work, chunk_size, "evaluate"), max_failed)
+    with model:
+        counts = run_units(out, units, work, chunk_size, "evaluate")
+    return summarize("evaluate", counts, max_failed)
 
 
 @holds_work_folder

@@ -26,11 +26,10 @@ from carevl.curation.records import ImageStore, content_key, holds_work_folder
 from carevl.curation.split import HIGH, count_votes, decide
 from carevl.curation.units import (
     StageFailed,
-    build_model,
     caption_by_image,
-    free_memory,
     item_chat,
     items_by_id,
+    opened,
     records,
     reply_record,
     run_units,
@@ -204,31 +203,29 @@ def votes(
         if all(out.done(key) for key, _ in units):
             counts["skipped"] += len(dict(units))
             continue
-        expert, failure = build_model(build, name)
+        with opened(build, name) as (expert, failure):
 
-        def work(chunk: list, write, expert=expert, name=name, failure=failure) -> None:
-            conversations = [
-                prompts.expert_conversation(items[item]["question"], captions_[items[item]["image"]], text)
-                for _, (item, text) in chunk
-            ]
-            scores = expert.score(conversations) if expert else [None] * len(chunk)
-            write(
-                [
-                    {
-                        "key": key,
-                        "expert": name,
-                        "producer": producers[name],
-                        "item": item,
-                        "answer": text,
-                        **({"score": s} if s is not None else {"error": failure or "unscored"}),
-                    }
-                    for (key, (item, text)), s in zip(chunk, scores)
+            def work(chunk: list, write, expert=expert, name=name, failure=failure) -> None:
+                conversations = [
+                    prompts.expert_conversation(items[item]["question"], captions_[items[item]["image"]], text)
+                    for _, (item, text) in chunk
                 ]
-            )
+                scores = expert.score(conversations) if expert else [None] * len(chunk)
+                write(
+                    [
+                        {
+                            "key": key,
+                            "expert": name,
+                            "producer": producers[name],
+                            "item": item,
+                            "answer": text,
+                            **({"score": s} if s is not None else {"error": failure or "unscored"}),
+                        }
+                        for (key, (item, text)), s in zip(chunk, scores)
+                    ]
+                )
 
-        counts.update(run_units(out, units, work, chunk_size, f"votes {name}"))
-        expert = None
-        free_memory()
+            counts.update(run_units(out, units, work, chunk_size, f"votes {name}"))
     return summarize("votes", counts, max_failed)
 
 

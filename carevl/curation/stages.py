@@ -30,10 +30,10 @@ from carevl.curation.provenance import producer, select, selected
 from carevl.curation.records import ImageStore, content_key, holds_work_folder, replace_file
 from carevl.curation.units import (
     ITEMS_SELECTION,
-    build_model,
-    free_memory,
+    OnFirstUse,
     item_chat,
     items_by_id,
+    opened,
     records,
     reply_record,
     run_units,
@@ -194,32 +194,30 @@ def candidates(
         if all(out.done(key) for decoding in decodings for key, _ in plan[(name, decoding)]):
             counts["skipped"] += sum(len(dict(plan[(name, decoding)])) for decoding in decodings)
             continue
-        model, failure = build_model(build, name)  # once for all its decodings
-        for decoding, sampling in decodings.items():
+        with opened(build, name) as (model, failure):  # once for all its decodings
+            for decoding, sampling in decodings.items():
 
-            def work(chunk, write, model=model, failure=failure, name=name, decoding=decoding, sampling=sampling):
-                chats = [item_chat(store, item, item["question"]) for _, item in chunk]
-                replies = model.generate(chats, sampling) if model else [Reply(error=failure)] * len(chunk)
-                write(
-                    [
-                        reply_record(
-                            {
-                                "key": key,
-                                "item": item["id"],
-                                "model": name,
-                                "decoding": decoding,
-                                "producer": producers[name],
-                            },
-                            reply,
-                            lambda texts: {"answers": texts},
-                        )
-                        for (key, item), reply in zip(chunk, replies)
-                    ]
-                )
+                def work(chunk, write, model=model, failure=failure, name=name, decoding=decoding, sampling=sampling):
+                    chats = [item_chat(store, item, item["question"]) for _, item in chunk]
+                    replies = model.generate(chats, sampling) if model else [Reply(error=failure)] * len(chunk)
+                    write(
+                        [
+                            reply_record(
+                                {
+                                    "key": key,
+                                    "item": item["id"],
+                                    "model": name,
+                                    "decoding": decoding,
+                                    "producer": producers[name],
+                                },
+                                reply,
+                                lambda texts: {"answers": texts},
+                            )
+                            for (key, item), reply in zip(chunk, replies)
+                        ]
+                    )
 
-            counts.update(run_units(out, plan[(name, decoding)], work, chunk_size, f"candidates {name}/{decoding}"))
-        model = None
-        free_memory()
+                counts.update(run_units(out, plan[(name, decoding)], work, chunk_size, f"candidates {name}/{decoding}"))
     return summarize("candidates", counts, max_failed)
 
 
@@ -262,12 +260,10 @@ def captions(
             prices,
             max_usd=max_usd,
         )
-    model = None
+    model = OnFirstUse(captioner)
 
     def work(chunk: list, write) -> None:
-        nonlocal model
-        model = model or captioner()
-        replies = model.generate([item_chat(store, item, prompt) for _, item in chunk], sampling)
+        replies = model().generate([item_chat(store, item, prompt) for _, item in chunk], sampling)
         write(
             [
                 reply_record(
@@ -279,7 +275,8 @@ def captions(
             ]
         )
 
-    counts = run_units(out, units, work, chunk_size, "captions")
+    with model:
+        counts = run_units(out, units, work, chunk_size, "captions")
     return summarize("captions", counts, max_failed)
 
 

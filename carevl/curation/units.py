@@ -12,6 +12,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -85,15 +86,47 @@ def free_memory() -> None:
         pass
 
 
-def build_model(build, name: str):
+@contextmanager
+def opened(build, name: str):
     """(model, None), or (None, the reason) when `build` raises: a model that cannot load (a missing
     checkpoint, a wrong head, too little memory) fails its own units, recorded with that reason, and
-    the stage goes on with the next model; a rerun retries them."""
+    the stage goes on with the next model; a rerun retries them. On leaving, a model built here is
+    closed (its engine processes stop) and its memory freed before the next one is built; a model
+    handed over already built is left open for its owner."""
     try:
-        return (build() if callable(build) else build), None
+        model, failure = (build() if callable(build) else build), None
     except Exception as error:
         log.exception("%s could not be built; its units are recorded as failed", name)
-        return None, f"model_failed: {type(error).__name__}: {str(error)[:300]}"
+        model, failure = None, f"model_failed: {type(error).__name__}: {str(error)[:300]}"
+    try:
+        yield model, failure
+    finally:
+        if model is not None and callable(build):
+            model.close()
+        del model
+        free_memory()
+
+
+class OnFirstUse:
+    """A model built by the first call, so a stage whose units are all done builds none; closed
+    and freed on leaving the ``with`` block."""
+
+    def __init__(self, build: Callable):
+        self.build, self.model = build, None
+
+    def __call__(self):
+        if self.model is None:
+            self.model = self.build()
+        return self.model
+
+    def __enter__(self) -> OnFirstUse:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+            free_memory()
 
 
 def run_units(

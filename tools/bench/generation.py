@@ -52,6 +52,7 @@ def main() -> None:
     start = time.perf_counter()
     vllm = engine.generate(chats, greedy)
     vllm_seconds = time.perf_counter() - start
+    engine.close()
 
     failed = [r.error for r in hf + vllm if not r.ok]
     if failed:
