@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from functools import partial
 from pathlib import Path
 
 from carevl.benchmarks import MLLM_JUDGE, VLREWARDBENCH
@@ -71,21 +72,11 @@ def write_world(
                 prompt, target = shapes.quote_task(rng)
             writer.write(instruct_sample(f"shapes-pretrain-{index:06d}", prompt, target, scene, rng))
     if quote_checks:
-        rng = random.Random(seed + 3)
-        with ShardWriter(out / "quotes-check", prefix="quotes", max_count=shard_size, kind="instruct") as writer:
-            for index in range(quote_checks):
-                scene = shapes.random_scene(rng)
-                prompt, target = shapes.quote_task(rng)
-                writer.write(instruct_sample(f"shapes-quotes-{index:06d}", prompt, target, scene, rng))
+        write_checks(out / "quotes-check", "quotes", quote_checks, random.Random(seed + 3), shard_size, quote)
     rng = random.Random(seed + 5)
     for attribute in attributes if reading_checks else ():
-        with ShardWriter(
-            out / "reading-check" / attribute, prefix="reading", max_count=shard_size, kind="instruct"
-        ) as writer:
-            for index in range(reading_checks):
-                scene = shapes.random_scene(rng)
-                prompt, target = shapes.reading_task(attribute, scene.value(attribute), rng)
-                writer.write(instruct_sample(f"shapes-reading-{attribute}-{index:06d}", prompt, target, scene, rng))
+        task = partial(read, attribute)
+        write_checks(out / "reading-check" / attribute, f"reading-{attribute}", reading_checks, rng, shard_size, task)
     return {
         "train": train,
         "heldout": heldout,
@@ -93,6 +84,24 @@ def write_world(
         "quotes-check": quote_checks,
         "reading-check": reading_checks * len(attributes),
     }
+
+
+def write_checks(folder: Path, name: str, n: int, rng: random.Random, shard_size: int, task) -> None:
+    """`n` instruct tasks on fresh images, ids ``shapes-<name>-<index>``, `task(scene, rng)` giving
+    each (prompt, target): an exact-match check of a pretraining skill."""
+    with ShardWriter(folder, prefix="check", max_count=shard_size, kind="instruct") as writer:
+        for index in range(n):
+            scene = shapes.random_scene(rng)
+            prompt, target = task(scene, rng)
+            writer.write(instruct_sample(f"shapes-{name}-{index:06d}", prompt, target, scene, rng))
+
+
+def quote(scene: shapes.Scene, rng: random.Random) -> tuple[str, str]:
+    return shapes.quote_task(rng)
+
+
+def read(attribute: str, scene: shapes.Scene, rng: random.Random) -> tuple[str, str]:
+    return shapes.reading_task(attribute, scene.value(attribute), rng)
 
 
 def instruct_sample(id: str, prompt: str, target: str, scene: shapes.Scene, rng: random.Random) -> InstructSample:
