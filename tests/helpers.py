@@ -126,6 +126,24 @@ def ingest_world(workdir: str | Path, items: int, seed: int) -> dict:
     return ingest(str(workdir), source=str(source))
 
 
+def split_world(workdir: str, items: int, seed: int) -> None:
+    """Curation I up to the confidence split on `items` world items, with simulated models: two
+    candidates, a captioner, a 70%-right judge and three experts (tau 2), so that some pairs are
+    low-confidence."""
+    from carevl.curation import labels, stages
+    from carevl.standins.simulated import SimulatedAnswerer, SimulatedCaptioner, SimulatedExpert, SimulatedJudge
+
+    ingest_world(workdir, items, seed)
+    stages.candidates(
+        workdir, {f"m{e}": (lambda e=e: SimulatedAnswerer(f"m{e}", workdir, error_rate=e / 10)) for e in (2, 5)}
+    )
+    stages.captions(workdir, lambda: SimulatedCaptioner("cap", workdir))
+    stages.pairs(workdir, max_pairs_per_item=3)
+    labels.judge(workdir, model=lambda: SimulatedJudge("judge", workdir, accuracy=0.7))
+    labels.votes(workdir, {f"e{i}": (lambda i=i: SimulatedExpert(f"e{i}", error_rate=0.25)) for i in range(3)})
+    labels.split(workdir, tau=2)
+
+
 def image_of(item):
     """The RGB image of a shapes-world item."""
     from carevl.images import load_image

@@ -7,33 +7,22 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from carevl.curation import critiques, labels, stages
+from carevl.curation import critiques
 from carevl.curation.groups import STRATEGIES
 from carevl.curation.records import Records
 from carevl.prompts import SCORE_ASPECTS, parse_verdict
 from carevl.schema import decode, read_manifest
 from carevl.standins.simulated import (
-    SimulatedAnswerer,
-    SimulatedCaptioner,
     SimulatedEvaluator,
-    SimulatedExpert,
     SimulatedJudge,
 )
-from tests.helpers import ingest_world
+from tests.helpers import split_world
 
 
 @pytest.fixture(scope="module")
 def curated(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("cur") / "w")
-    ingest_world(workdir, 40, 8)
-    stages.candidates(
-        workdir, {f"m{e}": (lambda e=e: SimulatedAnswerer(f"m{e}", workdir, error_rate=e / 10)) for e in (2, 5)}
-    )
-    stages.captions(workdir, lambda: SimulatedCaptioner("cap", workdir))
-    stages.pairs(workdir, max_pairs_per_item=3)
-    labels.judge(workdir, model=lambda: SimulatedJudge("judge", workdir, accuracy=0.7))
-    labels.votes(workdir, {f"e{i}": (lambda i=i: SimulatedExpert(f"e{i}", error_rate=0.25)) for i in range(3)})
-    labels.split(workdir, tau=2)
+    split_world(workdir, 40, 8)
     # the simulated judge stands in for the SFT judge: it is right 60% of the time on pairs with one right answer
     critiques.critiques(workdir, lambda: SimulatedJudge("sft", workdir, accuracy=0.6), name="sim-sft", samples=6)
     critiques.evaluate(

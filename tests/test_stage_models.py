@@ -13,7 +13,7 @@ from carevl.standins.simulated import (
     SimulatedExpert,
     SimulatedJudge,
 )
-from tests.helpers import ingest_world
+from tests.helpers import ingest_world, split_world
 
 
 def lifetimes(events: list, base: type):
@@ -78,15 +78,7 @@ def test_a_model_is_closed_when_its_stage_fails(tmp_path):
 
 def test_critique_sampling_and_evaluation_close_the_models_they_built(tmp_path):
     workdir, events = str(tmp_path), []
-    ingest_world(workdir, 30, seed=8)
-    stages.candidates(
-        workdir, {f"m{e}": (lambda e=e: SimulatedAnswerer(f"m{e}", workdir, error_rate=e / 10)) for e in (2, 5)}
-    )
-    stages.captions(workdir, lambda: SimulatedCaptioner("cap", workdir))
-    stages.pairs(workdir, max_pairs_per_item=3)
-    labels.judge(workdir, model=lambda: SimulatedJudge("judge", workdir, accuracy=0.7))
-    labels.votes(workdir, {f"e{i}": (lambda i=i: SimulatedExpert(f"e{i}", error_rate=0.25)) for i in range(3)})
-    labels.split(workdir, tau=2)
+    split_world(workdir, 30, seed=8)
     assert critiques.low_confidence(workdir), "there are pairs to critique"
     judge, evaluator = lifetimes(events, SimulatedJudge), lifetimes(events, SimulatedEvaluator)
     critiques.critiques(workdir, lambda: judge("sft", workdir, accuracy=0.6), name="sft", samples=2)

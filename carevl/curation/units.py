@@ -103,7 +103,6 @@ def opened(build, name: str):
     finally:
         if model is not None and callable(build):
             model.close()
-        del model
         free_memory()
 
 
