@@ -112,7 +112,8 @@ def test_candidates_with_shared_errors_give_one_wrong_answer_per_item(tmp_path):
 def test_a_judge_that_reads_says_what_it_sees_where_neither_answer_is_right(tmp_path):
     """`reads_when_neither`: on pairs with no right answer the explanation states the image's value
     (accuracy 1) or a misreading (accuracy 0) instead of the picked answer's, naming an answer only
-    where one says that value; pairs with one right answer are judged exactly as before."""
+    where one says that value; pairs with one right answer are judged exactly as before.
+    `reading_accuracy` sets how well it reads there apart from how often its verdicts are sure."""
     workdir = str(tmp_path / "cur")
     ingest_world(workdir, 120, 10)
     stages.candidates(
@@ -124,12 +125,17 @@ def test_a_judge_that_reads_says_what_it_sees_where_neither_answer_is_right(tmp_
     items = {row["id"]: row for row in Records(Path(workdir) / "items.jsonl").ok()}
     pairs = {row["key"]: row for row in Records(Path(workdir) / "pairs.jsonl").ok()}
     judged = {}
-    for name, reads, accuracy in (("plain", False, 1.0), ("reads", True, 1.0), ("misreads", True, 0.0)):
+    runs = {
+        "plain": {"accuracy": 1.0},
+        "reads": {"accuracy": 1.0, "reads_when_neither": True},
+        "misreads": {"accuracy": 0.0, "reads_when_neither": True},
+        "unsure, reads": {"accuracy": 0.0, "reads_when_neither": True, "reading_accuracy": 1.0},
+        "sure, misreads": {"accuracy": 1.0, "reads_when_neither": True, "reading_accuracy": 0.0},
+    }
+    for name, options in runs.items():
         out = Path(workdir) / "judgments.jsonl"
         out.unlink(missing_ok=True)
-        labels.judge(
-            workdir, model=lambda r=reads, a=accuracy: SimulatedJudge("j", workdir, accuracy=a, reads_when_neither=r)
-        )
+        labels.judge(workdir, model=lambda o=options: SimulatedJudge("j", workdir, **o))
         judged[name] = {row["pair"]: row for row in Records(out).ok()}
     kinds = Counter()
     for key, pair in pairs.items():
@@ -138,9 +144,11 @@ def test_a_judge_that_reads_says_what_it_sees_where_neither_answer_is_right(tmp_
         truth = scene_of(item["meta"]["truth"]["scene"]).value(attribute)
         values = [mentioned_value(r, attribute) for r in pair["responses"]]
         if truth in values:
-            assert judged["reads"][key] == judged["plain"][key]
+            assert judged["reads"][key] == judged["plain"][key] == judged["sure, misreads"][key]
             continue
         kinds["neither"] += 1
+        assert judged["unsure, reads"][key] == judged["reads"][key]
+        assert judged["sure, misreads"][key] == judged["misreads"][key]
         assert judged["plain"][key]["explanation"].endswith(f"as Answer {judged['plain'][key]['verdict']} says.")
         assert judged["reads"][key]["explanation"].endswith(f"The image has {truth}, as neither answer says.")
         misread = judged["misreads"][key]

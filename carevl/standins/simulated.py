@@ -162,8 +162,9 @@ class SimulatedJudge(ChatModel):
     answer (a verbosity bias), ties at random. Its explanation reads like the shapes
     world's critiques and supports its verdict, right or wrong; on a pair with no right answer it
     says the image has the picked answer's value, or with `reads_when_neither` what it sees there
-    (the image's value with probability `accuracy` of the kind, else a misreading) and, where no
-    answer says that, "as neither answer says" (a real LVLM describes the image it sees). With a
+    (the image's value with probability `reading_accuracy`, by default `accuracy` of the kind, else a
+    misreading) and, where no answer says that, "as neither answer says" (a real LVLM describes the
+    image it sees; how well it sees need not be how often its verdict is biased). With a
     schema it answers as JSON {"explanation", "verdict"}, like structured output; without one, in
     free text ending with the verdict line. At temperature > 0 the n samples differ."""
 
@@ -177,6 +178,7 @@ class SimulatedJudge(ChatModel):
         fine_accuracy: float | None = None,
         unsure: str = "worse",
         reads_when_neither: bool = False,
+        reading_accuracy: float | None = None,
         latency: float = 0.0,
     ):
         if unsure not in ("worse", "first"):
@@ -184,6 +186,7 @@ class SimulatedJudge(ChatModel):
         self.name, self.truth, self.unsure, self.latency = name, WorldTruth(world), unsure, latency
         self.reads_when_neither = reads_when_neither
         self.accuracies = {"coarse": accuracy, "fine": accuracy if fine_accuracy is None else fine_accuracy}
+        self.reading_accuracy = reading_accuracy
 
     def generate(self, chats: list[Chat], sampling: Sampling, schema: dict | None = None) -> list[Reply]:
         replies = []
@@ -234,7 +237,8 @@ class SimulatedJudge(ChatModel):
             verdict = 1 + (lengths[1] > lengths[0]) if lengths[0] != lengths[1] else rng.choice((1, 2))
         quoted = [v or "nothing clear" for v in values]
         if self.reads_when_neither and not any(right):
-            seen = truth if rng.random() < accuracy else misread(scene, attribute, rng).value(attribute)
+            reading = accuracy if self.reading_accuracy is None else self.reading_accuracy
+            seen = truth if rng.random() < reading else misread(scene, attribute, rng).value(attribute)
             named = values.index(seen) + 1 if seen in values else None
             verdict = named or verdict
             text = shapes.critique(quoted, seen, named, verdict)
