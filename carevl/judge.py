@@ -110,6 +110,7 @@ class JudgeModule(LightningModule):
         self.val_accuracy = VerdictAccuracy()
         self.val_by_category = CategoryVerdictAccuracy(val_categories) if val_categories else None
         self.val_exact = ExactMatch()
+        self.val_verdicts: list[dict] = []  # per held-out item, for paired comparisons of judges
         self.benchmark_eval = BenchmarkEvaluation(eval_runs, unparseable)
         self.skipped: dict[str, int] = {}
         self.benchmark_order: str | None = None  # how benchmark answers were shown (read from the batches)
@@ -243,6 +244,9 @@ class JudgeModule(LightningModule):
         self.val_accuracy.update(verdicts, batch["verdict_labels"])
         if self.val_by_category is not None:
             self.val_by_category.update(verdicts, batch["verdict_labels"], batch["verdict_categories"])
+        categories = batch.get("verdict_categories") or [None] * len(verdicts)
+        for item, verdict, label, category in zip(batch["ids"], verdicts, batch["verdict_labels"], categories):
+            self.val_verdicts.append({"id": item, "category": category, "label": int(label), "verdict": verdict})
 
     def evaluate_benchmark(self, batch: dict) -> None:
         hp = self.hparams
@@ -275,6 +279,7 @@ class JudgeModule(LightningModule):
             self.log("val/verdict_accuracy", self.val_accuracy.compute(), prog_bar=True)
             self.log("val/unparseable", self.val_accuracy.unparseable.float())
             self.val_accuracy.reset()
+            self.write_verdicts()
         if self.val_exact.update_called:
             self.log("val/exact_match", self.val_exact.compute(), prog_bar=True)
             self.val_exact.reset()
@@ -283,6 +288,16 @@ class JudgeModule(LightningModule):
                 self.log(f"val/verdict_accuracy/{name}", value)
             self.val_by_category.reset()
         self.report_benchmarks("val")
+
+    def write_verdicts(self) -> None:
+        """Each held-out item's verdict beside the logged metrics (`verdicts-step<N>-rank<R>.jsonl` in
+        the logger's directory, N the optimizer steps done), so two judges can be compared item by
+        item (`tools/results_table.py --paired`); none without a logger."""
+        verdicts, self.val_verdicts = self.val_verdicts, []
+        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        if log_dir is None or self.trainer.sanity_checking:
+            return
+        write_predictions(Path(log_dir) / f"verdicts-step{self.global_step}-rank{self.global_rank}.jsonl", verdicts)
 
     def on_test_epoch_end(self) -> None:
         self.log_skips()

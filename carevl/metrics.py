@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics import Metric
 
@@ -12,6 +14,28 @@ def verdict_counts(predictions: list[int | None], labels: list[int]) -> tuple[in
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
     correct = sum(int(p is not None and p == y) for p, y in zip(predictions, labels))
     return correct, len(labels), sum(int(p is None) for p in predictions)
+
+
+def paired_changes(reference: dict[str, bool], other: dict[str, bool]) -> tuple[int, int]:
+    """(fixed, broken): items `other` gets right that `reference` gets wrong, and the reverse, over
+    the items both judged (id -> verdict right). The items both get right or both wrong say nothing
+    about which judge is better."""
+    if reference.keys() != other.keys():
+        raise ValueError(
+            f"paired judges must judge the same items: {len(reference.keys() - other.keys())} only in the "
+            f"reference, {len(other.keys() - reference.keys())} only in the other"
+        )
+    fixed = sum(other[item] and not reference[item] for item in reference)
+    broken = sum(reference[item] and not other[item] for item in reference)
+    return fixed, broken
+
+
+def sign_test(fixed: int, broken: int) -> float:
+    """Exact two-sided p-value of `fixed` against `broken` under no difference between two judges
+    (McNemar's exact test: each changed item goes either way with probability 1/2)."""
+    changed = fixed + broken
+    tail = sum(math.comb(changed, k) for k in range(min(fixed, broken) + 1)) / 2**changed
+    return min(1.0, 2 * tail)
 
 
 class VerdictAccuracy(Metric):

@@ -185,6 +185,38 @@ def test_results_table_reads_the_newest_run_and_shows_missing_ones(tmp_path, cap
     assert "| + DPO | missing | missing | missing |" in combined
 
 
+def test_results_table_compares_judges_item_by_item_from_their_last_verdicts(tmp_path, capsys):
+    table = load_tool("results_table")
+
+    def write(run, step, rank, rights):  # rights: item -> verdict right; items c* are coarse, f* fine
+        folder = tmp_path / run / "version_0"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.csv").write_text("epoch,step,val/unparseable,val/verdict_accuracy\n0,9,0,0.5\n")
+        records = [
+            {"id": item, "category": "coarse" if item[0] == "c" else "fine", "label": 1, "verdict": 1 if ok else 2}
+            for item, ok in rights.items()
+        ]
+        (folder / f"verdicts-step{step}-rank{rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    items = [f"c{i}" for i in range(6)] + [f"f{i}" for i in range(10)]
+    write("sft", 5, 0, {item: item[0] == "c" for item in items})  # an earlier validation: ignored
+    write("sft", 99, 0, {item: item in ("c0", "c1", "c2", "c3", "f0") for item in items})
+    # DPO over two ranks: fixes f1-f9, breaks c0
+    write("dpo", 40, 0, {item: item not in ("c0", "c4", "c5") for item in items[:8]})
+    write("dpo", 40, 1, {item: item not in ("c4", "c5") for item in items[8:]})
+    rows = ["sft=SFT judge", "dpo=+ DPO", "gone=missing run"]
+    table.main(["--logs", str(tmp_path), "--rows", *rows, "--categories", "coarse", "fine", "--paired", "sft"])
+    out = capsys.readouterr().out
+    # fine: 9 fixed, 0 broken: p = 2 / 2**9; coarse: 0 fixed, 1 broken: p = 1; overall 9 / 1: 2 * 11 / 1024
+    assert "| + DPO | +9 / -1 (p 0.02) | +0 / -1 (p 1.00) | +9 / -0 (p 0.00) |" in out
+    saved = {row["run"]: row["paired"] for row in json.loads((tmp_path / "results.json").read_text())}
+    assert saved["sft"] is None and saved["gone"] is None
+    assert saved["dpo"]["fine"] == {"fixed": 9, "broken": 0, "p": 2 / 2**9}
+    assert saved["dpo"]["overall"]["p"] == 22 / 1024 and saved["dpo"]["against"] == "sft"
+    with pytest.raises(SystemExit):
+        table.main(["--logs", str(tmp_path), "--rows", *rows, "--paired", "base"])
+
+
 def test_vars_fill_the_commands_and_a_new_value_redoes_the_steps_that_use_it(in_tmp):
     config = write_pipeline(in_tmp, [step("a"), {"name": "b", "run": step("b")["run"] + " --seed $seed"}, step("c")])
     spec = yaml.safe_load(Path(config).read_text())

@@ -38,6 +38,14 @@ def test_fit_keeps_vision_frozen_and_moves_trainable_weights(tiny_qwen, world, t
     assert any(r.get("val/verdict_accuracy") for r in rows)
     logged = [r for r in rows if r.get("val/verdict_accuracy") not in (None, "")]
     assert all(r.get(f"val/verdict_accuracy/{kind}") not in (None, "") for r in logged for kind in ("coarse", "fine"))
+    # each held-out item's verdict, beside the metrics, for paired comparisons (tools/results_table.py)
+    step = int(logged[-1]["step"]) + 1  # the CSV logs the step before; the file, the steps done
+    written = next(Path(tmp_path).rglob("metrics.csv")).parent / f"verdicts-step{step}-rank0.jsonl"
+    verdicts = [json.loads(line) for line in written.read_text().splitlines()]
+    assert len({v["id"] for v in verdicts}) == len(verdicts) == 16
+    assert {v["category"] for v in verdicts} == {"coarse", "fine"}
+    right = sum(v["verdict"] == v["label"] for v in verdicts)
+    assert right / 16 == pytest.approx(float(logged[-1]["val/verdict_accuracy"]))
 
 
 def test_bf16_weights_train_at_a_small_learning_rate_and_export_in_bf16(tiny_qwen, world, tmp_path):

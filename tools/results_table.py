@@ -14,13 +14,20 @@ missing run is shown as missing, not skipped. Runs validated more than once also
 (accuracy at each validated step) in results.md and the plot, so a reader sees whether a training
 ended on a plateau or mid-climb. `--skills RUN=LABEL` adds the exact match a run last logged on
 instruction checks (`val/exact_match`), e.g. whether pretraining taught the base model the shapes
-world's quoting task, below the table of results.md.
+world's quoting task, below the table of results.md. `--paired RUN` compares every other run with
+RUN item by item on the held-out set, from the verdicts each judge wrote at its last validation
+(`verdicts-step*-rank*.jsonl` beside its metrics): how many items it fixed and broke, and the exact
+sign test's p-value, overall and per category. On a set of a few hundred items a difference of a
+few points can be chance; the p-value says whether it is.
 """
 
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
+
+from carevl.metrics import paired_changes, sign_test
 
 ACCURACY = "val/verdict_accuracy"
 EXACT_MATCH = "val/exact_match"
@@ -49,6 +56,57 @@ def logged_rows(logs: Path, name: str) -> list[dict] | None:
         return None
     with open(metrics) as f:
         return list(csv.DictReader(f))
+
+
+def last_verdicts(logs: Path, name: str) -> list[dict] | None:
+    """Run `name`'s per-item held-out verdicts at its last validation (every rank's file), from its
+    newest version; None when it wrote none."""
+    metrics = newest_metrics(logs, name)
+    files = sorted(metrics.parent.glob("verdicts-step*-rank*.jsonl")) if metrics else []
+    if not files:
+        return None
+    step = max(int(re.search(r"step(\d+)", f.name).group(1)) for f in files)
+    records = []
+    for path in files:
+        if int(re.search(r"step(\d+)", path.name).group(1)) == step:
+            records += [json.loads(line) for line in path.read_text().splitlines() if line]
+    return records
+
+
+def paired(logs: Path, reference: str, rows: list[tuple[str, str]], categories: list[str] = ()) -> dict[str, dict]:
+    """Each run's items fixed and broken against run `reference`, with the sign test's p-value,
+    overall and per category: {run: {"overall" | category: {"fixed", "broken", "p"}}}."""
+    base = last_verdicts(logs, reference)
+    if base is None:
+        raise ValueError(f"--paired {reference}: that run wrote no held-out verdicts under {logs}")
+
+    def right(records: list[dict], category: str | None) -> dict[str, bool]:
+        return {r["id"]: r["verdict"] == r["label"] for r in records if category in (None, r["category"])}
+
+    out = {}
+    for name, _ in rows:
+        records = last_verdicts(logs, name)
+        if name == reference or records is None:
+            continue
+        out[name] = {}
+        for category in (None, *categories):
+            fixed, broken = paired_changes(right(base, category), right(records, category))
+            out[name][category or "overall"] = {"fixed": fixed, "broken": broken, "p": sign_test(fixed, broken)}
+    return out
+
+
+def paired_markdown(comparisons: dict[str, dict], labels: dict[str, str], reference: str, categories=()) -> str:
+    columns = ["overall", *categories]
+    lines = [
+        f"Item by item against {labels[reference]} on the same held-out items: fixed / broken (exact sign test p):",
+        "",
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name, by in comparisons.items():
+        cells = [f"+{by[c]['fixed']} / -{by[c]['broken']} (p {by[c]['p']:.2f})" for c in columns]
+        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def skills(logs: Path, rows: list[tuple[str, str]]) -> str:
@@ -186,19 +244,31 @@ def main(argv: list[str] | None = None) -> None:
         metavar="RUN=LABEL",
         help="runs whose last exact match on instruction checks (val/exact_match) goes below the table",
     )
+    parser.add_argument(
+        "--paired",
+        metavar="RUN",
+        help="compare every other run with this one item by item (fixed / broken, sign test) below the table",
+    )
     parser.add_argument("--plot", action="store_true", help="also draw results.png (needs matplotlib)")
     parser.add_argument("--out", help="directory of results.md, results.json and results.png (default: --logs)")
     args = parser.parse_args(argv)
     if args.combine:
         tables = [json.loads(Path(path).read_text()) for path in args.combine]
-        categories = args.categories or [k for k in tables[0][0] if k not in (*BASE_FIELDS, "curve")]
+        categories = args.categories or [k for k in tables[0][0] if k not in (*BASE_FIELDS, "curve", "paired")]
         print(combine(tables, categories))
         return
     if not args.logs or not args.rows:
         parser.error("--logs and --rows are required (or --combine)")
     rows, skill_rows = run_labels(parser, args.rows), run_labels(parser, args.skills)
+    if args.paired and args.paired not in dict(rows):
+        parser.error(f"--paired {args.paired}: not one of the --rows")
     results = table(Path(args.logs), rows, args.categories)
     text = markdown(results, args.categories)
+    if args.paired:
+        comparisons = paired(Path(args.logs), args.paired, rows, args.categories)
+        for row in results:
+            row["paired"] = {"against": args.paired, **comparisons[row["run"]]} if row["run"] in comparisons else None
+        text += "\n\n" + paired_markdown(comparisons, dict(rows), args.paired, args.categories)
     if skill_rows:
         text += "\n\nExact match on instruction checks:\n\n" + skills(Path(args.logs), skill_rows)
     out = Path(args.out or args.logs)
