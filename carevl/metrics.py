@@ -17,9 +17,9 @@ def verdict_counts(predictions: list[int | None], labels: list[int]) -> tuple[in
 
 
 def paired_changes(reference: dict[str, bool], other: dict[str, bool]) -> tuple[int, int]:
-    """(fixed, broken): items `other` gets right that `reference` gets wrong, and the reverse, over
-    the items both judged (id -> verdict right). The items both get right or both wrong say nothing
-    about which judge is better."""
+    """(fixed, broken): items `other` gets right that `reference` gets wrong, and the reverse; both
+    map the same item ids to whether their verdict was right. The items both get right or both
+    wrong say nothing about which judge is better."""
     if reference.keys() != other.keys():
         raise ValueError(
             f"paired judges must judge the same items: {len(reference.keys() - other.keys())} only in the "

@@ -65,12 +65,9 @@ def last_verdicts(logs: Path, name: str) -> list[dict] | None:
     files = sorted(metrics.parent.glob("verdicts-step*-rank*.jsonl")) if metrics else []
     if not files:
         return None
-    step = max(int(re.search(r"step(\d+)", f.name).group(1)) for f in files)
-    records = []
-    for path in files:
-        if int(re.search(r"step(\d+)", path.name).group(1)) == step:
-            records += [json.loads(line) for line in path.read_text().splitlines() if line]
-    return records
+    steps = {path: int(re.search(r"step(\d+)", path.name).group(1)) for path in files}
+    last = max(steps.values())
+    return [json.loads(line) for path in files if steps[path] == last for line in path.read_text().splitlines() if line]
 
 
 def paired(logs: Path, reference: str, rows: list[tuple[str, str]], categories: list[str] = ()) -> dict[str, dict]:
@@ -85,8 +82,8 @@ def paired(logs: Path, reference: str, rows: list[tuple[str, str]], categories: 
 
     out = {}
     for name, _ in rows:
-        records = last_verdicts(logs, name)
-        if name == reference or records is None:
+        records = None if name == reference else last_verdicts(logs, name)
+        if records is None:
             continue
         out[name] = {}
         for category in (None, *categories):
