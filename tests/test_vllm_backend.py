@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -78,6 +80,26 @@ def test_an_engine_whose_pooler_kept_its_activation_is_refused(field):
     for value in (True, None):  # None: the release dropped the switch and applies its default
         with pytest.raises(RuntimeError, match="sigmoid"):
             require_raw_scores(engine(value))
+
+
+@pytest.mark.parametrize("shutdown", ["kill", "nothing"])
+def test_closing_an_engine_waits_for_the_processes_it_started(shutdown, monkeypatch, caplog):
+    """vLLM's shutdown kills an engine core that is slow to exit without waiting for it, and a core
+    may outlive it altogether: close reaps the one and kills and reaps the other."""
+    from carevl.backends import vllm as backend
+
+    monkeypatch.setattr(backend, "ENGINE_EXIT_TIMEOUT_S", 1)
+    core = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(600,), name="EngineCore")
+    core.start()
+    engine = backend._Engine()
+    engine.processes = frozenset({core})
+    stop = core.kill if shutdown == "kill" else lambda: None
+    engine.llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=SimpleNamespace(shutdown=stop)))
+    engine.close()
+    assert core.exitcode == -signal.SIGKILL and core not in multiprocessing.active_children()
+    assert engine.llm is None
+    assert ("still running after close" in caplog.text) == (shutdown == "nothing")
+    engine.close()  # a second call does nothing
 
 
 @pytest.fixture(scope="module")

