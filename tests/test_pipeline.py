@@ -133,6 +133,19 @@ def test_shipped_pipelines_name_every_step_once():
         assert spec["steps"], path
 
 
+def test_the_demo_validates_on_400_held_out_items_unless_told_otherwise():
+    """The README's table is on 400 items; `--var heldout=N` reaches the world step, and only it."""
+    config = str(ROOT / "configs" / "pipeline" / "shapes.yaml")
+
+    def runs(values):
+        return {step["name"]: step["run"] for batch in pipeline.load(config, values)["steps"] for step in batch}
+
+    default, bigger = runs({}), runs({"heldout": "2000"})
+    assert " --heldout 400 " in default["world"]
+    assert " --heldout 2000 " in bigger["world"]
+    assert {name for name in default if default[name] != bigger[name]} == {"world"}
+
+
 def test_results_table_reads_the_newest_run_and_shows_missing_ones(tmp_path, capsys):
     table = load_tool("results_table")
     for version, accuracy in ((1, 0.8), (10, 0.9)):  # version_10 is newer than version_1 (not by string order)
